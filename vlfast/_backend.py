@@ -1,0 +1,197 @@
+"""Backend dispatch shared by every vlfast op.
+
+Every op has three implementations:
+
+``"triton"``  Triton kernels from ``vlfast.kernels``: CUDA tensors; CPU tensors only
+              when ``TRITON_INTERPRET=1`` is set (the Triton interpreter, which is how
+              CI runs every kernel).  Never chosen automatically on CPU.
+``"native"``  the ``vlfast._C`` extension (C++/OpenMP on CPU, CUDA kernels when the
+              extension was built with CUDA).
+``"torch"``   pure PyTorch; always available.
+
+Selection, for each call:
+
+1. ``backend=`` passed to the op, else
+2. the ``VLFAST_BACKEND`` environment variable: a backend name for every op
+   (``VLFAST_BACKEND=native``) or per-op entries (``VLFAST_BACKEND=ema_update_=torch,attention=triton``),
+3. else ``"auto"``: the first available backend of the op's preference list for the
+   tensors' device type.
+
+An explicitly requested backend that cannot run raises ``RuntimeError`` with the
+reason.  Automatic selection that has to skip a preferred backend logs the reason
+once (logger ``"vlfast"``).
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("triton", "native", "torch")
+ENV_VAR = "VLFAST_BACKEND"
+
+log = logging.getLogger("vlfast")
+_logged: set = set()
+
+
+def _log_once(key, msg: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.warning(msg)
+
+
+# ---------------------------------------------------------------- availability checks
+def triton_interpret() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+_triton_error: Optional[str] = None
+_triton_checked = False
+
+
+def _triton_import_error() -> Optional[str]:
+    global _triton_checked, _triton_error
+    if not _triton_checked:
+        _triton_checked = True
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising anything else
+            _triton_error = f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return _triton_error
+
+
+def triton_unavailable(device: torch.device) -> Optional[str]:
+    """Why the Triton backend cannot run on ``device`` (None when it can)."""
+    err = _triton_import_error()
+    if err:
+        return err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available to torch"
+        return None
+    if device.type == "cpu":
+        if triton_interpret():
+            return None
+        return "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1"
+    return f"Triton kernels run on CUDA tensors, not on {device.type}"
+
+
+def native_unavailable(device: torch.device) -> Optional[str]:
+    """Why the native extension cannot run on ``device`` (None when it can)."""
+    from . import _native
+
+    if _native.load() is None:
+        return _native.error()
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not _native.has_cuda():
+            return ("vlfast._C was built without CUDA kernels (rebuild with a CUDA toolkit and a "
+                    "CUDA build of torch, or VLFAST_CUDA=1)")
+        return None
+    return f"the native extension has no kernels for {device.type} tensors"
+
+
+def torch_unavailable(device: torch.device) -> Optional[str]:
+    return None
+
+
+_CHECKS: Dict[str, Callable[[torch.device], Optional[str]]] = {
+    "triton": triton_unavailable,
+    "native": native_unavailable,
+    "torch": torch_unavailable,
+}
+
+
+# ---------------------------------------------------------------- op registry
+@dataclass
+class OpInfo:
+    """Dispatch description of one op: its preference order per device type."""
+
+    name: str
+    preference: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    default: Tuple[str, ...] = ("torch",)
+
+    def order(self, device: torch.device) -> Tuple[str, ...]:
+        return self.preference.get(device.type, self.default)
+
+    def unavailable(self, backend: str, device: torch.device) -> Optional[str]:
+        return _CHECKS[backend](device)
+
+
+_OPS: Dict[str, OpInfo] = {}
+
+
+def register_op(name: str, preference: Dict[str, Tuple[str, ...]]) -> OpInfo:
+    for order in preference.values():
+        for b in order:
+            if b not in BACKENDS:
+                raise ValueError(f"unknown backend {b!r} in preference of {name}")
+    info = OpInfo(name, dict(preference))
+    _OPS[name] = info
+    return info
+
+
+def _env_request(op: str) -> Optional[str]:
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return None
+    if "=" not in raw:
+        return raw
+    for item in raw.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == op:
+            return value.strip()
+    return None
+
+
+def select(op: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """Return the backend that runs ``op`` on ``device`` (see the module docstring)."""
+    info = _OPS[op]
+    source = "backend="
+    if backend is None:
+        backend = _env_request(op)
+        source = ENV_VAR
+    if backend is None:
+        backend = "auto"
+    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
+        raise ValueError(f"vlfast.ops.{op}: {source} must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    if backend != "auto":
+        reason = info.unavailable(backend, device)
+        if reason is not None:
+            raise RuntimeError(
+                f"vlfast.ops.{op}: backend {backend!r} (requested by {source}) cannot run on "
+                f"{device.type} tensors: {reason}")
+        return backend
+    skipped = []
+    for b in info.order(device):
+        reason = info.unavailable(b, device)
+        if reason is None:
+            if skipped:
+                why = "; ".join(f"{s}: {r}" for s, r in skipped)
+                _log_once((op, device.type, b), f"vlfast.ops.{op} on {device.type}: using backend {b!r} ({why})")
+            return b
+        skipped.append((b, reason))
+    raise RuntimeError(f"vlfast.ops.{op}: no backend can run on {device.type} tensors: {skipped}")
+
+
+def available_backends(op: str, device) -> Dict[str, Optional[str]]:
+    """``{backend: None if it can run else the reason}`` for ``op`` on ``device``."""
+    device = torch.device(device)
+    return {b: _OPS[op].unavailable(b, device) for b in BACKENDS}
+
+
+def backend_report(device="cpu"):
+    """One row per op: ``(op, auto-selected backend or error, {backend: reason-or-None})``."""
+    device = torch.device(device)
+    rows = []
+    for name in sorted(_OPS):
+        try:
+            chosen = select(name, device)
+        except RuntimeError as exc:
+            chosen = f"error: {exc}"
+        rows.append((name, chosen, available_backends(name, device)))
+    return rows

@@ -1,0 +1,229 @@
+"""Weight averages on the fused EMA op: :class:`EMA` and :class:`MomentumEncoder`."""
+
+import copy
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..ops.ema import _check_decay, ema_update_
+
+
+def _owner(module: nn.Module, name: str):
+    *path, leaf = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, leaf
+
+
+class EMA(nn.Module):
+    r"""Exponential moving average of a model's weights (Polyak averaging), on one fused op.
+
+    Semantics follow timm's ``ModelEmaV3``: after each optimizer step call
+    ``ema.update(model, step)``; every floating parameter (and floating buffer when
+    ``include_buffers``) becomes ``d * avg + (1 - d) * current``; other buffers are
+    copied.  The decay at a step is
+
+    * ``step is None``: ``decay``;
+    * otherwise with ``s = max(0, step - update_after_step - 1)``: ``0`` when ``s == 0``
+      (the average is reset to the model), else with ``warmup`` the schedule of
+      Tan & Le / Karras et al. ``clamp(1 - (1 + s / warmup_gamma) ** -warmup_power,
+      min_decay, decay)``, without it ``decay``.
+
+    The averaged tensors live in one contiguous buffer per (dtype, device), kept in
+    ``dtype`` (float32 by default, so a bf16 model's small updates are not rounded
+    away); an update is one bandwidth-bound pass of :func:`vlfast.ops.ema_update_`.
+
+    Args:
+        model: the model to average (deep-copied; the copy is put in eval mode).
+        decay: the target decay in [0, 1].
+        warmup, warmup_gamma, warmup_power, min_decay, update_after_step: the schedule above.
+        include_buffers: average floating buffers too (e.g. BatchNorm running stats);
+            otherwise they are copied.
+        dtype: dtype of the averaged floating tensors; ``None`` keeps the model's.
+        device: where to keep the average (default: the model's devices).  When it
+            differs from the model's, updates copy the current weights over first.
+        backend: backend of the EMA op (``None`` = automatic).
+
+    Attributes:
+        module: the averaged ``nn.Module``, for evaluation.  ``state_dict()`` keys are
+            ``module.<name>``, as timm's ``ModelEmaV3``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = False,
+                 warmup_gamma: float = 1.0, warmup_power: float = 2 / 3, min_decay: float = 0.0,
+                 update_after_step: int = 0, include_buffers: bool = True,
+                 dtype: Optional[torch.dtype] = torch.float32, device=None, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.decay = _check_decay(decay)
+        self.min_decay = _check_decay(min_decay)
+        if warmup_gamma <= 0:
+            raise ValueError(f"warmup_gamma must be > 0, got {warmup_gamma}")
+        if update_after_step < 0:
+            raise ValueError(f"update_after_step must be >= 0, got {update_after_step}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype or None, got {dtype}")
+        self.warmup = bool(warmup)
+        self.warmup_gamma = float(warmup_gamma)
+        self.warmup_power = float(warmup_power)
+        self.update_after_step = int(update_after_step)
+        self.include_buffers = bool(include_buffers)
+        self.dtype = dtype
+        self.backend = backend
+        self.module = copy.deepcopy(model).eval()
+        self.module.requires_grad_(False)
+        if device is not None:
+            self.module.to(device=device)
+        self._param_names = [n for n, _ in self.module.named_parameters()]
+        self._avg_buffer_names, self._copy_buffer_names = [], []
+        for n, b in self.module.named_buffers():
+            if include_buffers and b.is_floating_point():
+                self._avg_buffer_names.append(n)
+            else:
+                self._copy_buffer_names.append(n)
+        if dtype is not None:
+            with torch.no_grad():
+                for n in self._param_names + self._avg_buffer_names:
+                    t = self._get(n)
+                    if t.is_floating_point() and t.dtype != dtype:
+                        self._set(n, t.to(dtype))
+        self._flatten()
+
+    # ------------------------------------------------------------ storage
+    def _get(self, name: str) -> torch.Tensor:
+        owner, leaf = _owner(self.module, name)
+        return getattr(owner, leaf)
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        owner, leaf = _owner(self.module, name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf].data = value
+        else:
+            owner._buffers[leaf] = value
+
+    def _averaged(self) -> List[torch.Tensor]:
+        return [self._get(n) for n in self._param_names + self._avg_buffer_names]
+
+    @torch.no_grad()
+    def _flatten(self) -> None:
+        """Re-home every averaged tensor into one contiguous buffer per (dtype, device)."""
+        names = self._param_names + self._avg_buffer_names
+        groups: Dict[tuple, List[str]] = defaultdict(list)
+        for n in names:
+            t = self._get(n)
+            groups[(t.dtype, t.device)].append(n)
+        self._flat: List[torch.Tensor] = []
+        for (dtype, device), members in groups.items():
+            total = sum(self._get(n).numel() for n in members)
+            flat = torch.empty(total, dtype=dtype, device=device)
+            offset = 0
+            for n in members:
+                t = self._get(n)
+                view = flat[offset:offset + t.numel()].view(t.shape)
+                view.copy_(t)
+                self._set(n, view)
+                offset += t.numel()
+            self._flat.append(flat)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if hasattr(self, "_param_names"):
+            self._flatten()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._flatten()
+        return result
+
+    # ------------------------------------------------------------ schedule and update
+    def get_decay(self, step: Optional[int] = None) -> float:
+        """The decay used by ``update`` at ``step`` (see the class docstring)."""
+        if step is None:
+            return self.decay
+        s = max(0, step - self.update_after_step - 1)
+        if s <= 0:
+            return 0.0
+        if self.warmup:
+            d = 1.0 - (1.0 + s / self.warmup_gamma) ** -self.warmup_power
+            return max(min(d, self.decay), self.min_decay)
+        return self.decay
+
+    def _sources(self, model: nn.Module):
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        try:
+            src = [params[n] for n in self._param_names]
+            src += [buffers[n] for n in self._avg_buffer_names]
+            copies = [buffers[n] for n in self._copy_buffer_names]
+        except KeyError as exc:
+            raise ValueError(f"model has no tensor named {exc.args[0]!r} that this EMA averages: "
+                             "update()/copy_to() take the model the EMA was created from") from None
+        return src, copies
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: Optional[int] = None) -> None:
+        """Average ``model``'s current weights into ``self.module`` (one fused pass)."""
+        decay = self.get_decay(step)
+        src, copies = self._sources(model)
+        dst = self._averaged()
+        src = [s if s.device == d.device else s.to(d.device, non_blocking=True) for s, d in zip(src, dst)]
+        ema_update_(dst, src, decay, backend=self.backend)
+        for n, b in zip(self._copy_buffer_names, copies):
+            self._get(n).copy_(b)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the averaged weights (and buffers) into ``model``, casting to its dtypes."""
+        src, copies = self._sources(model)
+        for s, d in zip(src, self._averaged()):
+            s.copy_(d)
+        for n, b in zip(self._copy_buffer_names, copies):
+            b.copy_(self._get(n))
+
+    def forward(self, *args, **kwargs):
+        """Run the averaged module."""
+        return self.module(*args, **kwargs)
+
+
+class MomentumEncoder(nn.Module):
+    r"""A frozen momentum copy of an online network (MoCo: He et al., 2020; BYOL; ALBEF; DINO).
+
+    ``update(online)`` sets every parameter ``theta_k <- m * theta_k + (1 - m) * theta_q``
+    with one call of :func:`vlfast.ops.ema_update_`; buffers (e.g. BatchNorm statistics)
+    are the momentum network's own, as in MoCo.  ``forward`` runs the copy under
+    ``torch.no_grad()``.  Use :func:`vlfast.schedules.cosine_momentum` for MoCo v3's /
+    DINO's schedule.
+
+    Args:
+        online: the network to follow (deep-copied once, gradients off).
+        momentum: ``m`` in [0, 1].
+        backend: backend of the EMA op (``None`` = automatic).
+    """
+
+    def __init__(self, online: nn.Module, momentum: float = 0.999, *, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(online, nn.Module):
+            raise TypeError(f"online must be an nn.Module, got {type(online).__name__}")
+        self.momentum = _check_decay(momentum)
+        self.backend = backend
+        self.module = copy.deepcopy(online)
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, online: nn.Module, momentum: Optional[float] = None) -> None:
+        """Move the momentum weights towards ``online``'s (``momentum`` overrides ``self.momentum``)."""
+        m = self.momentum if momentum is None else _check_decay(momentum)
+        mine = list(self.module.parameters())
+        theirs = list(online.parameters())
+        if len(mine) != len(theirs):
+            raise ValueError(f"online has {len(theirs)} parameters but the momentum encoder has {len(mine)}: "
+                             "update() takes the network it was created from")
+        ema_update_(mine, theirs, m, backend=self.backend)
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.module(*args, **kwargs)

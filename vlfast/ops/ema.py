@@ -1,0 +1,226 @@
+"""Fused multi-tensor exponential moving average: ``vlfast.ops.ema_update_``.
+
+Momentum encoders (MoCo: He et al., 2020, arXiv:1911.05722; BYOL: Grill et al., 2020;
+ALBEF: Li et al., 2021, arXiv:2107.07651; DINO: Caron et al., 2021) and model
+weight averaging (Polyak & Juditsky, 1992; timm's ``ModelEmaV3``) update every
+parameter each step.  The usual Python loop launches several kernels and
+allocates temporaries per tensor; with a bf16 average, small updates round to
+zero.  This op updates a whole list in one pass over memory, in fp32.
+"""
+
+import numbers
+from collections import defaultdict
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .. import _backend
+from .._native import DTYPE_CODES
+
+OP = "ema_update_"
+_backend.register_op(OP, {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")})
+
+_FLOAT_DTYPES = tuple(DTYPE_CODES)
+
+
+def _as_tensor_list(name: str, seq) -> List[torch.Tensor]:
+    if isinstance(seq, torch.Tensor):
+        raise TypeError(f"{name} must be a sequence of tensors, got a single Tensor; wrap it in a list")
+    try:
+        out = list(seq)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of tensors, got {type(seq).__name__}") from None
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}[{i}] must be a floating tensor of dtype float32, float16, bfloat16 "
+                            f"or float64, got {t.dtype}")
+    return out
+
+
+def _check_decay(decay) -> float:
+    if isinstance(decay, torch.Tensor):
+        if decay.numel() != 1:
+            raise ValueError(f"decay must be a number or a one-element tensor, got shape {tuple(decay.shape)}")
+        decay = decay.item()
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+        raise TypeError(f"decay must be a real number, got {type(decay).__name__}")
+    decay = float(decay)
+    if not 0.0 <= decay <= 1.0:  # also rejects nan
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    return decay
+
+
+def _validate(ema, params, decay) -> Tuple[List[torch.Tensor], List[torch.Tensor], float]:
+    ema = _as_tensor_list("ema", ema)
+    params = _as_tensor_list("params", params)
+    if len(ema) != len(params):
+        raise ValueError(f"ema and params must have the same length, got {len(ema)} and {len(params)}")
+    for i, (e, p) in enumerate(zip(ema, params)):
+        if e.shape != p.shape:
+            raise ValueError(f"ema[{i}] has shape {tuple(e.shape)} but params[{i}] has shape {tuple(p.shape)}")
+        if e.device != p.device:
+            raise ValueError(f"ema[{i}] is on {e.device} but params[{i}] is on {p.device}")
+    return ema, params, _check_decay(decay)
+
+
+def ema_update_(ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float, *,
+                backend: str = None) -> None:
+    r"""In-place exponential moving average of a list of tensors.
+
+    For each ``i``:
+
+    .. math:: \mathrm{ema}_i \leftarrow d\,\mathrm{ema}_i + (1 - d)\,\mathrm{params}_i
+
+    computed in float32 (float64 when either tensor of the pair is float64) and
+    stored in ``ema[i]``'s dtype, so an fp32 average of bf16 parameters keeps
+    every update, and a bf16 average is rounded once per step (not per operation).
+
+    Args:
+        ema: sequence of floating tensors (float32, float16, bfloat16, float64),
+            updated in place.  Any shapes; non-contiguous tensors are handled
+            (dense layouts directly, others through a contiguous copy).
+        params: sequence of the same length; ``params[i]`` has ``ema[i]``'s shape
+            and device, any of the same dtypes (they may differ within a pair
+            and across the list).  Read only; no gradient flows through the
+            update (they are read like ``.data`` in MoCo's code).
+        decay: ``d`` in [0, 1] (a float or a one-element tensor).  ``d = 1`` keeps
+            ``ema``, ``d = 0`` copies ``params``.
+        backend: ``None``/``"auto"``, ``"triton"``, ``"native"`` or ``"torch"``
+            (see :mod:`vlfast._backend`).
+
+    On CUDA the list is updated in one kernel launch per (ema dtype, param dtype)
+    group: a Triton multi-tensor kernel, or the native CUDA kernel; on CPU the
+    native kernel runs one OpenMP pass; the torch backend uses
+    ``torch._foreach_lerp_``.  Tensors on several devices are grouped per
+    device.  The write is recorded for autograd (each ``ema[i]``'s version counter
+    is bumped, as any in-place op does).  An empty list is a no-op.
+
+    Raises:
+        TypeError: an element is not a floating tensor, or ``decay`` is not a number.
+        ValueError: length, shape (naming the index) or device mismatch; ``decay``
+            outside [0, 1].
+        RuntimeError: an ``ema`` tensor requires grad while grad mode is on (as
+            any in-place update of a leaf would), or the requested backend cannot run.
+    """
+    ema, params, decay = _validate(ema, params, decay)
+    if not ema:
+        return
+    if torch.is_grad_enabled():
+        for i, e in enumerate(ema):
+            if e.requires_grad:
+                raise RuntimeError(
+                    f"ema[{i}] requires grad: an in-place EMA update is not differentiable; "
+                    "call ema_update_ under torch.no_grad() or pass tensors that do not require grad")
+    by_device = defaultdict(list)
+    for i, e in enumerate(ema):
+        by_device[e.device].append(i)
+    for device, idx in by_device.items():
+        name = _backend.select(OP, device, backend)
+        torch.ops.vlfast.ema_update_([ema[i].detach() for i in idx], [params[i].detach() for i in idx],
+                                     decay, name)
+
+
+# ------------------------------------------------------------------ implementations
+def _dense_same_layout(e: torch.Tensor, p: torch.Tensor) -> bool:
+    """Both tensors cover one gap-free memory span with the same element order."""
+    if e.is_contiguous() and p.is_contiguous():
+        return True
+    if e.stride() != p.stride():
+        return False
+    dims = sorted((st, sz) for st, sz in zip(e.stride(), e.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's memory span (elementwise order is irrelevant here)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _stage(ema, params):
+    """Contiguous, same-layout working lists, plus the copies to write back."""
+    work_e, work_p, writeback = [], [], []
+    for e, p in zip(ema, params):
+        if e.numel() == 0:
+            continue
+        if _dense_same_layout(e, p):
+            work_e.append(_flat(e))
+            work_p.append(_flat(p))
+        else:
+            ec = e.contiguous()
+            work_e.append(ec.view(-1))
+            work_p.append(p.contiguous().view(-1))
+            if ec.data_ptr() != e.data_ptr():
+                writeback.append((e, ec))
+    return work_e, work_p, writeback
+
+
+def _grouped(ema, params):
+    groups = defaultdict(lambda: ([], []))
+    for e, p in zip(ema, params):
+        g = groups[(e.dtype, p.dtype)]
+        g[0].append(e)
+        g[1].append(p)
+    return groups
+
+
+def _run_triton(ema, params, decay):
+    from vlfast.kernels.ema import ema_update_multi_tensor
+
+    for es, ps in _grouped(ema, params).values():
+        ema_update_multi_tensor(es, ps, decay)
+
+
+def _run_native(ema, params, decay):
+    from .. import _native
+
+    C = _native.require()
+    args = ([e.data_ptr() for e in ema], [DTYPE_CODES[e.dtype] for e in ema],
+            [p.data_ptr() for p in params], [DTYPE_CODES[p.dtype] for p in params],
+            [e.numel() for e in ema], decay)
+    device = ema[0].device
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            C.ema_update_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        C.ema_update_cpu(*args)
+
+
+def _run_torch(ema, params, decay):
+    weight = 1.0 - decay
+    for (ed, pd), (es, ps) in _grouped(ema, params).items():
+        compute = torch.promote_types(torch.promote_types(ed, pd), torch.float32)
+        ps = ps if pd == compute else [p.to(compute) for p in ps]
+        if ed == compute:
+            torch._foreach_lerp_(es, ps, weight)
+        else:
+            tmp = [e.to(compute) for e in es]
+            torch._foreach_lerp_(tmp, ps, weight)
+            torch._foreach_copy_(es, tmp)
+
+
+_IMPLS = {"triton": _run_triton, "native": _run_native, "torch": _run_torch}
+
+
+@torch.library.custom_op("vlfast::ema_update_", mutates_args=("ema",))
+def _ema_update_op(ema: List[torch.Tensor], params: List[torch.Tensor], decay: float, backend: str) -> None:
+    if backend not in _IMPLS:
+        raise ValueError(f"backend must be one of {tuple(_IMPLS)}, got {backend!r}")
+    work_e, work_p, writeback = _stage(ema, params)
+    if work_e:
+        _IMPLS[backend](work_e, work_p, decay)
+    for e, ec in writeback:
+        e.copy_(ec)
+
+
+@_ema_update_op.register_fake
+def _(ema, params, decay, backend):
+    return None
