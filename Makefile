@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine:
+#   make test    create .venv, install, build the native extension, run the tests
+#   make bench   the same set-up, then the benchmark harness (vlfast bench)
+#
+# TORCH_SPEC pins torch.  On a machine without a GPU, torch==2.13.0 resolves to
+# the local CPU wheel; never let an install here pull a CUDA build of torch.
+# On a GPU machine, `make TORCH_SPEC=torch test` takes the registry's CUDA build.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP_FLAGS  ?= -q --disable-pip-version-check
+VPY        := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP:= $(VENV)/.vlfast-built
+NATIVE_SRC := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+BENCH_ARGS ?=
+PYTEST_ARGS?=
+
+.PHONY: test bench install info clean
+
+$(DEPS_STAMP): Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	# unpinned deps that torch does not constrain; torch itself is never re-resolved
+	$(VPY) -m pip install $(PIP_FLAGS) triton numpy tqdm matplotlib pytest pytest-benchmark pybind11 ninja "setuptools>=64" wheel
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)
+	$(VPY) -m pip install $(PIP_FLAGS) --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(BUILD_STAMP)
+
+test: install
+	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
+
+bench: install
+	$(VPY) -m vlfast bench $(BENCH_ARGS)
+
+info: install
+	$(VPY) -m vlfast info
+
+clean:
+	rm -rf build *.egg-info vlfast/_C*.so
