@@ -261,3 +261,10 @@ def test_opcheck():
     params = [torch.randn(5, dtype=torch.bfloat16), torch.randn(3)]
     torch.library.opcheck(torch.ops.vlfast.ema_update_.default, (ema, params, 0.5, "native"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_registered_op_bumps_version_counter():
+    e = torch.randn(9)
+    v = e._version
+    torch.ops.vlfast.ema_update_([e], [torch.randn(9)], 0.5, "torch")
+    assert e._version > v
