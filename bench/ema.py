@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .harness import Case, register
+from .harness import Case, Target, register
 
 DECAY = 0.999
 BASELINES = ["loop", "foreach_lerp"]
@@ -215,7 +215,26 @@ def _make_case(model: str, device: torch.device, ema_dtype, param_dtype, probe) 
         candidates=candidates,
         bytes_moved=numel * (2 * e_size + p_size),
         unavailable={n: r for n, r in unavailable.items() if n in candidates},
+        targets=_targets(model, ema_dtype, param_dtype),
     )
+
+
+def _targets(model: str, ema_dtype: torch.dtype, param_dtype: torch.dtype) -> list[Target]:
+    """The foundation issue's goals: CPU >= 2x the loop and >= foreach_lerp; on an H200
+    >= 85% of copy bandwidth on ViT-L and >= 1.2x foreach_lerp on mixed-dtype lists."""
+    if model not in VIT_PARAMS:  # the --quick smoke case has no goal
+        return []
+    goals = [
+        Target("CPU: at least 2x the per-parameter loop", "vlfast", baseline="loop", minimum=2.0, device="cpu"),
+        Target("CPU: no slower than _foreach_lerp_", "vlfast", baseline="foreach_lerp", minimum=1.0, device="cpu"),
+    ]
+    if model == "vit_l16":
+        goals.append(Target("H200: at least 85% of measured copy bandwidth on the ViT-L list", "vlfast",
+                            metric="frac_copy_bw", minimum=0.85, device="cuda", device_name="H200"))
+    if ema_dtype != param_dtype:
+        goals.append(Target("H200: at least 1.2x _foreach_lerp_ on a mixed-dtype list", "vlfast",
+                            baseline="foreach_lerp", minimum=1.2, device="cuda", device_name="H200"))
+    return goals
 
 
 @register("ema")

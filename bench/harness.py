@@ -95,6 +95,27 @@ class Case:
     flops: int | None = None
     setup_each: Callable[[], Any] | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
+    targets: list["Target"] = field(default_factory=list)
+
+
+@dataclass
+class Target:
+    """A performance goal checked on the measured figures of one case.
+
+    ``metric`` is ``"speedup"`` (``candidate``'s speedup against ``baseline`` at
+    least ``minimum``) or ``"frac_copy_bw"`` (``candidate``'s fraction of the
+    measured copy bandwidth at least ``minimum``).  ``device`` restricts the goal
+    to one device type ("cpu", "cuda") or, with ``device_name``, to device names
+    containing it (e.g. "H200").
+    """
+
+    description: str
+    candidate: str
+    metric: str = "speedup"
+    baseline: str | None = None
+    minimum: float = 1.0
+    device: str | None = None
+    device_name: str | None = None
 
 
 @dataclass
@@ -117,6 +138,43 @@ class Result:
     bytes_moved: int | None = None
     flops: int | None = None
     error: str | None = None
+
+
+def check_targets(cases_results: Sequence[tuple[tuple[str, str, list["Target"]], list["Result"]]],
+                  device: torch.device, device_label: str) -> list[dict[str, Any]]:
+    """Evaluate every applicable :class:`Target` on the measured results.
+
+    ``cases_results`` holds ``((op, case name, targets), results of that case)``.
+    """
+    out = []
+    for (op, case_name, targets), results in cases_results:
+        by_provider = {r.provider: r for r in results}
+        for t in targets:
+            if t.device and t.device != device.type:
+                continue
+            if t.device_name and t.device_name.lower() not in device_label.lower():
+                continue
+            r = by_provider.get(t.candidate)
+            value = None
+            if r is not None and r.status == "ok":
+                value = r.speedups.get(t.baseline) if t.metric == "speedup" else r.frac_copy_bw
+            out.append(dict(kind="target", op=op, case=case_name, description=t.description,
+                            candidate=t.candidate, metric=t.metric, baseline=t.baseline, minimum=t.minimum,
+                            value=value, met=None if value is None else bool(value >= t.minimum)))
+    return out
+
+
+def format_targets(checks: Sequence[dict[str, Any]]) -> str:
+    lines = []
+    for c in checks:
+        if c["value"] is None:
+            status, got = "NOT MEASURED", "-"
+        else:
+            status = "met" if c["met"] else "MISSED"
+            got = f"x{c['value']:.2f}" if c["metric"] == "speedup" else f"{100 * c['value']:.0f}%"
+        want = f"x{c['minimum']:.2f}" if c["metric"] == "speedup" else f"{100 * c['minimum']:.0f}%"
+        lines.append(f"  [{status}] {c['op']} / {c['case']}: {c['description']} (measured {got}, goal {want})")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- registry
@@ -632,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     results: list[Result] = []
+    with_targets: list[tuple[tuple[str, str, list[Target]], list[Result]]] = []
     n_cases = 0
     bar = _progress()
     try:
@@ -643,7 +702,11 @@ def main(argv: list[str] | None = None) -> int:
                     n_cases += 1
                     bar.total = (bar.total or 0) + len(case.providers)
                     bar.refresh()
-                    results.extend(_run_case(case, device, args.quick, bar))
+                    case_results = _run_case(case, device, args.quick, bar)
+                    results.extend(case_results)
+                    if case.targets:
+                        # keep only what the checks need: the case's providers hold its tensors
+                        with_targets.append(((case.op, case.name, list(case.targets)), case_results))
                     del case
                     gc.collect()
                     if device.type == "cuda":
@@ -673,6 +736,12 @@ def main(argv: list[str] | None = None) -> int:
     notes = dict.fromkeys((r.provider, (r.error or "").strip()) for r in results if r.status == "unavailable")
     for prov, reason in notes:
         print(f"unavailable: {prov}: {reason}")
+
+    checks = check_targets(with_targets, device, meta["device"])
+    if checks:
+        print("targets (ratios measured side by side in this run):")
+        print(format_targets(checks))
+    meta["targets"] = checks
 
     out = Path(args.out) if args.out else default_out_dir()
     slug = device_slug(device)

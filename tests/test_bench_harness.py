@@ -308,3 +308,22 @@ def test_ema_unavailable_backend_is_a_row(tmp_path, monkeypatch, capsys):
     assert len(rows) == 1 and rows[0]["status"] == "unavailable" and rows[0]["role"] == "candidate"
     assert "RuntimeError" in rows[0]["error"]
     assert "vlfast[triton]" in cap.out and "unavailable" in cap.out
+
+
+def test_targets_are_checked_on_measured_ratios():
+    import torch
+
+    from vlfast.bench.harness import Result, Target, check_targets, format_targets
+
+    r = Result(op="ema", case="c", shape="-", dtype="-", provider="vlfast", status="ok", ms=1.0,
+               speedups={"loop": 2.5, "foreach_lerp": 0.9}, frac_copy_bw=0.5)
+    targets = [Target("2x loop", "vlfast", baseline="loop", minimum=2.0, device="cpu"),
+               Target("1x foreach", "vlfast", baseline="foreach_lerp", minimum=1.0, device="cpu"),
+               Target("gpu only", "vlfast", baseline="loop", minimum=1.0, device="cuda"),
+               Target("H200 only", "vlfast", metric="frac_copy_bw", minimum=0.85, device_name="H200"),
+               Target("missing provider", "vlfast[triton]", baseline="loop", minimum=1.0)]
+    checks = check_targets([(("ema", "c", targets), [r])], torch.device("cpu"), "Some CPU")
+    got = {c["description"]: c["met"] for c in checks}
+    assert got == {"2x loop": True, "1x foreach": False, "missing provider": None}
+    text = format_targets(checks)
+    assert "[met]" in text and "[MISSED]" in text and "[NOT MEASURED]" in text

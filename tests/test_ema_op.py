@@ -268,3 +268,22 @@ def test_registered_op_bumps_version_counter():
     v = e._version
     torch.ops.vlfast.ema_update_([e], [torch.randn(9)], 0.5, "torch")
     assert e._version > v
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_unaligned_views_and_cached_metadata(device, backend):
+    """Views starting off a 16-byte boundary; a second call reuses the cached chunk tables."""
+    e_store = torch.randn(9000, device=device)
+    p_store = torch.randn(9000, device=device, dtype=torch.bfloat16)
+    original = e_store.clone()
+    ema = [e_store[1:8194], e_store[8195:8200]]
+    params = [p_store[3:8196], p_store[8197:8202]]
+    for decay in (0.3, 0.9):
+        e0 = [e.clone() for e in ema]
+        ema_update_(ema, params, decay, backend=backend)
+        for e, a, p in zip(ema, e0, params):
+            _check(e, a, p, decay)
+    outside = torch.ones(9000, dtype=torch.bool, device=device)
+    outside[1:8194] = False
+    outside[8195:8200] = False
+    assert torch.equal(e_store[outside], original[outside])  # neighbours of the views untouched

@@ -122,13 +122,14 @@ def ema_update_(ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], dec
         type(t) in _PLAIN for t in ema) and all(type(t) in _PLAIN for t in params)
     for device, idx in by_device.items():
         name = _backend.select(OP, device, backend)
-        e_list = [ema[i].detach() for i in idx]
-        p_list = [params[i].detach() for i in idx]
+        e_list = ema if len(by_device) == 1 else [ema[i] for i in idx]
+        p_list = params if len(by_device) == 1 else [params[i] for i in idx]
         if direct:
-            _ema_update_impl(e_list, p_list, decay, name)
+            with torch.no_grad():
+                _ema_update_impl(e_list, p_list, decay, name)
             torch.autograd.graph.increment_version(e_list)
         else:
-            torch.ops.vlfast.ema_update_(e_list, p_list, decay, name)
+            torch.ops.vlfast.ema_update_([e.detach() for e in e_list], [p.detach() for p in p_list], decay, name)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -150,27 +151,26 @@ def _dense_same_layout(e: torch.Tensor, p: torch.Tensor) -> bool:
     return True
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view of a dense tensor's memory span (elementwise order is irrelevant here)."""
-    if t.is_contiguous():
-        return t.view(-1)
-    return t.as_strided((t.numel(),), (1,))
-
-
 def _stage(ema, params):
-    """Contiguous, same-layout working lists, plus the copies to write back."""
+    """Working lists the kernels can treat as flat spans, plus the copies to write back.
+
+    Contiguous pairs, and dense pairs with one layout (e.g. both transposed), are used
+    as they are: the kernels only need each tensor's first address and element count
+    (``data_ptr()`` is the lowest address of a dense tensor).  Other pairs go through
+    contiguous copies; the ema copy is written back afterwards.
+    """
     work_e, work_p, writeback = [], [], []
     for e, p in zip(ema, params):
         if e.numel() == 0:
             continue
         if _dense_same_layout(e, p):
-            work_e.append(_flat(e))
-            work_p.append(_flat(p))
+            work_e.append(e)
+            work_p.append(p)
         else:
             ec = e.contiguous()
-            work_e.append(ec.view(-1))
-            work_p.append(p.contiguous().view(-1))
-            if ec.data_ptr() != e.data_ptr():
+            work_e.append(ec)
+            work_p.append(p.contiguous())
+            if ec is not e:
                 writeback.append((e, ec))
     return work_e, work_p, writeback
 
