@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import round_to
+
 _TL_DTYPES = {
     torch.float32: tl.float32,
     torch.float16: tl.float16,
@@ -32,23 +34,6 @@ _TL_DTYPES = {
 BLOCK = 1024          # elements per vectorized step
 CHUNK = 8 * BLOCK     # elements per program
 _META_CACHE_SIZE = 32
-
-
-@triton.jit
-def _round_to_ema_dtype(x, OUT_BF16: tl.constexpr, out_ty: tl.constexpr):
-    """Cast the fp32/fp64 result to the EMA dtype, round-to-nearest-even.
-
-    bf16 is rounded with integer arithmetic on the fp32 bits (NaN kept quiet), so the
-    result is the same on GPUs and in the Triton CPU interpreter (which truncates).
-    """
-    if OUT_BF16:
-        x32 = x.to(tl.float32)
-        bits = x32.to(tl.uint32, bitcast=True)
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = tl.where(x32 != x32, bits | 0x400000, rounded)
-        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(out_ty)
 
 
 @triton.jit
@@ -65,7 +50,7 @@ def _ema_multi_tensor_kernel(
     COMPUTE: tl.constexpr,     # tl.float32, or tl.float64 when either side is float64
     EMA_VEC: tl.constexpr,     # offsets are multiples of this many ema elements (1 = unknown)
     PARAM_VEC: tl.constexpr,   # likewise for params
-    OUT_BF16: tl.constexpr,    # ema is bfloat16: round with _round_to_ema_dtype's integer path
+    OUT_BF16: tl.constexpr,    # ema is bfloat16: round_to's integer rounding path
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
@@ -85,14 +70,14 @@ def _ema_multi_tensor_kernel(
             offs = start + i + lanes
             e = tl.load(ema_ptr + offs).to(COMPUTE)
             p = tl.load(param_ptr + offs).to(COMPUTE)
-            tl.store(ema_ptr + offs, _round_to_ema_dtype(e * decay + p * one_minus_decay, OUT_BF16, out_ty))
+            tl.store(ema_ptr + offs, round_to(e * decay + p * one_minus_decay, OUT_BF16, out_ty))
     else:
         for i in range(0, CHUNK, BLOCK):
             offs = start + i + lanes
             mask = offs < n
             e = tl.load(ema_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
             p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-            tl.store(ema_ptr + offs, _round_to_ema_dtype(e * decay + p * one_minus_decay, OUT_BF16, out_ty),
+            tl.store(ema_ptr + offs, round_to(e * decay + p * one_minus_decay, OUT_BF16, out_ty),
                      mask=mask)
 
 

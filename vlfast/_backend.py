@@ -114,23 +114,28 @@ class OpInfo:
     name: str
     preference: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     default: Tuple[str, ...] = ("torch",)
+    native_devices: Tuple[str, ...] = ("cpu", "cuda")
 
     def order(self, device: torch.device) -> Tuple[str, ...]:
         return self.preference.get(device.type, self.default)
 
     def unavailable(self, backend: str, device: torch.device) -> Optional[str]:
+        if backend == "native" and device.type not in self.native_devices:
+            return (f"vlfast._C has no {self.name} kernel for {device.type} tensors "
+                    f"(native kernels: {', '.join(self.native_devices)})")
         return _CHECKS[backend](device)
 
 
 _OPS: Dict[str, OpInfo] = {}
 
 
-def register_op(name: str, preference: Dict[str, Tuple[str, ...]]) -> OpInfo:
+def register_op(name: str, preference: Dict[str, Tuple[str, ...]],
+                native_devices: Tuple[str, ...] = ("cpu", "cuda")) -> OpInfo:
     for order in preference.values():
         for b in order:
             if b not in BACKENDS:
                 raise ValueError(f"unknown backend {b!r} in preference of {name}")
-    info = OpInfo(name, dict(preference))
+    info = OpInfo(name, dict(preference), native_devices=tuple(native_devices))
     _OPS[name] = info
     return info
 

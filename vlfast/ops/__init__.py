@@ -5,5 +5,7 @@ Every op takes ``backend=None | "auto" | "triton" | "native" | "torch"``; see
 """
 
 from .ema import ema_update_
+from .mask_generators import block_masking, tube_masking
+from .masking import random_masking, unshuffle_tokens
 
-__all__ = ["ema_update_"]
+__all__ = ["ema_update_", "random_masking", "unshuffle_tokens", "block_masking", "tube_masking"]
