@@ -223,3 +223,22 @@ def test_compile_and_opcheck():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call(torch.randn(2, 10, 4))
+
+
+def test_random_masking_module():
+    from vlfast.nn import RandomMasking
+
+    m = RandomMasking(0.75)
+    assert "mask_ratio=0.75" in repr(m)
+    x = torch.randn(2, 196, 8, requires_grad=True)
+    pos = torch.randn(1, 196, 8)
+    noise = torch.rand(2, 196)
+    out = m(x, pos, noise=noise)
+    _assert_same([t.detach() for t in out], random_masking_reference(x.detach(), 0.75, noise, pos))
+    out[0].sum().backward()
+    assert x.grad.sum().item() == 2 * 49 * 8
+    mask = torch.stack([torch.randperm(196) < 147 for _ in range(2)])
+    kept, mask_out, _ = m(x, mask=mask)
+    assert kept.shape == (2, 49, 8) and torch.equal(mask_out, mask.float())
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+        RandomMasking(1.0)

@@ -1,5 +1,6 @@
 """Drop-in modules of vlfast."""
 
 from .ema import EMA, MomentumEncoder
+from .masking import RandomMasking
 
-__all__ = ["EMA", "MomentumEncoder"]
+__all__ = ["EMA", "MomentumEncoder", "RandomMasking"]
