@@ -74,7 +74,9 @@ void check_ptr(const char* fn, const char* what, const void* p, bool needed) {
 void check_indices(const char* fn, const char* what, const int64_t* v, int64_t n, int64_t hi) {
   uint64_t bad = 0;
   const uint64_t uhi = static_cast<uint64_t>(hi);
-  VLFAST_SIMD
+#if defined(_OPENMP)
+#pragma omp simd reduction(| : bad)
+#endif
   for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(static_cast<uint64_t>(v[i]) >= uhi);
   if (bad == 0) return;
   for (int64_t i = 0; i < n; ++i) {
