@@ -97,7 +97,9 @@ class _MetaCache:
 
     def get(self, ema, params):
         device = ema[0].device
-        key = (device, tuple((e.data_ptr(), p.data_ptr(), e.numel()) for e, p in zip(ema, params)))
+        # offsets are in elements, so the element sizes are part of the key
+        key = (device, ema[0].dtype, params[0].dtype,
+               tuple((e.data_ptr(), p.data_ptr(), e.numel()) for e, p in zip(ema, params)))
         hit = self._d.get(key)
         if hit is not None:
             self._d.move_to_end(key)

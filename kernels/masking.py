@@ -72,7 +72,7 @@ def _gather_rows_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)      # b * K + r
     b = row // K
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)  # d * stride may pass 2**31
     dm = d < D
     l = tl.load(idx_ptr + row)
     v = tl.load(src_ptr + b * s_b + l * s_l + d * s_d, mask=dm)
@@ -95,7 +95,7 @@ def _unshuffle_rows_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)      # b * L + j
     b = row // L
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)  # d * stride may pass 2**31
     dm = d < D
     r = tl.load(ids_restore_ptr + row)
     kept = tl.full([BLOCK_D], r, tl.int64) < K   # a vector, so it combines with the lane mask

@@ -287,3 +287,34 @@ def test_unaligned_views_and_cached_metadata(device, backend):
     outside[1:8194] = False
     outside[8195:8200] = False
     assert torch.equal(e_store[outside], original[outside])  # neighbours of the views untouched
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_same_addresses_new_dtypes(device, backend):
+    """Cached kernel metadata must not be reused when the same memory holds other dtypes."""
+    store_e = torch.zeros(4096, device=device)
+    store_p = torch.zeros(4096, device=device)
+    e32, p32 = [store_e[:1024], store_e[2048:3072]], [store_p[:1024], store_p[2048:3072]]
+    ema_update_(e32, [p.normal_() for p in p32], 0.5, backend=backend)
+    bf_e = store_e.view(torch.bfloat16)  # same byte addresses, half the element size
+    bf_p = store_p.view(torch.bfloat16)
+    e16 = [bf_e[:1024].normal_(), bf_e[4096:5120].normal_()]
+    p16 = [bf_p[:1024].normal_(), bf_p[4096:5120].normal_()]
+    e0 = [e.clone() for e in e16]
+    ema_update_(e16, p16, 0.5, backend=backend)
+    for e, a, p in zip(e16, e0, p16):
+        _check(e, a, p, 0.5)
+
+
+def test_inference_tensors():
+    with torch.inference_mode():
+        e = torch.randn(4)
+    with pytest.raises(RuntimeError, match=r"ema\[0\] is an inference tensor"):
+        ema_update_([e], [torch.randn(4)], 0.5)
+    with torch.inference_mode():
+        ema_update_([e], [torch.zeros(4)], 0.5)
+
+
+def test_interpreter_refuses_cuda_tensors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "TRITON_INTERPRET=1" in _backend.triton_unavailable(torch.device("cuda"))

@@ -242,3 +242,14 @@ def test_random_masking_module():
     assert kept.shape == (2, 49, 8) and torch.equal(mask_out, mask.float())
     with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
         RandomMasking(1.0)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_non_permutation_backward_does_not_read_out_of_bounds(device, backend):
+    """ids_restore in range but not a permutation: documented wrong gradient, never a crash."""
+    ids = torch.zeros(2, 6, dtype=torch.int64, device=device)  # every slot reads kept row 0
+    xk = torch.randn(2, 3, 4, device=device, requires_grad=True)
+    out = unshuffle_tokens(xk, ids, torch.zeros(4, device=device), backend=backend)
+    assert torch.equal(out, xk[:, :1].expand(2, 6, 4))
+    out.sum().backward()
+    assert xk.grad.shape == xk.shape and torch.isfinite(xk.grad).all()

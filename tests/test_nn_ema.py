@@ -156,3 +156,11 @@ def test_cosine_momentum():
         cosine_momentum(-1, 10, 0.99)
     with pytest.raises(ValueError, match="base"):
         cosine_momentum(1, 10, 1.5)
+
+
+def test_flat_views_are_aligned_for_vector_loads():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 1))  # odd sizes: 15, 5, 5, 1 elements
+    ema = EMA(model, decay=0.5)
+    for p in ema.module.parameters():
+        assert p.data_ptr() % 64 == 0
+    ema.update(model)

@@ -22,6 +22,7 @@ reason.  Automatic selection that has to skip a preferred backend logs the reaso
 once (logger ``"vlfast"``).
 """
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ def triton_unavailable(device: torch.device) -> Optional[str]:
     if err:
         return err
     if device.type == "cuda":
+        if triton_interpret():
+            return ("TRITON_INTERPRET=1 is set: the interpreter runs kernels on the host, which vlfast's "
+                    "multi-tensor kernels cannot do for CUDA tensors; unset it to compile for the GPU")
         if not torch.cuda.is_available():
             return "CUDA is not available to torch"
         return None
@@ -104,6 +108,13 @@ _CHECKS: Dict[str, Callable[[torch.device], Optional[str]]] = {
     "native": native_unavailable,
     "torch": torch_unavailable,
 }
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch: Triton launches on the current CUDA device and stream."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- op registry

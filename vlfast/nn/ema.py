@@ -31,7 +31,8 @@ class EMA(nn.Module):
       Tan & Le / Karras et al. ``clamp(1 - (1 + s / warmup_gamma) ** -warmup_power,
       min_decay, decay)``, without it ``decay``.
 
-    The averaged tensors live in one contiguous buffer per (dtype, device), kept in
+    The averaged tensors live in one contiguous buffer per (dtype, device) (each view
+    starting on a 64-byte boundary), kept in
     ``dtype`` (float32 by default, so a bf16 model's small updates are not rounded
     away); an update is one bandwidth-bound pass of :func:`vlfast.ops.ema_update_`.
 
@@ -117,15 +118,18 @@ class EMA(nn.Module):
             groups[(t.dtype, t.device)].append(n)
         self._flat: List[torch.Tensor] = []
         for (dtype, device), members in groups.items():
-            total = sum(self._get(n).numel() for n in members)
-            flat = torch.empty(total, dtype=dtype, device=device)
-            offset = 0
+            # every view starts on a 64-byte boundary, so the kernels keep 16-byte vector accesses
+            align = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+            offsets, total = [], 0
             for n in members:
+                offsets.append(total)
+                total += -(-self._get(n).numel() // align) * align
+            flat = torch.zeros(total, dtype=dtype, device=device)
+            for n, offset in zip(members, offsets):
                 t = self._get(n)
                 view = flat[offset:offset + t.numel()].view(t.shape)
                 view.copy_(t)
                 self._set(n, view)
-                offset += t.numel()
             self._flat.append(flat)
 
     def _apply(self, fn, recurse=True):
@@ -170,7 +174,9 @@ class EMA(nn.Module):
         decay = self.get_decay(step)
         src, copies = self._sources(model)
         dst = self._averaged()
-        src = [s if s.device == d.device else s.to(d.device, non_blocking=True) for s, d in zip(src, dst)]
+        # host-bound copies block: the CPU kernel reads them right away
+        src = [s if s.device == d.device else s.to(d.device, non_blocking=d.device.type == "cuda")
+               for s, d in zip(src, dst)]
         ema_update_(dst, src, decay, backend=self.backend)
         for n, b in zip(self._copy_buffer_names, copies):
             self._get(n).copy_(b)

@@ -120,6 +120,11 @@ def ema_update_(ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], dec
     # version counters here; under torch.compile or with tensor subclasses the registered op runs.
     direct = not torch.compiler.is_compiling() and all(
         type(t) in _PLAIN for t in ema) and all(type(t) in _PLAIN for t in params)
+    if direct and not torch.is_inference_mode_enabled():  # what the dispatcher would refuse
+        for i, e in enumerate(ema):
+            if e.is_inference():
+                raise RuntimeError(f"ema[{i}] is an inference tensor: in-place updates of inference tensors "
+                                   "are only allowed inside torch.inference_mode()")
     for device, idx in by_device.items():
         name = _backend.select(OP, device, backend)
         e_list = ema if len(by_device) == 1 else [ema[i] for i in idx]
@@ -187,8 +192,9 @@ def _grouped(ema, params):
 def _run_triton(ema, params, decay):
     from vlfast.kernels.ema import ema_update_multi_tensor
 
-    for es, ps in _grouped(ema, params).values():
-        ema_update_multi_tensor(es, ps, decay)
+    with _backend.device_guard(ema[0].device):
+        for es, ps in _grouped(ema, params).values():
+            ema_update_multi_tensor(es, ps, decay)
 
 
 def _run_native(ema, params, decay):

@@ -99,7 +99,8 @@ def _triton(name):
     def run(*args):
         from vlfast.kernels import masking
 
-        return getattr(masking, name)(*args)
+        with _backend.device_guard(args[0].device):
+            return getattr(masking, name)(*args)
 
     return run
 
@@ -113,7 +114,9 @@ def _inverse_keep(ids_restore: torch.Tensor, K: int) -> torch.Tensor:
     """Positions of slots 0..K-1: the first K entries of the inverse permutation of ids_restore."""
     B, L = ids_restore.shape
     ar = torch.arange(L, device=ids_restore.device).expand(B, L)
-    return torch.empty_like(ids_restore).scatter_(1, ids_restore, ar)[:, :K].contiguous()
+    # zeros, not empty: a row that is not a permutation leaves slots unwritten, and they must
+    # still be valid indices for the gather kernels
+    return torch.zeros_like(ids_restore).scatter_(1, ids_restore, ar)[:, :K].contiguous()
 
 
 # ------------------------------------------------------------------ torch.library ops
