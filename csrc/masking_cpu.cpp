@@ -24,17 +24,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(VLFAST_NO_TARGET_CLONES)
-#define VLFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VLFAST_CLONES
-#endif
-
-#if defined(_OPENMP)
-#define VLFAST_SIMD _Pragma("omp simd")
-#else
-#define VLFAST_SIMD
-#endif
+#include "cpu_macros.h"
 
 namespace {
 
