@@ -15,17 +15,21 @@ if not torch.cuda.is_available():
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backends_for(device: str):
-    """Backends that can run on ``device`` here (an unavailable one is reported as a skip with its reason)."""
-    from vlfast._backend import BACKENDS, _CHECKS
-
-    out = []
-    for b in BACKENDS:
-        reason = _CHECKS[b](torch.device(device))
-        out.append(pytest.param(b, marks=pytest.mark.skip(reason=reason)) if reason else b)
-    return out
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def cases_for(op: str):
+    """``(device, backend)`` parameters for ``op`` on every device here; unavailable ones skip with the reason."""
+    import vlfast  # noqa: F401
+    from vlfast._backend import _OPS
+
+    info = _OPS[op]
+    out = []
+    for device in DEVICES:
+        for b in info.backends:
+            reason = info.unavailable(b, torch.device(device))
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            out.append(pytest.param(device, b, marks=marks, id=f"{device}-{b}"))
+    return out

@@ -10,11 +10,11 @@ from vlfast import _backend
 from vlfast.ops import ema_update_
 from vlfast.reference import ema_update_reference_, moco_momentum_update_
 
-from conftest import DEVICES, backends_for
+from conftest import cases_for
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SIZES = [(1,), (17,), (197, 3), (1023,), (8193,), (5, 7, 11)]  # 8193 crosses a kernel chunk
-CASES = [(d, b) for d in DEVICES for b in backends_for(d)]
+CASES = cases_for("ema_update_")
 
 
 def _eps(dtype):

@@ -6,9 +6,9 @@ import torch
 from vlfast.ops import random_masking, unshuffle_tokens
 from vlfast.reference import random_masking_reference, unshuffle_tokens_reference
 
-from conftest import DEVICES, backends_for
+from conftest import cases_for
 
-CASES = [(d, b) for d in DEVICES for b in backends_for(d)]
+CASES = cases_for("random_masking")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-BACKENDS = ("triton", "native", "torch")
+BACKENDS = ("triton", "native", "torch", "xformers")
 ENV_VAR = "VLFAST_BACKEND"
 
 log = logging.getLogger("vlfast")
@@ -103,10 +103,26 @@ def torch_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+def xformers_unavailable(device: torch.device) -> Optional[str]:
+    """Why xformers (optional, never required) cannot run on ``device``."""
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        return "xformers is not installed (optional: pip install xformers)"
+    if device.type != "cuda":
+        return f"xformers kernels run on CUDA tensors, not on {device.type}"
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as exc:  # a broken or mismatched build raises anything
+        return f"xformers cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
 _CHECKS: Dict[str, Callable[[torch.device], Optional[str]]] = {
     "triton": triton_unavailable,
     "native": native_unavailable,
     "torch": torch_unavailable,
+    "xformers": xformers_unavailable,
 }
 
 
@@ -126,11 +142,14 @@ class OpInfo:
     preference: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     default: Tuple[str, ...] = ("torch",)
     native_devices: Tuple[str, ...] = ("cpu", "cuda")
+    backends: Tuple[str, ...] = ("triton", "native", "torch")
 
     def order(self, device: torch.device) -> Tuple[str, ...]:
         return self.preference.get(device.type, self.default)
 
     def unavailable(self, backend: str, device: torch.device) -> Optional[str]:
+        if backend not in self.backends:
+            return f"{self.name} has no {backend!r} implementation (it has {', '.join(self.backends)})"
         if backend == "native" and device.type not in self.native_devices:
             return (f"vlfast._C has no {self.name} kernel for {device.type} tensors "
                     f"(native kernels: {', '.join(self.native_devices)})")
@@ -141,12 +160,13 @@ _OPS: Dict[str, OpInfo] = {}
 
 
 def register_op(name: str, preference: Dict[str, Tuple[str, ...]],
-                native_devices: Tuple[str, ...] = ("cpu", "cuda")) -> OpInfo:
+                native_devices: Tuple[str, ...] = ("cpu", "cuda"),
+                backends: Tuple[str, ...] = ("triton", "native", "torch")) -> OpInfo:
     for order in preference.values():
         for b in order:
             if b not in BACKENDS:
                 raise ValueError(f"unknown backend {b!r} in preference of {name}")
-    info = OpInfo(name, dict(preference), native_devices=tuple(native_devices))
+    info = OpInfo(name, dict(preference), native_devices=tuple(native_devices), backends=tuple(backends))
     _OPS[name] = info
     return info
 
@@ -197,7 +217,7 @@ def select(op: str, device: torch.device, backend: Optional[str] = None) -> str:
 def available_backends(op: str, device) -> Dict[str, Optional[str]]:
     """``{backend: None if it can run else the reason}`` for ``op`` on ``device``."""
     device = torch.device(device)
-    return {b: _OPS[op].unavailable(b, device) for b in BACKENDS}
+    return {b: _OPS[op].unavailable(b, device) for b in _OPS[op].backends}
 
 
 def backend_report(device="cpu"):

@@ -4,8 +4,9 @@ Every op takes ``backend=None | "auto" | "triton" | "native" | "torch"``; see
 :mod:`vlfast._backend` for the selection rules.
 """
 
+from .attention import attention
 from .ema import ema_update_
 from .mask_generators import block_masking, tube_masking
 from .masking import random_masking, unshuffle_tokens
 
-__all__ = ["ema_update_", "random_masking", "unshuffle_tokens", "block_masking", "tube_masking"]
+__all__ = ["attention", "ema_update_", "random_masking", "unshuffle_tokens", "block_masking", "tube_masking"]
