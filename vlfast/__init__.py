@@ -13,5 +13,6 @@ __version__ = "0.1.0"
 
 from . import ops, nn, reference, schedules  # noqa: E402,F401
 from ._backend import available_backends, backend_report  # noqa: E402,F401
+from .patch import patch  # noqa: E402,F401
 
-__all__ = ["ops", "nn", "reference", "schedules", "available_backends", "backend_report", "__version__"]
+__all__ = ["ops", "nn", "reference", "schedules", "available_backends", "backend_report", "patch", "__version__"]

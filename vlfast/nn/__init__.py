@@ -1,6 +1,7 @@
 """Drop-in modules of vlfast."""
 
+from .attention import Attention, CrossAttention, MultiheadAttention
 from .ema import EMA, MomentumEncoder
 from .masking import RandomMasking
 
-__all__ = ["EMA", "MomentumEncoder", "RandomMasking"]
+__all__ = ["EMA", "MomentumEncoder", "RandomMasking", "Attention", "CrossAttention", "MultiheadAttention"]

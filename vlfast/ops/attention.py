@@ -94,7 +94,7 @@ def _attention_torch(q, k, v, key_padding_mask, bias, causal, dropout_p, scale):
     else:
         mask = bias.to(q.dtype).masked_fill(~keep, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    if not bool(alive.all()):
+    if torch.compiler.is_compiling() or not bool(alive.all()):
         out = out * alive.to(out.dtype)
     return out
 
@@ -119,7 +119,7 @@ def _attention_xformers(q, k, v, key_padding_mask, bias, causal, dropout_p, scal
         xb = dense.masked_fill(~keep, float("-inf"))
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           attn_bias=xb, p=dropout_p, scale=scale).transpose(1, 2)
-    if alive is not None and not bool(alive.all()):
+    if alive is not None and (torch.compiler.is_compiling() or not bool(alive.all())):
         out = out * alive.to(out.dtype)
     return out
 

@@ -1,0 +1,616 @@
+"""Fused multi-head attention (FlashAttention-2 style) in Triton: forward, backward, dropout mask.
+
+Scores ``s_ij = scale * <q_i, k_j> + bias_ij`` (fp32 accumulation), keys excluded by
+``key_padding_mask`` (True = padding) or by ``causal`` (query ``i`` sees key ``j`` iff
+``j <= i + Nk - Nq``) get ``-inf``.  ``p_ij = exp(s_ij - lse_i)`` and
+``out_i = sum_j drop_ij * p_ij / (1 - dropout_p) * v_j``.  A query row whose keys are all
+excluded has ``lse = -inf``, a zero output and zero gradients (every ``exp`` and division
+is guarded, so no NaN appears).
+
+Kernels (all on a 1-D grid: ``program_id(0) = bh * n_blocks + block``, so neither
+``B * H`` nor the number of blocks meets the 65535 limit of grid axes 1/2, and programs
+of the same head run next to each other and share K/V in L2):
+
+* ``_attn_fwd_kernel``: one program per (b, h, query block); online softmax over the key
+  blocks (base-2 exponentials, the scale folded with ``log2(e)``), writes ``out`` and
+  ``lse`` (natural log, before dropout).
+* ``_attn_bwd_preprocess_kernel``: ``delta_i = sum_d do_id * out_id`` (fp32).
+* ``_attn_bwd_dkdv_kernel``: one program per (b, h, key block), loops over the query
+  blocks that can see it, recomputes ``p`` from ``lse`` and accumulates ``dk``, ``dv``.
+* ``_attn_bwd_dq_kernel``: one program per (b, h, query block), loops over the key blocks,
+  accumulates ``dq`` and writes ``dS`` for the bias gradient.
+  No atomics touch dq/dk/dv, so they are deterministic.
+
+Bias gradient (``bias_grad_shape`` given; ``dbias = dS`` summed over the broadcast dims):
+with no broadcast dim ``dS`` is stored directly; otherwise it is reduced inside the tile
+over the query/key axis when that axis is broadcast and ``tl.atomic_add``-ed into an fp32
+buffer of ``bias_grad_shape`` (the b/h programs that share an element race, so the last
+bits of dbias are not deterministic).  ``deterministic=True`` instead writes the full
+``(B, H, Nq, Nk)`` fp32 ``dS`` (that much extra memory) and reduces it with ``torch.sum``.
+
+Dropout: ``drop_ij = tl.rand(seed, offset + ((b*H + h)*Nq + i)*Nk + j) >= dropout_p``
+(int64 Philox offsets); the backward regenerates the same mask and ``dropout_mask``
+returns it for tests.  ``dropout_p == 0`` compiles without any RNG.
+
+Head dims that are not powers of two are padded to the next power of two (at least 16,
+the smallest ``tl.dot`` K) with masked loads; ``HEAD_DIM`` is a constexpr, so the mask
+folds away when ``D`` is a power of two.  fp32 inputs use IEEE fp32 dots (no TF32).
+Outputs are rounded with ``round_to`` (bf16 round-to-nearest-even also in the interpreter).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import round_to
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+# Optional override for tests / tuning:
+#   {"fwd": (BLOCK_M, BLOCK_N), "bwd_kv": (BLOCK_M, BLOCK_N), "bwd_q": (BLOCK_M, BLOCK_N)}
+# (any subset); the values must be powers of two >= 16.
+BLOCKS = None
+# Block size used for every kernel in the Triton CPU interpreter (speed of the tests only).
+INTERPRET_BLOCK = 16
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# ----------------------------------------------------------------------------- device code
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b (+ acc)`` with fp32 accumulation.  UPCAST (bf16 in the interpreter only, whose
+    ``tl.dot`` multiplies the raw uint16 storage of bf16) widens the operands first, which
+    gives the same products (bf16 x bf16 is exact in fp32) as the GPU's bf16 MMA."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _keep_mask(seed, offset, bh, Nq, Nk, offs_m, offs_n, dropout_p, TRANS: tl.constexpr):
+    """drop mask (True = kept) of rows offs_m x cols offs_n; TRANS gives the [n, m] tile."""
+    row = (bh.to(tl.int64) * Nq + offs_m.to(tl.int64)) * Nk + offset
+    if TRANS:
+        philox = row[None, :] + offs_n.to(tl.int64)[:, None]
+    else:
+        philox = row[:, None] + offs_n.to(tl.int64)[None, :]
+    return tl.rand(seed, philox) >= dropout_p
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, R, Nk, seed, offset, dropout_p,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # (b*H + h)*Nq + i
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    idx = rows[:, None] * Nk + offs_n.to(tl.int64)[None, :]
+    keep = tl.rand(seed, offset + idx) >= dropout_p
+    tl.store(out_ptr + idx, keep.to(tl.int8), mask=(rows < R)[:, None] & (offs_n < Nk)[None, :])
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, kpm_ptr, out_ptr, lse_ptr,
+    s_qb, s_qh, s_qm,
+    s_kb, s_kh, s_kn,
+    s_vb, s_vh, s_vn,
+    s_bb, s_bh, s_bm, s_bn,
+    s_pb, s_pn,
+    H, Nq, Nk, num_m,
+    qk_scale,                       # scale * log2(e)
+    dropout_p, drop_scale, seed, offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    blk = pid % num_m
+    if CAUSAL:
+        blk = num_m - 1 - blk          # heaviest (last) query blocks first
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    start_m = blk * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < Nq
+    d_ok = offs_d < HEAD_DIM
+    dtype = q_ptr.dtype.element_ty
+
+    q_base = q_ptr + b * s_qb + h * s_qh + start_m.to(tl.int64) * s_qm
+    q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * s_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + b * s_kb + h * s_kh
+    v_base = v_ptr + b * s_vb + h * s_vh
+    if HAS_BIAS:
+        bias_base = bias_ptr + b * s_bb + h * s_bh + start_m.to(tl.int64) * s_bm
+    if HAS_KPM:
+        kpm_base = kpm_ptr + b * s_pb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = Nk
+    if CAUSAL:
+        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + Nk - Nq, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Nk
+        kv_off = tl.cast(start_n, tl.int64)
+        k = tl.load(k_base + kv_off * s_kn + offs_n0[:, None] * s_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_base + tl.arange(0, BLOCK_M)[:, None] * s_bm
+                           + kv_off * s_bn + offs_n0[None, :] * s_bn,
+                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        valid = n_ok[None, :]
+        if HAS_KPM:
+            pad = tl.load(kpm_base + offs_n.to(tl.int64) * s_pn, mask=n_ok, other=1)
+            valid = valid & (pad == 0)[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _keep_mask(seed, offset, bh, Nq, Nk, offs_m, offs_n, dropout_p, False)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_base + kv_off * s_vn + offs_n0[:, None] * s_vn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _mma(p.to(dtype), v, acc, DOT_PREC, UPCAST_DOT)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (drop_scale / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    row = bh.to(tl.int64) * Nq + offs_m
+    tl.store(lse_ptr + row, lse, mask=m_ok)
+    tl.store(out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+             round_to(out, OUT_BF16, out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    out_ptr, do_ptr, delta_ptr,
+    s_ob, s_oh, s_om,
+    s_db, s_dh, s_dm,
+    H, Nq, num_m,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m < Nq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(out_ptr + b * s_ob + h * s_oh + rows * s_om + offs_d[None, :], mask=msk, other=0.0)
+    do = tl.load(do_ptr + b * s_db + h * s_dh + rows * s_dm + offs_d[None, :], mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    s_qb, s_qh, s_qm,
+    s_kb, s_kh, s_kn,
+    s_vb, s_vh, s_vn,
+    s_bb, s_bh, s_bm, s_bn,
+    s_pb, s_pn,
+    s_db, s_dh, s_dm,
+    H, Nq, Nk, num_n,
+    qk_scale, scale,
+    dropout_p, drop_scale, seed, offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # Tiles are laid out transposed, [keys, queries], so that dv += p^T do and dk += dS^T q
+    # need no transposed accumulators.
+    pid = tl.program_id(0)
+    bh = pid // num_n
+    start_n = (pid % num_n) * BLOCK_N
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    n_ok = offs_n < Nk
+    d_ok = offs_d < HEAD_DIM
+    dtype = q_ptr.dtype.element_ty
+
+    rows_n = offs_n.to(tl.int64)[:, None]
+    k = tl.load(k_ptr + b * s_kb + h * s_kh + rows_n * s_kn + offs_d[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(v_ptr + b * s_vb + h * s_vh + rows_n * s_vn + offs_d[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    col_valid = n_ok
+    if HAS_KPM:
+        pad = tl.load(kpm_ptr + b * s_pb + offs_n.to(tl.int64) * s_pn, mask=n_ok, other=1)
+        col_valid = col_valid & (pad == 0)
+    q_base = q_ptr + b * s_qb + h * s_qh
+    do_base = do_ptr + b * s_db + h * s_dh
+    if HAS_BIAS:
+        bias_base = bias_ptr + b * s_bb + h * s_bh + tl.cast(start_n, tl.int64) * s_bn
+    row_base = bh.to(tl.int64) * Nq
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (tl.maximum(start_n + Nq - Nk, 0) // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, Nq, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < Nq
+        q_off = tl.cast(start_m, tl.int64)
+        qT = tl.load(q_base + q_off * s_qm + offs_m0[None, :] * s_qm + offs_d[:, None],
+                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=float("-inf"))
+        lse2 = lse * 1.4426950408889634
+        sT = _mma(k, qT, None, DOT_PREC, UPCAST_DOT) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_base + tl.arange(0, BLOCK_N)[:, None] * s_bn
+                           + q_off * s_bm + offs_m0[None, :] * s_bm,
+                           mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+            sT += bias.to(tl.float32) * 1.4426950408889634
+        valid = col_valid[:, None] & (lse != float("-inf"))[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[:, None] <= offs_m[None, :] + (Nk - Nq))
+        lse_safe = tl.where(lse == float("-inf"), 0.0, lse2)
+        pT = tl.where(valid, tl.exp2(sT - lse_safe[None, :]), 0.0)
+        do = tl.load(do_base + q_off * s_dm + offs_m0[:, None] * s_dm + offs_d[None, :],
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        dpT = _mma(v, tl.trans(do), None, DOT_PREC, UPCAST_DOT)
+        if DROPOUT:
+            keep = _keep_mask(seed, offset, bh, Nq, Nk, offs_m, offs_n, dropout_p, True)
+            pdT = tl.where(keep, pT * drop_scale, 0.0)
+            dpT = tl.where(keep, dpT * drop_scale, 0.0)
+        else:
+            pdT = pT
+        dv = _mma(pdT.to(dtype), do, dv, DOT_PREC, UPCAST_DOT)
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mma(dsT.to(dtype), tl.trans(qT), dk, DOT_PREC, UPCAST_DOT)
+
+    dk = dk * scale
+    out_rows = (bh.to(tl.int64) * Nk + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    msk = n_ok[:, None] & d_ok[None, :]
+    tl.store(dk_ptr + out_rows, round_to(dk, OUT_BF16, dk_ptr.dtype.element_ty), mask=msk)
+    tl.store(dv_ptr + out_rows, round_to(dv, OUT_BF16, dv_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
+    s_qb, s_qh, s_qm,
+    s_kb, s_kh, s_kn,
+    s_vb, s_vh, s_vn,
+    s_bb, s_bh, s_bm, s_bn,
+    s_pb, s_pn,
+    s_db, s_dh, s_dm,
+    s_gb, s_gh, s_gm, s_gn,           # dbias buffer strides (0 on broadcast dims)
+    H, Nq, Nk, num_m,
+    qk_scale, scale,
+    dropout_p, drop_scale, seed, offset,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    DBIAS: tl.constexpr,              # 0: none, 1: store dS, 2: atomic_add into a broadcast buffer
+    REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr,   # (DBIAS == 2) sum the tile over queries / keys
+    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    blk = pid % num_m
+    if CAUSAL:
+        blk = num_m - 1 - blk
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    start_m = blk * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < Nq
+    d_ok = offs_d < HEAD_DIM
+    dtype = q_ptr.dtype.element_ty
+    m_off = start_m.to(tl.int64)
+
+    qd_msk = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * s_qb + h * s_qh + m_off * s_qm + tl.arange(0, BLOCK_M)[:, None] * s_qm
+                + offs_d[None, :], mask=qd_msk, other=0.0)
+    do = tl.load(do_ptr + b * s_db + h * s_dh + m_off * s_dm + tl.arange(0, BLOCK_M)[:, None] * s_dm
+                 + offs_d[None, :], mask=qd_msk, other=0.0)
+    row = bh.to(tl.int64) * Nq + offs_m
+    lse = tl.load(lse_ptr + row, mask=m_ok, other=float("-inf"))
+    delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
+    row_valid = lse != float("-inf")
+    lse2 = tl.where(row_valid, lse * 1.4426950408889634, 0.0)
+    k_base = k_ptr + b * s_kb + h * s_kh
+    v_base = v_ptr + b * s_vb + h * s_vh
+    if HAS_BIAS:
+        bias_base = bias_ptr + b * s_bb + h * s_bh + m_off * s_bm
+    if HAS_KPM:
+        kpm_base = kpm_ptr + b * s_pb
+    if DBIAS != 0:
+        g_base = dbias_ptr + b * s_gb + h * s_gh + m_off * s_gm
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = Nk
+    if CAUSAL:
+        hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + Nk - Nq, 0))
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Nk
+        kv_off = tl.cast(start_n, tl.int64)
+        kd_msk = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + kv_off * s_kn + offs_n0[:, None] * s_kn + offs_d[None, :],
+                    mask=kd_msk, other=0.0)
+        v = tl.load(v_base + kv_off * s_vn + offs_n0[:, None] * s_vn + offs_d[None, :],
+                    mask=kd_msk, other=0.0)
+        s = _mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_base + tl.arange(0, BLOCK_M)[:, None] * s_bm
+                           + kv_off * s_bn + offs_n0[None, :] * s_bn,
+                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        valid = n_ok[None, :] & row_valid[:, None]
+        if HAS_KPM:
+            pad = tl.load(kpm_base + offs_n.to(tl.int64) * s_pn, mask=n_ok, other=1)
+            valid = valid & (pad == 0)[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
+        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _mma(do, tl.trans(v), None, DOT_PREC, UPCAST_DOT)
+        if DROPOUT:
+            keep = _keep_mask(seed, offset, bh, Nq, Nk, offs_m, offs_n, dropout_p, False)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(dtype), k, dq, DOT_PREC, UPCAST_DOT)
+        if DBIAS == 1:
+            tl.store(g_base + tl.arange(0, BLOCK_M)[:, None] * s_gm + kv_off * s_gn
+                     + offs_n0[None, :] * s_gn, ds, mask=m_ok[:, None] & n_ok[None, :])
+        elif DBIAS == 2:
+            if REDUCE_M and REDUCE_N:
+                tl.atomic_add(g_base, tl.sum(tl.sum(ds, 1), 0))
+            elif REDUCE_M:
+                tl.atomic_add(g_base + kv_off * s_gn + offs_n0 * s_gn, tl.sum(ds, 0), mask=n_ok)
+            elif REDUCE_N:
+                tl.atomic_add(g_base + tl.arange(0, BLOCK_M) * s_gm, tl.sum(ds, 1), mask=m_ok)
+            else:
+                tl.atomic_add(g_base + tl.arange(0, BLOCK_M)[:, None] * s_gm + kv_off * s_gn
+                              + offs_n0[None, :] * s_gn, ds, mask=m_ok[:, None] & n_ok[None, :])
+
+    dq = dq * scale
+    tl.store(dq_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+             round_to(dq, OUT_BF16, dq_ptr.dtype.element_ty), mask=qd_msk)
+
+
+# ----------------------------------------------------------------------------- host side
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _config(kind: str, D: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel ``kind`` in {fwd, bwd_kv, bwd_q}.
+
+    fp16/bf16 choices were checked by compiling for sm_90a (ptxas -v) without a GPU: no register
+    spills except fwd D in (64, 128] (64 bytes); shared memory <= 100 KB.  Not yet timed on a
+    GPU: retune there (wider tiles, TMA descriptors) before relying on the numbers.
+    """
+    if _interpret():
+        bm, bn = INTERPRET_BLOCK, INTERPRET_BLOCK
+        warps, stages = 4, 1
+    else:
+        bd = _block_d(D)
+        wide = dtype == torch.float32      # 4-byte tiles: half the shared memory per block
+        if kind == "fwd":
+            if bd <= 64:
+                bm, bn, warps, stages = (64, 64, 4, 2) if wide else (128, 64, 8, 3)
+            elif bd <= 128:
+                bm, bn, warps, stages = (64, 32, 4, 2) if wide else (128, 32, 8, 3)
+            else:
+                bm, bn, warps, stages = (64, 16, 4, 2) if wide else (32, 32, 8, 2)
+        elif kind == "bwd_kv":
+            if bd <= 64:
+                bm, bn, warps, stages = (32, 64, 4, 2) if wide else (32, 128, 8, 3)
+            elif bd <= 128:
+                bm, bn, warps, stages = (32, 64, 8, 2) if wide else (32, 32, 8, 3)
+            else:
+                bm, bn, warps, stages = (16, 32, 8, 1) if wide else (16, 32, 8, 2)
+        else:  # bwd_q
+            if bd <= 64:
+                bm, bn, warps, stages = (64, 32, 4, 2) if wide else (128, 32, 8, 3)
+            elif bd <= 128:
+                bm, bn, warps, stages = (64, 32, 4, 2) if wide else (32, 32, 8, 3)
+            else:
+                bm, bn, warps, stages = (32, 16, 8, 1) if wide else (32, 32, 8, 2)
+    if BLOCKS and kind in BLOCKS:
+        bm, bn = BLOCKS[kind]
+    return bm, bn, warps, stages
+
+
+def _common_args(q, key_padding_mask, bias):
+    B, H, Nq, D = q.shape
+    if bias is not None:
+        bias_arg, bias_strides = bias, bias.stride()
+    else:
+        bias_arg, bias_strides = q, (0, 0, 0, 0)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask
+        if kpm.dtype == torch.bool:
+            kpm = kpm.view(torch.uint8)
+        kpm_arg, kpm_strides = kpm, kpm.stride()
+    else:
+        kpm_arg, kpm_strides = q, (0, 0)
+    return bias_arg, bias_strides, kpm_arg, kpm_strides
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast_dot(dtype):
+    # the interpreter's tl.dot treats bf16 (stored as uint16) as integers
+    return dtype == torch.bfloat16 and _interpret()
+
+
+def _check(q, k, v):
+    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be (B, H, N, D)"
+    assert q.dtype == k.dtype == v.dtype and q.dtype in _TL_DTYPES, "q, k, v: one of fp32/fp16/bf16"
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
+    assert q.shape[-1] <= 256, "head dim must be <= 256"
+
+
+def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False, scale: float,
+                      dropout_p: float = 0.0, seed: int = 0, offset: int = 0):
+    """Returns ``(out, lse)``: out (B, H, Nq, D) contiguous in q's dtype, lse (B, H, Nq) fp32."""
+    _check(q, k, v)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    out = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    if B * H * Nq == 0 or D == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    bias_arg, bs, kpm_arg, ps = _common_args(q, key_padding_mask, bias)
+    bm, bn, warps, stages = _config("fwd", D, q.dtype)
+    num_m = triton.cdiv(Nq, bm)
+    grid = (num_m * B * H,)
+    _attn_fwd_kernel[grid](
+        q, k, v, bias_arg, kpm_arg, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *bs, *ps,
+        H, Nq, Nk, num_m,
+        float(scale) * _LOG2E,
+        float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, int(seed), int(offset),
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
+        HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=bool(causal),
+        DROPOUT=dropout_p > 0, OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=_prec(q.dtype),
+        UPCAST_DOT=_upcast_dot(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=None, causal=False,
+                       scale: float, dropout_p: float = 0.0, seed: int = 0, offset: int = 0,
+                       bias_grad_shape=None, deterministic: bool = False):
+    """Returns ``(dq, dk, dv, dbias)``; dbias (fp32, ``bias_grad_shape``) is None when that is None."""
+    _check(q, k, v)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, H, Nk, D, dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, H, Nk, D, dtype=v.dtype, device=q.device)
+    dbias = None
+    if bias_grad_shape is not None:
+        bias_grad_shape = tuple(int(s) for s in bias_grad_shape)
+        assert len(bias_grad_shape) == 4, "bias_grad_shape must be 4-D"
+        full = (B, H, Nq, Nk)
+        for g, f in zip(bias_grad_shape, full):
+            assert g == f or g == 1, f"bias_grad_shape {bias_grad_shape} does not broadcast to {full}"
+    if B * H * D == 0 or Nq == 0 or Nk == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        if bias_grad_shape is not None:
+            dbias = torch.zeros(bias_grad_shape, dtype=torch.float32, device=q.device)
+        return dq, dk, dv, dbias
+
+    bias_arg, bs, kpm_arg, ps = _common_args(q, key_padding_mask, bias)
+    block_d = _block_d(D)
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_BIAS=bias is not None,
+                  HAS_KPM=key_padding_mask is not None, CAUSAL=bool(causal), DROPOUT=dropout_p > 0,
+                  OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=_prec(q.dtype),
+                  UPCAST_DOT=_upcast_dot(q.dtype))
+    drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    rng = (float(dropout_p), drop_scale, int(seed), int(offset))
+    qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2))
+
+    # delta_i = <do_i, out_i>
+    delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    pm = 64 if not _interpret() else INTERPRET_BLOCK
+    pm = max(16, min(pm, 4096 // block_d))
+    num_pm = triton.cdiv(Nq, pm)
+    _attn_bwd_preprocess_kernel[(num_pm * B * H,)](
+        out, do, delta, out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), H, Nq, num_pm,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pm)
+
+    # dk, dv
+    bm, bn, warps, stages = _config("bwd_kv", D, q.dtype)
+    num_n = triton.cdiv(Nk, bn)
+    _attn_bwd_dkdv_kernel[(num_n * B * H,)](
+        q, k, v, bias_arg, kpm_arg, do, lse, delta, dk, dv,
+        *qkv_strides, *bs, *ps, do.stride(0), do.stride(1), do.stride(2),
+        H, Nq, Nk, num_n, float(scale) * _LOG2E, float(scale), *rng,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    # dq (+ dbias)
+    mode, reduce_m, reduce_n = 0, False, False
+    gbuf, gstrides = q, (0, 0, 0, 0)
+    if bias_grad_shape is not None:
+        full = (B, H, Nq, Nk)
+        if bias_grad_shape == full or deterministic:
+            mode = 1
+            gbuf = torch.zeros(full, dtype=torch.float32, device=q.device)
+            gstrides = gbuf.stride()
+        else:
+            mode = 2
+            gbuf = torch.zeros(bias_grad_shape, dtype=torch.float32, device=q.device)
+            gstrides = tuple(0 if g == 1 and f != 1 else s
+                             for g, f, s in zip(bias_grad_shape, full, gbuf.stride()))
+            reduce_m = bias_grad_shape[2] == 1 and Nq != 1
+            reduce_n = bias_grad_shape[3] == 1 and Nk != 1
+    bm, bn, warps, stages = _config("bwd_q", D, q.dtype)
+    num_m = triton.cdiv(Nq, bm)
+    _attn_bwd_dq_kernel[(num_m * B * H,)](
+        q, k, v, bias_arg, kpm_arg, do, lse, delta, dq, gbuf,
+        *qkv_strides, *bs, *ps, do.stride(0), do.stride(1), do.stride(2), *gstrides,
+        H, Nq, Nk, num_m, float(scale) * _LOG2E, float(scale), *rng,
+        BLOCK_M=bm, BLOCK_N=bn, DBIAS=mode, REDUCE_M=reduce_m, REDUCE_N=reduce_n,
+        num_warps=warps, num_stages=stages, **common)
+    if mode == 1:
+        dims = [i for i in range(4) if bias_grad_shape[i] == 1 and full[i] != 1]
+        dbias = gbuf.sum(dim=dims, keepdim=True) if dims else gbuf
+    elif mode == 2:
+        dbias = gbuf
+    return dq, dk, dv, dbias
+
+
+def dropout_mask(B, H, Nq, Nk, *, dropout_p, seed, offset, device):
+    """(B, H, Nq, Nk) bool, True = kept: exactly the mask the attention kernels apply."""
+    out = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=device)
+    if out.numel() == 0:
+        return out.bool()
+    R = B * H * Nq
+    bm, bn = (32, 64) if _interpret() else (16, 256)
+    bn = min(bn, max(16, triton.next_power_of_2(Nk)))
+    grid = (triton.cdiv(R, bm), triton.cdiv(Nk, bn))
+    _dropout_mask_kernel[grid](out, R, Nk, int(seed), int(offset), float(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
+    return out.bool()

@@ -1,0 +1,312 @@
+"""Triton flash-attention kernels (vlfast.kernels.attention) against a float64 eager reference.
+
+Without CUDA the kernels run in the Triton CPU interpreter (conftest sets TRITON_INTERPRET=1
+before the kernel module is imported), at small sizes.  Accuracy rule (FlashAttention's):
+fp16/bf16 kernel error vs the fp64 reference <= 2x (forward) / 3x (gradients) the error of
+eager PyTorch math in the same dtype, plus 1e-5; fp32: error / max|ref| < 1e-3.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+A = pytest.importorskip("vlfast.kernels.attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- reference
+def reference(q, k, v, *, kpm=None, bias=None, causal=False, scale=1.0, keep=None, p=0.0):
+    """Eager attention in q's dtype (out, lse); fully excluded rows -> zeros, lse -inf."""
+    s = scale * (q @ k.transpose(-1, -2))
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    Nq, Nk = s.shape[-2:]
+    valid = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    if kpm is not None:
+        valid = valid & ~kpm[:, None, None, :]
+    if causal:
+        i = torch.arange(Nq, device=s.device)[:, None]
+        j = torch.arange(Nk, device=s.device)[None, :]
+        valid = valid & (j <= i + Nk - Nq)
+    s = s.masked_fill(~valid, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    l = e.sum(-1, keepdim=True)
+    P = e / torch.where(l == 0, torch.ones_like(l), l)
+    lse = (m + torch.log(l.float())).squeeze(-1)
+    if keep is not None:
+        P = P * keep.to(P.dtype) / (1 - p)
+    return P @ v, lse
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _assert_close(name, got, ref64, eager, dtype, factor):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = _err(got, ref64)
+    if dtype == torch.float32:
+        rel = err / max(ref64.abs().max().item(), 1e-2)   # floor: gradients that are exactly 0
+        assert rel < 1e-3, f"{name}: relative error {rel:.3g}"
+    else:
+        base = _err(eager, ref64)
+        assert err <= factor * base + 1e-5, f"{name}: error {err:.3g} > {factor} x eager {base:.3g}"
+
+
+def make_qkv(B, H, Nq, Nk, D, dtype, transposed=False):
+    if transposed:   # (B, N, H, D) storage viewed as (B, H, N, D)
+        q = torch.randn(B, Nq, H, D, device=DEVICE).transpose(1, 2)
+        k = torch.randn(B, Nk, H, D, device=DEVICE).transpose(1, 2)
+        v = torch.randn(B, Nk, H, D, device=DEVICE).transpose(1, 2)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return tuple(torch.randn(B, H, n, D, device=DEVICE).to(dtype) for n in (Nq, Nk, Nk))
+
+
+def check(B, H, Nq, Nk, D, dtype, *, causal=False, kpm=None, bias_shape=None, deterministic=False,
+          dropout_p=0.0, seed=0, offset=0, transposed=False, backward=True):
+    """Runs forward + backward, compares with the fp64 (and same-dtype eager) reference."""
+    q, k, v = make_qkv(B, H, Nq, Nk, D, dtype, transposed)
+    scale = D ** -0.5
+    bias = None
+    if bias_shape is not None:
+        bias = torch.randn(bias_shape, device=DEVICE).to(dtype)
+    keep = None
+    if dropout_p > 0:
+        keep = A.dropout_mask(B, H, Nq, Nk, dropout_p=dropout_p, seed=seed, offset=offset, device=DEVICE)
+    bias_full = bias.expand(B, H, Nq, Nk) if bias is not None else None
+    out, lse = A.attention_forward(q, k, v, key_padding_mask=kpm, bias=bias_full, causal=causal,
+                                   scale=scale, dropout_p=dropout_p, seed=seed, offset=offset)
+    assert out.shape == (B, H, Nq, D) and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (B, H, Nq) and lse.dtype == torch.float32
+
+    def run_ref(cast):
+        ins = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
+        b = bias.detach().to(cast).requires_grad_(True) if bias is not None else None
+        o, l = reference(*ins, kpm=kpm, bias=b, causal=causal, scale=scale, keep=keep, p=dropout_p)
+        return ins, b, o, l
+
+    (q64, k64, v64), b64, o64, l64 = run_ref(torch.float64)
+    (qe, ke, ve), be, oe, _ = run_ref(dtype)
+    _assert_close("out", out, o64, oe, dtype, 2)
+    assert torch.equal(torch.isinf(lse), torch.isinf(l64)), "lse: -inf rows differ"
+    fin = torch.isfinite(l64)
+    assert _err(lse[fin], l64[fin]) < 1e-3 * max(1.0, l64[fin].abs().max().item() if fin.any() else 1.0)
+    if not backward:
+        return out, lse
+    do = torch.randn(B, H, Nq, D, device=DEVICE).to(dtype)
+    grad_shape = tuple(bias_shape) if bias is not None else None
+    dq, dk, dv, db = A.attention_backward(
+        do, q, k, v, out, lse, key_padding_mask=kpm, bias=bias_full, causal=causal, scale=scale,
+        dropout_p=dropout_p, seed=seed, offset=offset, bias_grad_shape=grad_shape,
+        deterministic=deterministic)
+    g64 = torch.autograd.grad(o64, [q64, k64, v64] + ([b64] if b64 is not None else []), do.double())
+    ge = torch.autograd.grad(oe, [qe, ke, ve] + ([be] if be is not None else []), do)
+    for name, got, r, e, t in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, ge, (q, k, v)):
+        assert got.shape == t.shape and got.dtype == dtype
+        _assert_close(name, got, r, e, dtype, 3)
+    if bias is not None:
+        assert db.shape == tuple(bias_shape) and db.dtype == torch.float32
+        _assert_close("dbias", db, g64[3], ge[3], dtype, 3)
+    else:
+        assert db is None
+    return out, lse, dq, dk, dv, db
+
+
+@pytest.fixture
+def blocks():
+    """Set vlfast.kernels.attention.BLOCKS for one test."""
+    saved = A.BLOCKS
+
+    def set_(value):
+        A.BLOCKS = value
+
+    yield set_
+    A.BLOCKS = saved
+
+
+# ----------------------------------------------------------------------------- head dims / lengths
+@pytest.mark.parametrize("D,dtype", [
+    (32, torch.float16), (40, torch.bfloat16), (64, torch.float32), (72, torch.float16),
+    (80, torch.bfloat16), (96, torch.float32), (128, torch.float16), (256, torch.bfloat16),
+])
+def test_head_dims(D, dtype):
+    check(1, 2, 20, 24, D, dtype)
+
+
+@pytest.mark.parametrize("D", [40, 256])
+def test_head_dims_fp32(D):
+    check(1, 1, 19, 21, D, torch.float32)
+
+
+@pytest.mark.parametrize("N,dtype", [(1, torch.float32), (1, torch.bfloat16), (17, torch.float16),
+                                     (17, torch.float32), (197, torch.float32)])
+def test_seq_lens(N, dtype):
+    B, H = (1, 1) if N > 100 else (2, 3)
+    check(B, H, N, N, 64, dtype)
+
+
+@pytest.mark.parametrize("N", [257, 577, 1023])
+def test_long_sequences(N, blocks):
+    # bigger blocks keep the interpreter fast; BLOCK_M != BLOCK_N on purpose
+    blocks({"fwd": (64, 32), "bwd_kv": (32, 64), "bwd_q": (64, 32)})
+    check(1, 1, N, N, 32, torch.float32, causal=(N == 577))
+
+
+# ----------------------------------------------------------------------------- cross / causal
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_attention(dtype):
+    check(2, 2, 17, 45, 64, dtype)
+
+
+@pytest.mark.parametrize("Nq,Nk,dtype", [(33, 33, torch.float32), (17, 45, torch.float16),
+                                         (40, 23, torch.float32), (50, 50, torch.bfloat16)])
+def test_causal(Nq, Nk, dtype):
+    # Nq > Nk: the first Nq - Nk query rows see no key -> zero output / gradients
+    res = check(2, 2, Nq, Nk, 32, dtype, causal=True)
+    if Nq > Nk:
+        out, lse, dq = res[0], res[1], res[2]
+        assert torch.isinf(lse[:, :, :Nq - Nk]).all()
+        assert (out[:, :, :Nq - Nk] == 0).all() and (dq[:, :, :Nq - Nk] == 0).all()
+
+
+def test_causal_uneven_blocks(blocks):
+    blocks({"fwd": (32, 16), "bwd_kv": (16, 32), "bwd_q": (32, 16)})
+    check(1, 2, 37, 53, 32, torch.float32, causal=True, bias_shape=(1, 2, 37, 53))
+    check(1, 1, 53, 37, 32, torch.float32, causal=True)
+
+
+# ----------------------------------------------------------------------------- key padding
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_key_padding_fully_padded_row(dtype):
+    B, H, Nq, Nk, D = 3, 2, 19, 26, 32
+    kpm = torch.zeros(B, Nk, dtype=torch.bool, device=DEVICE)
+    kpm[0, 20:] = True
+    kpm[1] = True               # batch element 1: every key is padding
+    kpm[2, ::3] = True
+    out, lse, dq, dk, dv, _ = check(B, H, Nq, Nk, D, dtype, kpm=kpm)
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
+    assert (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+    # padded keys get no gradient
+    assert (dk[0, :, 20:] == 0).all() and (dv[0, :, 20:] == 0).all()
+
+
+def test_key_padding_with_causal_bias_dropout():
+    B, H, Nq, Nk = 2, 2, 21, 21
+    kpm = torch.zeros(B, Nk, dtype=torch.bool, device=DEVICE)
+    kpm[0, :4] = True           # causal + padding of the first keys: rows 0..3 of b=0 are empty
+    kpm[1, 15:] = True
+    out, lse, dq, dk, dv, db = check(B, H, Nq, Nk, 32, torch.float32, kpm=kpm, causal=True,
+                                     bias_shape=(B, 1, 1, Nk), dropout_p=0.2, seed=5, offset=11)
+    assert (out[0, :, :4] == 0).all() and (dq[0, :, :4] == 0).all()
+    assert (db[0, ..., :4] == 0).all()
+
+
+# ----------------------------------------------------------------------------- bias / dbias
+BIAS_SHAPES = [(1, 2, 13, 29), (2, 1, 1, 29), (2, 2, 13, 29), (1, 1, 13, 1), (1, 1, 1, 1), (2, 2, 1, 29)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("shape", BIAS_SHAPES)
+def test_bias_grad(shape, deterministic):
+    check(2, 2, 13, 29, 32, torch.float32, bias_shape=shape, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_grad_low_precision(dtype):
+    check(2, 2, 24, 24, 64, dtype, bias_shape=(1, 2, 24, 24), causal=True)
+
+
+def test_bias_grad_deterministic_bitwise():
+    torch.manual_seed(1)
+    r1 = check(2, 2, 13, 29, 32, torch.float32, bias_shape=(2, 1, 1, 29), deterministic=True)
+    torch.manual_seed(1)
+    r2 = check(2, 2, 13, 29, 32, torch.float32, bias_shape=(2, 1, 1, 29), deterministic=True)
+    for a, b in zip(r1, r2):
+        assert torch.equal(a, b)
+
+
+def test_bias_minus_inf_masks_keys():
+    # -inf in the bias (an additive mask) behaves like a padding mask, full -inf rows give zeros
+    B, H, Nq, Nk, D = 1, 2, 9, 18, 32
+    q, k, v = make_qkv(B, H, Nq, Nk, D, torch.float32)
+    bias = torch.zeros(B, H, Nq, Nk, device=DEVICE)
+    bias[..., 10:] = float("-inf")
+    bias[:, :, 3] = float("-inf")
+    out, lse = A.attention_forward(q, k, v, bias=bias, scale=0.3)
+    ref, _ = reference(q.double(), k[:, :, :10].double(), v[:, :, :10].double(),
+                       bias=bias[..., :10].double(), scale=0.3)
+    assert torch.isfinite(out).all() and (out[:, :, 3] == 0).all()
+    assert _err(out, ref) < 1e-5
+    do = torch.randn_like(out)
+    dq, dk, dv, db = A.attention_backward(do, q, k, v, out, lse, bias=bias, scale=0.3,
+                                          bias_grad_shape=(B, H, Nq, Nk))
+    for t in (dq, dk, dv, db):
+        assert torch.isfinite(t).all()
+    assert (dk[:, :, 10:] == 0).all() and (db[..., 10:] == 0).all() and (dq[:, :, 3] == 0).all()
+
+
+# ----------------------------------------------------------------------------- dropout
+def test_dropout_mask_properties():
+    kw = dict(device=DEVICE)
+    m1 = A.dropout_mask(2, 3, 17, 45, dropout_p=0.3, seed=42, offset=0, **kw)
+    m2 = A.dropout_mask(2, 3, 17, 45, dropout_p=0.3, seed=42, offset=0, **kw)
+    m3 = A.dropout_mask(2, 3, 17, 45, dropout_p=0.3, seed=43, offset=0, **kw)
+    m4 = A.dropout_mask(2, 3, 17, 45, dropout_p=0.3, seed=42, offset=17 * 45, **kw)
+    assert m1.dtype == torch.bool and m1.shape == (2, 3, 17, 45)
+    assert torch.equal(m1, m2)
+    assert not torch.equal(m1, m3)
+    assert not torch.equal(m1, m4)
+    # offset shifts the Philox counter: offset = one (b, h) slice equals the next slice
+    assert torch.equal(m4.flatten()[: 2 * 3 * 17 * 45 - 17 * 45], m1.flatten()[17 * 45:])
+    for p in (0.1, 0.5):
+        m = A.dropout_mask(4, 4, 32, 64, dropout_p=p, seed=7, offset=3, **kw)
+        rate = m.float().mean().item()
+        assert abs(rate - (1 - p)) < 0.02, rate
+    # very large offsets (int64 Philox counters) still work and differ
+    big = A.dropout_mask(1, 1, 4, 16, dropout_p=0.5, seed=1, offset=2 ** 40, **kw)
+    small = A.dropout_mask(1, 1, 4, 16, dropout_p=0.5, seed=1, offset=0, **kw)
+    assert not torch.equal(big, small)
+
+
+@pytest.mark.parametrize("p,dtype", [(0.1, torch.float32), (0.5, torch.float32), (0.1, torch.float16)])
+def test_dropout_forward_backward(p, dtype):
+    check(2, 2, 17, 45, 32, dtype, dropout_p=p, seed=1234, offset=77)
+
+
+def test_dropout_reproducible_and_seed_dependent():
+    q, k, v = make_qkv(1, 2, 16, 16, 32, torch.float32)
+    o1, _ = A.attention_forward(q, k, v, scale=0.2, dropout_p=0.5, seed=9, offset=0)
+    o2, _ = A.attention_forward(q, k, v, scale=0.2, dropout_p=0.5, seed=9, offset=0)
+    o3, _ = A.attention_forward(q, k, v, scale=0.2, dropout_p=0.5, seed=10, offset=0)
+    assert torch.equal(o1, o2) and not torch.equal(o1, o3)
+
+
+# ----------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs(dtype):
+    check(2, 3, 21, 21, 40, dtype, transposed=True, bias_shape=(2, 1, 1, 21), causal=True)
+
+
+def test_non_contiguous_grad_output_and_kpm():
+    B, H, N, D = 2, 2, 18, 32
+    q, k, v = make_qkv(B, H, N, N, D, torch.float32, transposed=True)
+    kpm_full = torch.zeros(B, 2 * N, dtype=torch.bool, device=DEVICE)
+    kpm_full[0, 2 * 5:] = True
+    kpm = kpm_full[:, ::2]          # non-unit stride
+    out, lse = A.attention_forward(q, k, v, key_padding_mask=kpm, scale=0.25)
+    do = torch.randn(B, N, H, D, device=DEVICE).transpose(1, 2)
+    grads = A.attention_backward(do, q, k, v, out, lse, key_padding_mask=kpm, scale=0.25)
+    ins = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = reference(*ins, kpm=kpm, scale=0.25)
+    assert _err(out, ref) < 1e-5
+    g = torch.autograd.grad(ref, ins, do.double())
+    for a, b in zip(grads[:3], g):
+        assert _err(a, b) < 1e-4
+    assert grads[3] is None

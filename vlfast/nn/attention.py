@@ -1,0 +1,407 @@
+"""Attention modules on the fused op :func:`vlfast.ops.attention`.
+
+* :class:`Attention`: ViT self-attention, parameter-compatible with timm's
+  ``vision_transformer.Attention`` (Dosovitskiy et al., 2021, arXiv:2010.11929).
+* :class:`CrossAttention`: text queries attending image tokens, as in the fusion layers
+  of ALBEF (Li et al., 2021, arXiv:2107.07651) and BLIP (Li et al., 2022, arXiv:2201.12086).
+* :class:`MultiheadAttention`: a drop-in subclass of :class:`torch.nn.MultiheadAttention`
+  that runs the fused op when attention weights are not requested
+  (see also :func:`vlfast.patch`, which swaps it into an existing model).
+"""
+
+import logging
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.attention import MAX_HEAD_DIM, attention
+
+__all__ = ["Attention", "CrossAttention", "MultiheadAttention"]
+
+log = logging.getLogger("vlfast")
+_deferrals_logged: set = set()
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_heads(dim: int, num_heads: int, name: str = "dim") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"{name} must be a positive int, got {dim!r}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if dim % num_heads != 0:
+        raise ValueError(f"{name}={dim} must be divisible by num_heads={num_heads}")
+    head_dim = dim // num_heads
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {name} // num_heads = {head_dim} exceeds the fused kernel's maximum "
+                         f"{MAX_HEAD_DIM}; use more heads")
+    return head_dim
+
+
+# ---------------------------------------------------------------------------------- Attention
+class Attention(nn.Module):
+    r"""ViT multi-head self-attention on the fused kernel, a drop-in for timm's ``Attention``.
+
+    Parameters and ``state_dict`` keys match ``timm.models.vision_transformer.Attention``
+    (``qkv.weight``, ``qkv.bias`` when ``qkv_bias``, ``q_norm.*`` / ``k_norm.*`` when
+    ``qk_norm``, ``proj.weight``, ``proj.bias``), so timm / DeiT / MAE / CLIP-ViT checkpoints
+    load unchanged.  The math is timm's:
+
+    .. code-block:: python
+
+        qkv = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = softmax(q * scale @ k^T [+ attn_bias, masked]) [dropout] @ v   # fused, never stores (N, N)
+        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+    Args:
+        dim: embedding dim C; must be divisible by ``num_heads`` (``ValueError`` otherwise),
+            with head dim ``C // num_heads`` at most 256.
+        num_heads: number of heads H.
+        qkv_bias: bias of the ``qkv`` projection (ViT: True; timm's default False).
+        qk_norm: normalize q and k per head with ``norm_layer(head_dim)`` (ViT-22B style).
+        attn_drop: dropout probability on the attention probabilities, applied in training
+            mode only (kept as the ``nn.Dropout`` module ``attn_drop`` like timm; its ``p``
+            is read at each call and passed to the fused kernel).
+        proj_drop: dropout after the output projection.
+        norm_layer: normalization used for ``qk_norm``.
+        backend: backend of :func:`vlfast.ops.attention` (``None`` = automatic).
+        proj_bias: bias of the output projection (timm's ``proj_bias``, keyword only).
+
+    ``forward(x, key_padding_mask=None, attn_bias=None)``:
+
+    * x: (B, N, C) -> (B, N, C).
+    * key_padding_mask: (B, N) bool, True marks a padding token no query attends to; a
+      query whose keys are all padding outputs zeros before ``proj``.
+    * attn_bias: floating, broadcastable to (B, H, N, N), added to the scaled scores
+      (relative position bias, e.g. BEiT / Swin-style); receives a gradient.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer=nn.LayerNorm,
+                 backend: Optional[str] = None, *, proj_bias: bool = True):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = self.head_dim ** -0.5
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"Attention expects x of shape (B, N, {self.dim}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = attention(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
+                      dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
+                      backend=self.backend)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        return self.proj_drop(x)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, backend={self.backend!r}"
+
+
+# ---------------------------------------------------------------------------------- CrossAttention
+class CrossAttention(nn.Module):
+    r"""Multi-head cross-attention: queries from ``x`` attend keys/values from ``context``.
+
+    The fusion-layer attention of ALBEF / BLIP (text tokens attend image patch tokens) and
+    of encoder-decoder models.  Parameters: ``q`` (Linear ``dim -> dim``), ``kv`` (Linear
+    ``kv_dim -> 2 * dim``, keys then values), optional ``q_norm`` / ``k_norm`` (per-head
+    ``norm_layer(head_dim)``), ``attn_drop`` (``nn.Dropout``, its ``p`` used in training
+    only), ``proj`` (Linear ``dim -> dim``), ``proj_drop``.
+
+    .. code-block:: python
+
+        q = self.q(x).reshape(B, Nq, H, hd).transpose(1, 2)
+        k, v = self.kv(context).reshape(B, Nk, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = softmax(q k^T / sqrt(hd), context padding masked) @ v      # fused
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, Nq, dim)))
+
+    Args:
+        dim: query / output dim; divisible by ``num_heads``.
+        num_heads: number of heads.
+        kv_dim: last dim of ``context`` (default ``dim``), e.g. the image encoder's width.
+        qkv_bias: biases of ``q`` and ``kv`` (BERT-style fusion layers use True).
+        qk_norm: per-head normalization of q and k.
+        attn_drop, proj_drop: dropout probabilities (training mode only).
+        backend: backend of :func:`vlfast.ops.attention`.
+        norm_layer: normalization for ``qk_norm`` (keyword only).
+
+    ``forward(x, context, context_padding_mask=None)``: x (B, Nq, dim), context
+    (B, Nk, kv_dim), context_padding_mask (B, Nk) bool with True = padding (a query with
+    every context token padded outputs zeros before ``proj``); returns (B, Nq, dim).
+    Shapes that do not fit raise ``ValueError``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, kv_dim: Optional[int] = None, qkv_bias: bool = False,
+                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 backend: Optional[str] = None, *, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        kv_dim = dim if kv_dim is None else kv_dim
+        if isinstance(kv_dim, bool) or not isinstance(kv_dim, int) or kv_dim < 1:
+            raise ValueError(f"kv_dim must be a positive int or None, got {kv_dim!r}")
+        self.dim = dim
+        self.kv_dim = kv_dim
+        self.num_heads = num_heads
+        self.scale = self.head_dim ** -0.5
+        self.backend = backend
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(kv_dim, dim * 2, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                context_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"CrossAttention expects x of shape (B, Nq, {self.dim}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[-1] != self.kv_dim:
+            raise ValueError(f"CrossAttention expects context of shape (B, Nk, {self.kv_dim}), got "
+                             f"{tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__}")
+        B, Nq, C = x.shape
+        Nk = context.shape[1]
+        if context.shape[0] != B:
+            raise ValueError(f"batch sizes differ: x has {B}, context has {context.shape[0]}")
+        if context_padding_mask is not None:
+            if not isinstance(context_padding_mask, torch.Tensor) or context_padding_mask.dtype != torch.bool:
+                raise ValueError("context_padding_mask must be a bool tensor (True = padding), got "
+                                 f"{getattr(context_padding_mask, 'dtype', type(context_padding_mask).__name__)}")
+            if context_padding_mask.shape != (B, Nk):
+                raise ValueError(f"context_padding_mask must have shape (B, Nk) = ({B}, {Nk}), "
+                                 f"got {tuple(context_padding_mask.shape)}")
+        q = self.q(x).reshape(B, Nq, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).reshape(B, Nk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = attention(q, k, v, key_padding_mask=context_padding_mask,
+                        dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
+                        backend=self.backend)
+        out = out.transpose(1, 2).reshape(B, Nq, C)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, kv_dim={self.kv_dim}, num_heads={self.num_heads}, backend={self.backend!r}"
+
+
+# ---------------------------------------------------------------------------------- MultiheadAttention
+def _log_deferral(reason: str) -> None:
+    if reason not in _deferrals_logged:
+        _deferrals_logged.add(reason)
+        log.debug("vlfast.nn.MultiheadAttention: calling torch.nn.MultiheadAttention.forward because %s "
+                  "(logged once per reason)", reason)
+
+
+def _mask_kind(mask: Optional[torch.Tensor]) -> Optional[str]:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        return "bad"
+    if mask.dtype == torch.bool:
+        return "bool"
+    if mask.is_floating_point():
+        return "float"
+    return "bad"
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    r"""Drop-in :class:`torch.nn.MultiheadAttention` running :func:`vlfast.ops.attention`.
+
+    Same constructor arguments (plus keyword-only ``backend``), same parameters and
+    ``state_dict`` (``in_proj_weight`` or ``q_proj_weight`` / ``k_proj_weight`` /
+    ``v_proj_weight`` when ``kdim`` / ``vdim`` differ from ``embed_dim``, ``in_proj_bias``,
+    ``bias_k`` / ``bias_v``, ``out_proj``), and ``isinstance(m, torch.nn.MultiheadAttention)``
+    holds, so ``nn.TransformerEncoderLayer`` and friends accept it (their inference fast
+    path reads the parameters directly and is unchanged).
+
+    ``forward`` has torch's signature and semantics.  The fused path runs when
+    ``need_weights=False`` (what ``nn.Transformer*Layer`` passes) and the inputs are
+    supported:
+
+    * batched (``batch_first`` either way) or unbatched inputs, self- or cross-attention,
+      ``kdim`` / ``vdim``, with or without biases, ``add_bias_kv``, ``add_zero_attn``;
+    * ``key_padding_mask`` (N, S) bool (True = ignore; passed to the kernel as a padding
+      mask) or float (added, as an (N, 1, 1, S) ``attn_bias``);
+    * ``attn_mask`` (L, S) or (N * num_heads, L, S), bool (True = not allowed -> ``-inf``)
+      or float (added); both masks may be given and are summed like torch does;
+    * ``is_causal``: as in torch a hint that ``attn_mask`` is the causal mask.  With
+      ``attn_mask`` given, L == S, no key padding mask and no ``bias_k`` / zero-attention
+      key, the kernel's causal masking replaces the mask (torch does the same); otherwise
+      ``attn_mask`` is used.  Unlike torch, which raises, ``is_causal=True`` without an
+      ``attn_mask`` is accepted when L == S (causal masking, query i sees keys j <= i);
+    * float16 / bfloat16 / float32; dropout ``self.dropout`` in training mode only.
+
+    Otherwise — ``need_weights=True`` (the default: the kernel never forms the weights),
+    float64 or nested-tensor inputs, head dim > 256, ``is_causal`` combined with
+    ``bias_k`` / ``add_zero_attn``, or inputs whose shapes torch would reject — the call is
+    deferred to :meth:`torch.nn.MultiheadAttention.forward` (identical results and errors),
+    and the reason is logged once at DEBUG level on logger ``"vlfast"``.
+
+    On the fused path a query whose keys are all excluded by a bool key padding mask
+    outputs zeros before ``out_proj`` (as torch's SDPA path does), and the output for
+    ``batch_first=True`` is contiguous (torch returns a transposed view).  Returns
+    ``(attn_output, None)``.
+    """
+
+    backend: Optional[str] = None
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *,
+                 backend: Optional[str] = None):
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+        self.backend = backend
+
+    # ------------------------------------------------------------------ dispatch
+    def _unsupported(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal) -> Optional[str]:
+        if need_weights:
+            return "need_weights=True (the fused kernel never forms the attention weights)"
+        if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+            return "query, key or value is not a tensor"
+        if query.is_nested or key.is_nested or value.is_nested:
+            return "nested-tensor inputs"
+        if query.dtype not in _FUSED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+            return "inputs are not all float32, float16 or bfloat16 of one dtype"
+        if self.head_dim > MAX_HEAD_DIM:
+            return f"head dim > {MAX_HEAD_DIM}"
+        if is_causal and (self.bias_k is not None or self.add_zero_attn):
+            return "is_causal combined with add_bias_kv or add_zero_attn"
+        kpm_kind, mask_kind = _mask_kind(key_padding_mask), _mask_kind(attn_mask)
+        if "bad" in (kpm_kind, mask_kind):
+            return "a mask is neither bool nor floating"
+        # shapes: anything torch would reject goes to torch, which raises its own error
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            return "query, key and value are not all 3-D (batched) or all 2-D (unbatched)"
+        if query.shape[-1] != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            return "embedding dims do not match embed_dim / kdim / vdim"
+        if key.shape[:-1] != value.shape[:-1]:
+            return "key and value sequence/batch dims differ"
+        if batched:
+            b_axis = 0 if self.batch_first else 1
+            B, L, S = query.shape[b_axis], query.shape[1 - b_axis], key.shape[1 - b_axis]
+            if key.shape[b_axis] != B:
+                return "query and key batch sizes differ"
+            kpm_shape, mask_shapes = (B, S), ((L, S), (B * self.num_heads, L, S))
+        else:
+            L, S = query.shape[0], key.shape[0]
+            kpm_shape, mask_shapes = (S,), ((L, S), (self.num_heads, L, S))
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != kpm_shape:
+            return "key_padding_mask has the wrong shape"
+        if attn_mask is not None and tuple(attn_mask.shape) not in mask_shapes:
+            return "attn_mask has the wrong shape"
+        if is_causal and attn_mask is None and L != S:
+            return "is_causal=True without attn_mask and L != S"
+        return None
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        reason = self._unsupported(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        if reason is None:
+            return self._fused_forward(query, key, value, key_padding_mask, attn_mask, is_causal), None
+        _log_deferral(reason)
+        if is_causal and attn_mask is None and isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) \
+                and query.dim() in (2, 3) and key.dim() == query.dim():
+            # torch needs the mask for the hint; supply the causal mask it stands for (square only)
+            seq = 0 if (query.dim() == 2 or not self.batch_first) else 1
+            L, S = query.shape[seq], key.shape[seq]
+            if L == S:
+                attn_mask = torch.ones(L, S, dtype=torch.bool, device=query.device).triu(1)
+        return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                               attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+    # ------------------------------------------------------------------ fused path
+    def _fused_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+        batched = query.dim() == 3
+        self_attn = query is key and key is value
+        # work in (B, L, E)
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        B, L, E = query.shape
+        S = key.shape[1]
+        H, hd = self.num_heads, self.head_dim
+        dtype = query.dtype
+
+        # in-projection
+        b = self.in_proj_bias
+        if self._qkv_same_embed_dim and self_attn:
+            qkv = F.linear(query, self.in_proj_weight, b).view(B, L, 3, H, hd).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            if self._qkv_same_embed_dim:
+                w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+            else:
+                w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+            q = F.linear(query, w_q, b_q).view(B, L, H, hd).transpose(1, 2)
+            k = F.linear(key, w_k, b_k).view(B, S, H, hd).transpose(1, 2)
+            v = F.linear(value, w_v, b_v).view(B, S, H, hd).transpose(1, 2)
+        dtype = q.dtype  # autocast may have changed it
+
+        extra = 0  # keys appended after the S real ones (bias_k / zero attention)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.to(dtype).view(1, H, 1, hd).expand(B, H, 1, hd)], dim=2)
+            v = torch.cat([v, self.bias_v.to(dtype).view(1, H, 1, hd).expand(B, H, 1, hd)], dim=2)
+            extra += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B, H, 1, hd)], dim=2)
+            v = torch.cat([v, v.new_zeros(B, H, 1, hd)], dim=2)
+            extra += 1
+
+        causal = False
+        if is_causal and (attn_mask is None or (key_padding_mask is None and L == S and extra == 0)):
+            causal, attn_mask = True, None  # L == S here (checked), so top-left == bottom-right
+
+        kpm, bias = None, None
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype == torch.bool:
+                kpm = F.pad(key_padding_mask, (0, extra), value=False) if extra else key_padding_mask
+            else:
+                bias = F.pad(key_padding_mask.to(dtype), (0, extra)).view(B, 1, 1, S + extra)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                m = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(
+                    attn_mask, float("-inf"))
+            else:
+                m = attn_mask.to(dtype)
+            if extra:
+                m = F.pad(m, (0, extra))
+            m = m.view(1, 1, L, S + extra) if m.dim() == 2 else m.view(B, H, L, S + extra)
+            bias = m if bias is None else bias + m
+
+        out = attention(q, k, v, key_padding_mask=kpm, attn_bias=bias, causal=causal,
+                        dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        if batched and not self.batch_first:
+            out = out.permute(2, 0, 1, 3).reshape(L, B, E)   # torch's (L, B, E) layout, contiguous
+            return F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = F.linear(out.transpose(1, 2).reshape(B, L, E), self.out_proj.weight, self.out_proj.bias)
+        return out if batched else out.squeeze(0)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, " \
+               f"backend={self.backend!r}"
