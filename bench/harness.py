@@ -60,7 +60,7 @@ __all__ = [
 
 #: Benchmark modules of this package, imported as ``<this package>.<name>``.
 #: A name containing a dot is imported as an absolute module name instead.
-MODULES: list[str] = ["ema", "masking", "attention"]
+MODULES: list[str] = ["ema", "masking", "attention", "contrastive"]
 
 # Timing knobs: (cuda warmup ms, cuda rep ms, cpu min_run_time s, min runs).
 _TIMING = {False: (25, 100, 0.5, 5), True: (5, 20, 0.05, 3)}
@@ -96,6 +96,10 @@ class Case:
     setup_each: Callable[[], Any] | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
     targets: list["Target"] = field(default_factory=list)
+    #: fewest timed runs (default: the harness's); slow cases (seconds per call) lower it
+    min_runs: int | None = None
+    #: per-provider extra measurements made by the case itself (e.g. {"vlfast": {"peak_mb": 12.5}})
+    extra: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,8 +107,9 @@ class Target:
     """A performance goal checked on the measured figures of one case.
 
     ``metric`` is ``"speedup"`` (``candidate``'s speedup against ``baseline`` at
-    least ``minimum``) or ``"frac_copy_bw"`` (``candidate``'s fraction of the
-    measured copy bandwidth at least ``minimum``).  ``device`` restricts the goal
+    least ``minimum``), ``"frac_copy_bw"`` (``candidate``'s fraction of the
+    measured copy bandwidth at least ``minimum``) or ``"extra_ratio"`` (``candidate``'s
+    ``extra[key]`` divided by ``baseline``'s at most ``maximum``, e.g. peak memory).  ``device`` restricts the goal
     to one device type ("cpu", "cuda") or, with ``device_name``, to device names
     containing it (e.g. "H200").
     """
@@ -116,6 +121,8 @@ class Target:
     minimum: float = 1.0
     device: str | None = None
     device_name: str | None = None
+    key: str | None = None
+    maximum: float | None = None
 
 
 @dataclass
@@ -138,6 +145,7 @@ class Result:
     bytes_moved: int | None = None
     flops: int | None = None
     error: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def check_targets(cases_results: Sequence[tuple[tuple[str, str, list["Target"]], list["Result"]]],
@@ -156,11 +164,19 @@ def check_targets(cases_results: Sequence[tuple[tuple[str, str, list["Target"]],
                 continue
             r = by_provider.get(t.candidate)
             value = None
-            if r is not None and r.status == "ok":
-                value = r.speedups.get(t.baseline) if t.metric == "speedup" else r.frac_copy_bw
+            if t.metric == "extra_ratio":
+                base = by_provider.get(t.baseline)
+                num = r.extra.get(t.key) if r is not None else None
+                den = base.extra.get(t.key) if base is not None else None
+                value = num / den if num is not None and den else None
+                met = None if value is None else bool(value <= t.maximum)
+            else:
+                if r is not None and r.status == "ok":
+                    value = r.speedups.get(t.baseline) if t.metric == "speedup" else r.frac_copy_bw
+                met = None if value is None else bool(value >= t.minimum)
             out.append(dict(kind="target", op=op, case=case_name, description=t.description,
                             candidate=t.candidate, metric=t.metric, baseline=t.baseline, minimum=t.minimum,
-                            value=value, met=None if value is None else bool(value >= t.minimum)))
+                            maximum=t.maximum, key=t.key, value=value, met=met))
     return out
 
 
@@ -172,7 +188,10 @@ def format_targets(checks: Sequence[dict[str, Any]]) -> str:
         else:
             status = "met" if c["met"] else "MISSED"
             got = f"x{c['value']:.2f}" if c["metric"] == "speedup" else f"{100 * c['value']:.0f}%"
-        want = f"x{c['minimum']:.2f}" if c["metric"] == "speedup" else f"{100 * c['minimum']:.0f}%"
+        if c["metric"] == "extra_ratio":
+            want = f"<= {100 * c['maximum']:.0f}% of {c['baseline']}'s {c['key']}"
+        else:
+            want = f"x{c['minimum']:.2f}" if c["metric"] == "speedup" else f"{100 * c['minimum']:.0f}%"
         lines.append(f"  [{status}] {c['op']} / {c['case']}: {c['description']} (measured {got}, goal {want})")
     return "\n".join(lines)
 
@@ -219,9 +238,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, quick: bool = False) -> tuple[float, int]:
+def time_fn(fn: Callable[[], Any], device: torch.device, quick: bool = False,
+            min_runs: int | None = None) -> tuple[float, int]:
     """Median time of ``fn()`` in milliseconds, and the number of timed runs."""
-    warmup_ms, rep_ms, min_run_time, min_runs = _TIMING[bool(quick)]
+    warmup_ms, rep_ms, min_run_time, default_runs = _TIMING[bool(quick)]
+    min_runs = default_runs if min_runs is None else min_runs
     if device.type == "cuda":
         with torch.cuda.device(device):
             # one untimed call (compilation, allocator warm-up), then an estimate
@@ -397,9 +418,11 @@ def _fmt_speedup(s: float) -> str:
 def format_table(results: Sequence[Result], width_limit: int = 48) -> str:
     """Plain-text table of results (one line per row)."""
     show_tflops = any(r.tflops is not None for r in results)
+    extra_keys = list(dict.fromkeys(k for r in results for k in r.extra))
     header = ["op", "case", "shape", "provider", "time (ms)", "speedup", "GB/s", "%copy-BW"]
     if show_tflops:
         header.append("TFLOP/s")
+    header += extra_keys
     lines = []
     for r in results:
         if r.status == "ok":
@@ -423,9 +446,10 @@ def format_table(results: Sequence[Result], width_limit: int = 48) -> str:
         ]
         if show_tflops:
             row.append(f"{r.tflops:.2f}" if r.tflops is not None else "-")
+        row += [f"{r.extra[k]:.1f}" if k in r.extra else "-" for k in extra_keys]
         lines.append(row)
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
-    right = {"time (ms)", "GB/s", "%copy-BW", "TFLOP/s"}
+    right = {"time (ms)", "GB/s", "%copy-BW", "TFLOP/s", *extra_keys}
 
     def fmt(cells):
         return "  ".join(
@@ -576,7 +600,7 @@ def _run_case(case: Case, device: torch.device, quick: bool, bar) -> list[Result
         try:
             if case.setup_each is not None:
                 case.setup_each()
-            ms, runs = time_fn(fn, device, quick)
+            ms, runs = time_fn(fn, device, quick, case.min_runs)
             if not (ms > 0 and math.isfinite(ms)):
                 raise RuntimeError(f"timer returned a non-positive or non-finite time: {ms!r} ms")
         except KeyboardInterrupt:
@@ -597,6 +621,8 @@ def _run_case(case: Case, device: torch.device, quick: bool, bar) -> list[Result
                 r.tflops = case.flops / (ms * 1e-3) / 1e12
             results.append(r)
         bar.update(1)
+    for r in results:
+        r.extra.update(case.extra.get(r.provider, {}))
     compute_speedups(results, case.baselines)
     order = list(dict.fromkeys([*case.baselines, *case.candidates, *case.providers, *case.unavailable]))
     results.sort(key=lambda r: order.index(r.provider) if r.provider in order else len(order))

@@ -183,8 +183,9 @@ def _lse_soft_bwd_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, lse:
                      soft_lse: Optional[torch.Tensor], g_soft: Optional[torch.Tensor],
                      backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _backend.device_guard(q.device):
-        return _impl(backend, "lse_soft_backward")(q, k, float(scale), lse, g_lse, sq, sk, soft_scale, soft_lse,
-                                                   g_soft)
+        dq, dk, dscale = _impl(backend, "lse_soft_backward")(q, k, float(scale), lse, g_lse, sq, sk, soft_scale,
+                                                             soft_lse, g_soft)
+    return dq, dk, dscale.clone()  # a custom op's outputs must not alias (kernels may return views)
 
 
 @_lse_soft_bwd_op.register_fake
@@ -232,7 +233,8 @@ def _siglip_rows_bwd_op(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, b
                         g_row: torch.Tensor, pos_offset: int,
                         backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with _backend.device_guard(x.device):
-        return _impl(backend, "siglip_backward")(x, y, float(scale), float(bias), g_row, pos_offset)
+        dx, dy, dscale, dbias = _impl(backend, "siglip_backward")(x, y, float(scale), float(bias), g_row, pos_offset)
+    return dx, dy, dscale.clone(), dbias.clone()  # outputs must not alias (kernels may return views)
 
 
 @_siglip_rows_bwd_op.register_fake

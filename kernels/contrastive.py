@@ -1,0 +1,472 @@
+"""Tiled contrastive-loss kernels (InfoNCE log-sum-exp with soft targets, SigLIP) in Triton.
+
+The ``Nq x Nk`` logits are never materialized: every kernel recomputes score tiles
+``x_ij = <q_i, k_j>`` (fp32 accumulation, ``tl.dot``; fp16/bf16 inputs use tensor cores,
+fp32 inputs IEEE fp32 dots, no TF32) from the features, looping over the feature dim in
+``BLOCK_D`` chunks, so any ``D`` (1..1024 and beyond) works and only ``O((Nq + Nk) D)``
+memory is touched.
+
+InfoNCE (``s_ij = scale * x_ij``, soft scores ``ŝ_ij = soft_scale * <sq_i, sk_j>``):
+
+* ``_lse_fwd_kernel``: one program per query block, loops over key blocks with an online
+  max / sum (base-2 exponentials, ``scale * log2(e)`` folded in, never a raw ``exp(s)``,
+  so ``scale = 100`` cannot overflow): ``lse``; with soft targets a second dot per tile,
+  its own online max / sum (``soft_lse``) and an accumulator ``sum_j exp(ŝ_ij - m̂_i) x_ij``
+  rescaled whenever ``m̂`` grows (``soft_dot = scale * acc / l̂``).
+* ``_bwd_kernel`` (shared by InfoNCE and SigLIP): rows of "A" against columns of "B".
+  With A = queries it writes ``dq = scale * G @ k``, with A = keys ``dk = scale * G^T @ q``
+  (tiles laid out ``[A, B]``, so no transposed accumulators).  Each program owns one
+  A block and one ``BLOCK_DO``-wide chunk of the output features (the grid is
+  ``num_blocks * cdiv(D, BLOCK_DO)``, 1-D); it recomputes every score tile, so feature
+  dims above ``BLOCK_DO`` (128 / 64 on GPUs) redo the score dots ``cdiv(D, BLOCK_DO)`` times.
+  No atomics: dq / dk are deterministic.  The A = queries launch also writes one partial
+  ``sum G * x`` (dscale) and ``sum G`` (SigLIP dbias) per block (chunk 0 only) into a small
+  fp32 buffer that torch sums (deterministic).
+
+SigLIP (``u_ij = scale * x_ij + bias``, ``z_ij = +1`` iff ``j == i + pos_offset`` else -1):
+
+* ``_siglip_fwd_kernel``: ``r_i = sum_j softplus(-z_ij u_ij)``, softplus computed as
+  ``max(v, 0) + log1p(exp(-|v|))`` with an accurate log1p (Goldberg's
+  ``log(w) * e / (w - 1)``, ``w = 1 + e``), so the tiny negative-pair terms of a
+  ``bias = -10`` model keep their relative precision.
+* backward: ``_bwd_kernel`` with ``G_ij = -g_i z_ij sigmoid(-z_ij u_ij)``.
+
+Rows / columns beyond ``Nq`` / ``Nk`` are masked (zero features, ``-inf`` in the max / sum,
+zero in the gradients).  All row offsets are int64; every grid is 1-D.
+Outputs in bf16 are rounded with ``round_to`` (round-to-nearest-even also in the interpreter).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import round_to
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+# Optional override for tests / tuning (any subset of the keys; powers of two >= 16):
+#   {"fwd": (BLOCK_M, BLOCK_N, BLOCK_D), "bwd": (BLOCK_A, BLOCK_B, BLOCK_D, BLOCK_DO)}
+BLOCKS = None
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# ----------------------------------------------------------------------------- device code
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b + acc`` (fp32).  UPCAST (bf16 in the interpreter only, whose ``tl.dot`` multiplies
+    the raw uint16 storage of bf16) widens the operands first: same products as the GPU MMA."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _sdot(a_ptr, a_rows, a_ok, s_a, b_ptr, b_rows, b_ok, s_b,
+          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+          DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_A, BLOCK_B] fp32 tile of ``<a_i, b_j>`` over the D features (BLOCK_D chunks);
+    ``a_rows`` / ``b_rows`` are int64 row indices, masked rows give 0."""
+    acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    a_base = a_ptr + a_rows[:, None] * s_a
+    b_base = b_ptr + b_rows[:, None] * s_b
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        if D % BLOCK_D == 0:
+            a = tl.load(a_base + dd[None, :], mask=a_ok[:, None], other=0.0)
+            b = tl.load(b_base + dd[None, :], mask=b_ok[:, None], other=0.0)
+        else:
+            d_ok = dd < D
+            a = tl.load(a_base + dd[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+            b = tl.load(b_base + dd[None, :], mask=b_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _mma(a, tl.trans(b), acc, DOT_PREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _log1p(e):
+    """log(1 + e) for e >= 0, accurate for tiny e (Goldberg)."""
+    w = 1.0 + e
+    return tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    q_ptr, k_ptr, sq_ptr, sk_ptr, lse_ptr, sdot_ptr, slse_ptr,
+    s_q, s_k, s_sq, s_sk,
+    Nq, Nk,
+    c_main, c_soft, scale,          # scale * log2(e), soft_scale * log2(e), scale
+    D: tl.constexpr, DS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
+    SOFT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Nq
+    offs_n0 = tl.arange(0, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    mh_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    lh_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, Nk, BLOCK_N):
+        offs_n = tl.cast(start_n, tl.int64) + offs_n0
+        n_ok = offs_n < Nk
+        x = _sdot(q_ptr, offs_m, m_ok, s_q, k_ptr, offs_n, n_ok, s_k,
+                  D, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
+        s = tl.where(n_ok[None, :], x * c_main, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))         # finite: every tile has a valid column
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        if SOFT:
+            xh = _sdot(sq_ptr, offs_m, m_ok, s_sq, sk_ptr, offs_n, n_ok, s_sk,
+                       DS, BLOCK_DS, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
+            sh = tl.where(n_ok[None, :], xh * c_soft, float("-inf"))
+            mh_new = tl.maximum(mh_i, tl.max(sh, 1))
+            beta = tl.exp2(mh_i - mh_new)
+            th = tl.exp2(sh - mh_new[:, None])       # 0 on masked columns, where x is 0 too
+            lh_i = lh_i * beta + tl.sum(th, 1)
+            acc = acc * beta + tl.sum(th * x, 1)
+            mh_i = mh_new
+
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(lse_ptr + offs_m, lse, mask=m_ok)
+    if SOFT:
+        tl.store(slse_ptr + offs_m, (mh_i + tl.log2(lh_i)) * 0.6931471805599453, mask=m_ok)
+        tl.store(sdot_ptr + offs_m, acc * (scale / lh_i), mask=m_ok)
+
+
+@triton.jit
+def _siglip_fwd_kernel(
+    x_ptr, y_ptr, r_ptr, s_x, s_y, Nx, Ny, scale, bias, pos_offset,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Nx
+    offs_n0 = tl.arange(0, BLOCK_N)
+    target = offs_m + pos_offset
+    r = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, Ny, BLOCK_N):
+        offs_n = tl.cast(start_n, tl.int64) + offs_n0
+        n_ok = offs_n < Ny
+        x = _sdot(x_ptr, offs_m, m_ok, s_x, y_ptr, offs_n, n_ok, s_y,
+                  D, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
+        u = x * scale + bias
+        v = tl.where(offs_n[None, :] == target[:, None], -u, u)      # -z * u
+        sp = tl.maximum(v, 0.0) + _log1p(tl.exp(-tl.abs(v)))
+        r += tl.sum(tl.where(n_ok[None, :], sp, 0.0), 1)
+    tl.store(r_ptr + offs_m, r, mask=m_ok)
+
+
+@triton.jit
+def _bwd_kernel(
+    a_ptr, b_ptr, sa_ptr, sb_ptr,                   # A rows (output side), B rows; soft features
+    lse_ptr, g_ptr, slse_ptr, gs_ptr,               # per-query stats (indexed by query)
+    out_ptr, part_ptr,
+    s_a, s_b, s_sa, s_sb,
+    Na, Nb, n_dout,
+    c_main, c_soft, scale, bias, pos_offset,
+    D: tl.constexpr, DS: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    SIGLIP: tl.constexpr, SOFT: tl.constexpr, A_IS_Q: tl.constexpr, PARTIALS: tl.constexpr,
+    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    blk = pid // n_dout
+    dc = pid % n_dout
+    offs_a = blk.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_ok = offs_a < Na
+    offs_o = dc * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    o_ok = offs_o < D
+    offs_b0 = tl.arange(0, BLOCK_B)
+    dtype = b_ptr.dtype.element_ty
+
+    if A_IS_Q:
+        g_a = tl.load(g_ptr + offs_a, mask=a_ok, other=0.0)
+        if not SIGLIP:
+            lse_a = tl.load(lse_ptr + offs_a, mask=a_ok, other=0.0) * 1.4426950408889634
+            if SOFT:
+                slse_a = tl.load(slse_ptr + offs_a, mask=a_ok, other=0.0) * 1.4426950408889634
+                gs_a = tl.load(gs_ptr + offs_a, mask=a_ok, other=0.0)
+
+    acc = tl.zeros([BLOCK_A, BLOCK_DO], tl.float32)
+    ds_acc = tl.zeros([BLOCK_A], tl.float32)
+    db_acc = tl.zeros([BLOCK_A], tl.float32)
+    for start_b in range(0, Nb, BLOCK_B):
+        offs_b = tl.cast(start_b, tl.int64) + offs_b0
+        b_ok = offs_b < Nb
+        valid = a_ok[:, None] & b_ok[None, :]
+        x = _sdot(a_ptr, offs_a, a_ok, s_a, b_ptr, offs_b, b_ok, s_b,
+                  D, BLOCK_D, BLOCK_A, BLOCK_B, DOT_PREC, UPCAST)
+        if A_IS_Q:
+            g = g_a[:, None]
+        else:
+            g = tl.load(g_ptr + offs_b, mask=b_ok, other=0.0)[None, :]
+        if SIGLIP:
+            u = x * scale + bias
+            if A_IS_Q:
+                pos = offs_b[None, :] == offs_a[:, None] + pos_offset
+            else:
+                pos = offs_a[:, None] == offs_b[None, :] + pos_offset
+            v = tl.where(pos, -u, u)                      # -z * u
+            e = tl.exp(-tl.abs(v))
+            sig = tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+            G = tl.where(pos, -g * sig, g * sig)
+        else:
+            if A_IS_Q:
+                lse = lse_a[:, None]
+            else:
+                lse = (tl.load(lse_ptr + offs_b, mask=b_ok, other=0.0) * 1.4426950408889634)[None, :]
+            G = g * tl.exp2(x * c_main - lse)
+            if SOFT:
+                xh = _sdot(sa_ptr, offs_a, a_ok, s_sa, sb_ptr, offs_b, b_ok, s_sb,
+                           DS, BLOCK_DS, BLOCK_A, BLOCK_B, DOT_PREC, UPCAST)
+                if A_IS_Q:
+                    slse = slse_a[:, None]
+                    gs = gs_a[:, None]
+                else:
+                    slse = (tl.load(slse_ptr + offs_b, mask=b_ok, other=0.0) * 1.4426950408889634)[None, :]
+                    gs = tl.load(gs_ptr + offs_b, mask=b_ok, other=0.0)[None, :]
+                G += gs * tl.exp2(xh * c_soft - slse)
+        G = tl.where(valid, G, 0.0)
+        bo = tl.load(b_ptr + offs_b[:, None] * s_b + offs_o[None, :],
+                     mask=b_ok[:, None] & o_ok[None, :], other=0.0)
+        acc = _mma(G.to(dtype), bo, acc, DOT_PREC, UPCAST)
+        if PARTIALS:
+            ds_acc += tl.sum(G * x, 1)
+            if SIGLIP:
+                db_acc += tl.sum(G, 1)
+
+    acc = acc * scale
+    tl.store(out_ptr + offs_a[:, None] * D + offs_o[None, :],
+             round_to(acc, OUT_BF16, out_ptr.dtype.element_ty), mask=a_ok[:, None] & o_ok[None, :])
+    if PARTIALS:
+        first = dc == 0
+        tl.store(part_ptr + pid, tl.where(first, tl.sum(ds_acc, 0), 0.0))
+        tl.store(part_ptr + tl.num_programs(0) + pid, tl.where(first, tl.sum(db_acc, 0), 0.0))
+
+
+# ----------------------------------------------------------------------------- host side
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _config(kind: str, dtype: torch.dtype, D: int, DS: int = 0):
+    """Block sizes and launch options.
+
+    GPU choices are UNTUNED (never timed on a GPU); they were only checked by compiling for
+    sm_90 without a GPU (cuobjdump resource usage): fp16/bf16 use wgmma and have no register
+    spills for D in {64, 257, 512, 768} with and without soft targets; fp32 (IEEE FMA dots, no
+    tensor cores) spills <= 32 bytes of stack (D = 64 with soft targets, D = 768).
+      fwd  fp16/bf16: 128 x 64 tiles, 32-wide feature chunks, 8 warps, 3 stages
+           fp32:       64 x 32 tiles, 32-wide chunks, 4 warps, 2 stages
+      bwd  fp16/bf16:  64 x 64 tiles (64 x 32 with soft targets), 64-wide chunks, 128 output
+                       features per program, 8 warps, 2 stages
+           fp32:       64 x 32 tiles, 32-wide chunks, 64 output features, 8 warps, 2 stages
+    The interpreter uses 16x16 tiles with 32-wide chunks (test speed only).
+    """
+    half = dtype != torch.float32
+    if kind == "fwd":
+        if _interpret():
+            bm, bn, bd, warps, stages = 16, 16, 32, 4, 1
+        elif half:
+            bm, bn, bd, warps, stages = 128, 64, 32, 8, 3
+        else:
+            bm, bn, bd, warps, stages = 64, 32, 32, 4, 2
+        if BLOCKS and "fwd" in BLOCKS:
+            bm, bn, bd = BLOCKS["fwd"]
+        bdo = None
+    else:
+        if _interpret():
+            bm, bn, bd, bdo, warps, stages = 16, 16, 32, 64, 4, 1
+        elif half:
+            bm, bn, bd, bdo, warps, stages = 64, (32 if DS else 64), 64, 128, 8, 2
+        else:
+            bm, bn, bd, bdo, warps, stages = 64, 32, 32, 64, 8, 2
+        if BLOCKS and "bwd" in BLOCKS:
+            bm, bn, bd, bdo = BLOCKS["bwd"]
+        bdo = min(bdo, _pow2(D))
+    return dict(bm=bm, bn=bn, bd=min(bd, _pow2(D)), bds=min(bd, _pow2(DS)), bdo=bdo,
+                num_warps=warps, num_stages=stages)
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype):
+    # the interpreter's tl.dot treats bf16 (stored as uint16) as integers
+    return dtype == torch.bfloat16 and _interpret()
+
+
+def _check_pair(a, b, what):
+    assert a.dim() == 2 and b.dim() == 2, f"{what}: 2-D (N, D) tensors expected"
+    assert a.dtype == b.dtype and a.dtype in (torch.float32, torch.float16, torch.bfloat16), \
+        f"{what}: same dtype, one of fp32/fp16/bf16"
+    assert a.shape[1] == b.shape[1], f"{what}: feature dims differ"
+    assert a.device == b.device, f"{what}: different devices"
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    if b.stride(-1) != 1:
+        b = b.contiguous()
+    return a, b
+
+
+def _vec(v, n, device):
+    if v is None:
+        return torch.zeros(n, dtype=torch.float32, device=device)
+    assert v.numel() == n, "per-row vector of the wrong length"
+    return v.reshape(n).to(device=device, dtype=torch.float32).contiguous()
+
+
+def lse_soft_forward(q, k, scale: float, sq=None, sk=None, soft_scale: float = 1.0):
+    """``(lse, soft_dot, soft_lse)`` fp32 (Nq,); the soft ones are None without ``sq`` / ``sk``.
+
+    ``lse_i = log sum_j exp(scale <q_i, k_j>)``; with soft targets
+    ``t_ij = softmax_j(soft_scale <sq_i, sk_j>)``, ``soft_lse_i`` its log-normalizer and
+    ``soft_dot_i = sum_j t_ij * scale <q_i, k_j>``.  Nk == 0 gives lse = soft_lse = -inf,
+    soft_dot = 0.
+    """
+    q, k = _check_pair(q, k, "q, k")
+    soft = sq is not None
+    if soft:
+        assert sk is not None, "sq and sk go together"
+        sq, sk = _check_pair(sq, sk, "sq, sk")
+        assert sq.shape[0] == q.shape[0] and sk.shape[0] == k.shape[0], "soft features: row counts"
+    Nq, D = q.shape
+    Nk = k.shape[0]
+    DS = sq.shape[1] if soft else 0
+    dev = q.device
+    lse = torch.empty(Nq, dtype=torch.float32, device=dev)
+    sdot = torch.empty(Nq, dtype=torch.float32, device=dev) if soft else None
+    slse = torch.empty(Nq, dtype=torch.float32, device=dev) if soft else None
+    if Nq == 0:
+        return lse, sdot, slse
+    if Nk == 0:
+        lse.fill_(float("-inf"))
+        if soft:
+            sdot.zero_(), slse.fill_(float("-inf"))
+        return lse, sdot, slse
+    cfg = _config("fwd", q.dtype, D, DS)
+    grid = (triton.cdiv(Nq, cfg["bm"]),)
+    _lse_fwd_kernel[grid](
+        q, k, sq if soft else q, sk if soft else k, lse, sdot if soft else lse, slse if soft else lse,
+        q.stride(0), k.stride(0), sq.stride(0) if soft else 0, sk.stride(0) if soft else 0,
+        Nq, Nk, float(scale) * _LOG2E, float(soft_scale) * _LOG2E, float(scale),
+        D=D, DS=DS, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_D=cfg["bd"], BLOCK_DS=cfg["bds"],
+        SOFT=soft, DOT_PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return lse, sdot, slse
+
+
+def _launch_bwd(a, b, sa, sb, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0.0, pos_offset=0,
+                siglip, a_is_q, partials):
+    """``scale * G @ b`` (A = queries) or ``scale * G^T @ b`` (A = keys), G over A x B, and
+    (partials) the fp32 partial sums of ``G * x`` and ``G``, shape (2, n_programs)."""
+    Na, D = a.shape
+    Nb = b.shape[0]
+    soft = sa is not None
+    DS = sa.shape[1] if soft else 0
+    out = torch.empty(Na, D, dtype=a.dtype, device=a.device)
+    cfg = _config("bwd", a.dtype, D, DS)
+    n_dout = max(1, triton.cdiv(D, cfg["bdo"]))
+    n_prog = triton.cdiv(Na, cfg["bm"]) * n_dout
+    part = torch.empty(2, n_prog, dtype=torch.float32, device=a.device) if partials else g
+    dummy = lse if lse is not None else g
+    _bwd_kernel[(n_prog,)](
+        a, b, sa if soft else a, sb if soft else b,
+        dummy, g, slse if soft else dummy, gs if soft else dummy,
+        out, part,
+        a.stride(0), b.stride(0), sa.stride(0) if soft else 0, sb.stride(0) if soft else 0,
+        Na, Nb, n_dout,
+        float(scale) * _LOG2E, float(soft_scale) * _LOG2E, float(scale), float(bias), int(pos_offset),
+        D=D, DS=DS, BLOCK_A=cfg["bm"], BLOCK_B=cfg["bn"], BLOCK_D=cfg["bd"], BLOCK_DS=cfg["bds"],
+        BLOCK_DO=cfg["bdo"], SIGLIP=siglip, SOFT=soft, A_IS_Q=a_is_q, PARTIALS=partials,
+        OUT_BF16=a.dtype == torch.bfloat16, DOT_PREC=_prec(a.dtype), UPCAST=_upcast(a.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, (part if partials else None)
+
+
+def lse_soft_backward(q, k, scale: float, lse, g_lse, sq=None, sk=None, soft_scale: float = 1.0,
+                      soft_lse=None, g_soft=None):
+    """Gradients of ``sum_i g_lse_i lse_i + g_soft_i soft_dot_i`` (the soft target t constant).
+
+    ``G_ij = g_lse_i p_ij + g_soft_i t_ij``; returns ``(dq, dk, dscale)``: ``dq = scale G @ k``
+    (q.dtype), ``dk = scale G^T @ q`` (k.dtype), ``dscale = sum_ij G_ij <q_i, k_j>`` (0-dim fp32).
+    ``g_lse`` None counts as zeros; ``g_soft`` None drops the soft term.
+    """
+    q, k = _check_pair(q, k, "q, k")
+    Nq, D = q.shape
+    Nk = k.shape[0]
+    dev = q.device
+    soft = g_soft is not None
+    if soft:
+        assert sq is not None and sk is not None and soft_lse is not None, \
+            "g_soft needs sq, sk and soft_lse"
+        sq, sk = _check_pair(sq, sk, "sq, sk")
+    if Nq == 0 or Nk == 0:
+        return (torch.zeros_like(q), torch.zeros_like(k),
+                torch.zeros((), dtype=torch.float32, device=dev))
+    lse = _vec(lse, Nq, dev)
+    g_lse = _vec(g_lse, Nq, dev)
+    if soft:
+        soft_lse = _vec(soft_lse, Nq, dev)
+        g_soft = _vec(g_soft, Nq, dev)
+    else:
+        sq = sk = soft_lse = None
+    kw = dict(scale=scale, soft_scale=soft_scale, siglip=False)
+    dq, part = _launch_bwd(q, k, sq, sk, lse, g_lse, soft_lse, g_soft, a_is_q=True, partials=True, **kw)
+    dk, _ = _launch_bwd(k, q, sk, sq, lse, g_lse, soft_lse, g_soft, a_is_q=False, partials=False, **kw)
+    return dq, dk, part[0].sum()
+
+
+def siglip_forward(x, y, scale: float, bias: float, pos_offset: int = 0):
+    """Per-row SigLIP loss (fp32, (Nx,)): ``r_i = sum_j softplus(-z_ij (scale <x_i, y_j> + bias))``,
+    ``z_ij = +1`` iff ``j == i + pos_offset`` else -1."""
+    x, y = _check_pair(x, y, "x, y")
+    Nx, D = x.shape
+    Ny = y.shape[0]
+    r = torch.zeros(Nx, dtype=torch.float32, device=x.device)
+    if Nx == 0 or Ny == 0:
+        return r
+    cfg = _config("fwd", x.dtype, D)
+    grid = (triton.cdiv(Nx, cfg["bm"]),)
+    _siglip_fwd_kernel[grid](
+        x, y, r, x.stride(0), y.stride(0), Nx, Ny, float(scale), float(bias), int(pos_offset),
+        D=D, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_D=cfg["bd"],
+        DOT_PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return r
+
+
+def siglip_backward(x, y, scale: float, bias: float, g_row, pos_offset: int = 0):
+    """Gradients of ``sum_i g_row_i r_i``: ``G_ij = -g_row_i z_ij sigmoid(-z_ij u_ij)``.
+
+    Returns ``(dx, dy, dscale, dbias)``: ``dx = scale G @ y``, ``dy = scale G^T @ x`` (input
+    dtypes), ``dscale = sum G_ij <x_i, y_j>``, ``dbias = sum G_ij`` (0-dim fp32)."""
+    x, y = _check_pair(x, y, "x, y")
+    Nx = x.shape[0]
+    Ny = y.shape[0]
+    dev = x.device
+    if Nx == 0 or Ny == 0:
+        z = torch.zeros((), dtype=torch.float32, device=dev)
+        return torch.zeros_like(x), torch.zeros_like(y), z, z.clone()
+    g_row = _vec(g_row, Nx, dev)
+    kw = dict(scale=scale, bias=bias, pos_offset=pos_offset, siglip=True)
+    dx, part = _launch_bwd(x, y, None, None, None, g_row, None, None, a_is_q=True, partials=True, **kw)
+    dy, _ = _launch_bwd(y, x, None, None, None, g_row, None, None, a_is_q=False, partials=False, **kw)
+    sums = part.sum(1)
+    return dx, dy, sums[0], sums[1]

@@ -1,0 +1,382 @@
+"""Contrastive loss modules: open_clip's ``ClipLoss`` / ``SigLipLoss``, MoCo's queue loss, ALBEF/BLIP's ITC.
+
+All of them run on the memory-linear primitives of :mod:`vlfast.ops.contrastive`: no
+module ever materializes the (batch x keys) logit matrix, its softmax or its gradient,
+so the queue size (65536 in MoCo / ALBEF / BLIP) and the global batch (CLIP, SigLIP)
+only cost O((N + K) D) memory.
+"""
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import _backend
+from ..distributed.gather import all_gather_no_grad
+from ..ops.contrastive import OP as _CONTRASTIVE_OP
+from ..ops.contrastive import _check_features, contrastive_loss
+from ..ops.contrastive_losses import clip_loss, siglip_loss
+
+__all__ = ["ClipLoss", "SigLipLoss", "MoCoQueueLoss", "ITCLoss"]
+
+
+def _check_bool(name, v):
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return v
+
+
+def _check_pos_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return int(v)
+
+
+def _check_pos_float(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return float(v)
+
+
+def _check_alpha(v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"alpha must be a float in [0, 1], got {type(v).__name__}")
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {v}")
+    return float(v)
+
+
+def _random_unit(rows: int, dim: int) -> torch.Tensor:
+    return nn.functional.normalize(torch.randn(rows, dim), dim=1)
+
+
+def _transpose_layout_hook(names, idx_name=None):
+    """load_state_dict pre-hook: accept the (dim, queue_size) queues of MoCo / ALBEF / BLIP by transposing."""
+
+    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        K, dim = module.queue_size, module.dim
+        for n in names:
+            key = prefix + n
+            t = state_dict.get(key)
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and tuple(t.shape) == (dim, K) and dim != K:
+                state_dict[key] = t.t().contiguous()
+        if idx_name is not None:
+            key = prefix + idx_name
+            t = state_dict.get(key)
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == (1, K):  # BLIP's idx_queue (1, K)
+                state_dict[key] = t.reshape(K)
+
+    return hook
+
+
+def _enqueue_(queue: torch.Tensor, ptr: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write ``rows`` at ``queue[ptr : ptr + B]`` and advance ``ptr`` modulo the queue size (in place)."""
+    K, B = queue.shape[0], rows.shape[0]
+    p = int(ptr[0])
+    queue[p:p + B] = rows.to(queue.dtype)
+    ptr[0] = (p + B) % K
+
+
+def _check_divides(batch: int, K: int, what: str):
+    if K % batch != 0:
+        raise ValueError(f"queue_size ({K}) must be a multiple of the {what} ({batch}), as in MoCo's "
+                         f"_dequeue_and_enqueue; choose queue_size = k * batch")
+
+
+class ClipLoss(nn.Module):
+    r"""CLIP's symmetric InfoNCE (Radford et al., 2021), a drop-in for open_clip's ``ClipLoss``.
+
+    ``loss = (CE(logit_scale * img @ txt.T, arange) + CE(logit_scale * txt @ img.T, arange)) / 2``,
+    see :func:`vlfast.ops.contrastive_losses.clip_loss`.  When ``torch.distributed`` is
+    initialized and ``gather``, it behaves like open_clip's ``ClipLoss(local_loss=True,
+    gather_with_grad=True)``: local rows against the gathered batch, and gradients averaged
+    by DDP equal the single-process gradients of the global-batch loss.
+
+    Args:
+        gather: all-gather features across ranks when distributed.
+        group: process group (default: the world group).
+        backend: backend of the contrastive op (``None`` = automatic).
+    """
+
+    def __init__(self, gather: bool = True, group=None, backend: Optional[str] = None):
+        super().__init__()
+        self.gather = _check_bool("gather", gather)
+        self.group = group
+        self.backend = backend
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None,
+                output_dict: bool = False):
+        """Loss of image_features (N, D) and text_features (N, D) (normalized) at ``logit_scale``.
+
+        ``logit_bias`` (open_clip's optional shift of every logit) leaves a softmax
+        cross-entropy unchanged, so it is accepted and ignored.  Returns the 0-dim fp32
+        loss, or ``{"contrastive_loss": loss}`` when ``output_dict``.
+        """
+        loss = clip_loss(image_features, text_features, logit_scale, gather=self.gather, group=self.group,
+                         backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SigLipLoss(nn.Module):
+    r"""SigLIP's pairwise sigmoid loss (Zhai et al., 2023), a drop-in for open_clip's ``SigLipLoss``.
+
+    ``loss = -sum_ij log sigmoid(z_ij (logit_scale * x_i . y_j + logit_bias)) / N`` with
+    ``z = 2 I - 1``; see :func:`vlfast.ops.contrastive_losses.siglip_loss` (the data-parallel
+    form gathers texts once instead of open_clip's neighbour exchange; same loss and, after
+    gradient averaging, same gradients).
+
+    Args:
+        gather: all-gather texts across ranks when distributed.
+        group: process group (default: the world group).
+        backend: backend of the SigLIP op (``None`` = automatic).
+    """
+
+    def __init__(self, gather: bool = True, group=None, backend: Optional[str] = None):
+        super().__init__()
+        self.gather = _check_bool("gather", gather)
+        self.group = group
+        self.backend = backend
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias,
+                output_dict: bool = False):
+        """Loss of image_features (N, D), text_features (N, D); returns the loss or ``{"contrastive_loss": loss}``."""
+        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, gather=self.gather,
+                           group=self.group, backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class MoCoQueueLoss(nn.Module):
+    r"""MoCo's InfoNCE against a queue of negative keys (He et al., 2020; MoCo v2: Chen et al., 2020).
+
+    For normalized queries ``q`` (N, dim) and momentum keys ``k`` (N, dim), with the queue
+    ``Q`` (K, dim) *as it was before this batch* and temperature T, MoCo computes
+    ``CE(cat([q.k, q @ Q.T], 1) / T, 0)``.  Here, without building the (N, K + 1) logits:
+
+    .. math::
+        s_i = \langle q_i, k_i\rangle / T, \qquad
+        \mathrm{loss}_i = \mathrm{logaddexp}\big(s_i, \mathrm{LSE}_j \langle q_i, Q_j\rangle / T\big) - s_i,
+
+    the log-sum-exp over the queue by the tiled primitive ``vlfast::lse_soft``.  The loss
+    is the mean over i; gradients flow into ``q`` only (``k`` is detached and the queue is
+    a buffer, as in MoCo).  Afterwards the keys -- all-gathered across ranks when
+    ``torch.distributed`` is initialized (MoCo's ``concat_all_gather``) -- are written to the
+    ring buffer at ``queue_ptr``; the (global) batch size must divide ``queue_size``.
+
+    Buffers (in the ``state_dict``): ``queue`` (queue_size, dim) float32, initialized to
+    random unit vectors; ``queue_ptr`` (1,) int64.  ``load_state_dict`` also accepts MoCo's
+    own layout ``queue`` (dim, queue_size), transposing it (not detectable when
+    dim == queue_size).
+
+    Args:
+        dim: feature dimension (MoCo: 128).
+        queue_size: K, the number of queued negatives (MoCo: 65536).
+        temperature: T (MoCo v1: 0.07, v2: 0.2).
+        backend: backend of the contrastive op (``None`` = automatic).
+    """
+
+    def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2, backend: Optional[str] = None):
+        super().__init__()
+        self.dim = _check_pos_int("dim", dim)
+        self.queue_size = _check_pos_int("queue_size", queue_size)
+        self.temperature = _check_pos_float("temperature", temperature)
+        self.backend = backend
+        self.register_buffer("queue", _random_unit(self.queue_size, self.dim))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_transpose_layout_hook(("queue",)))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, queue_size={self.queue_size}, temperature={self.temperature}"
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Write ``keys`` (B, dim) -- all-gathered across ranks when distributed -- at ``queue_ptr``
+        and advance it by B modulo ``queue_size`` (MoCo's ``_dequeue_and_enqueue``).
+
+        Raises ``ValueError`` when the gathered B does not divide ``queue_size``.
+        """
+        keys = _check_features("keys", keys, self.dim)
+        keys = all_gather_no_grad(keys)
+        _check_divides(keys.shape[0], self.queue_size, "global batch size")
+        _enqueue_(self.queue, self.queue_ptr, keys)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Loss (0-dim fp32) of queries ``q`` (N, dim) and keys ``k`` (N, dim), then enqueue ``k``."""
+        q = _check_features("q", q, self.dim)
+        k = _check_features("k", k, self.dim).detach()
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k must have as many rows as q, got {k.shape[0]} and {q.shape[0]}")
+        if k.device != q.device:
+            raise ValueError(f"k is on {k.device} but q is on {q.device}")
+        if self.queue.device != q.device:
+            raise ValueError(f"q is on {q.device} but the queue is on {self.queue.device}; move the module")
+        keys_all = all_gather_no_grad(k)
+        _check_divides(keys_all.shape[0], self.queue_size, "global batch size")
+        inv_t = 1.0 / self.temperature
+        name = _backend.select(_CONTRASTIVE_OP, q.device, self.backend)
+        scale = torch.tensor(inv_t, dtype=torch.float32, device=q.device)
+        # a copy: the backward needs the queue of this batch, which the enqueue below overwrites
+        queue = self.queue.detach().to(q.dtype, copy=True)
+        lse_neg = torch.ops.vlfast.lse_soft(q, queue, scale, None, None, 1.0, name)[0]
+        s_pos = (q.float() * k.float()).sum(1) * inv_t
+        loss = (torch.logaddexp(s_pos, lse_neg) - s_pos).mean()
+        with torch.no_grad():
+            _enqueue_(self.queue, self.queue_ptr, keys_all)
+        return loss
+
+
+class ITCLoss(nn.Module):
+    r"""Image-text contrastive loss with momentum queues and distillation (ALBEF, Li et al. 2021; BLIP, Li et al. 2022).
+
+    With queues ``I_q``, ``T_q`` (K, dim), keys ``T = cat([text_feat_m, T_q])`` and
+    ``I = cat([image_feat_m, I_q])`` (momentum features, no gradient) and the learnable
+    temperature ``temp`` (clamped in place to [0.001, 0.5] at every forward, as ALBEF):
+
+    .. math::
+        \mathrm{sim}^{i2t} = \mathrm{image\_feat}\, T^\top / \mathrm{temp}, \quad
+        t^{i2t} = \alpha\, \mathrm{softmax}(\mathrm{image\_feat\_m}\, T^\top / \mathrm{temp})
+            + (1 - \alpha)\, y, \quad
+        L_{i2t} = \mathrm{mean}_i -\textstyle\sum_j t^{i2t}_{ij} \log\mathrm{softmax}(\mathrm{sim}^{i2t}_i)_j
+
+    and symmetrically ``L_t2i`` (text_feat vs I, soft targets from text_feat_m);
+    ``loss = (L_i2t + L_t2i) / 2``.  Hard targets ``y``: the diagonal (key i of the current
+    batch) when ``idx`` is None (ALBEF pre-training), else BLIP's
+    ``pos = (idx[:, None] == cat([idx, idx_queue])[None]); y = pos / pos.sum(1)`` (every
+    queued or in-batch sample of the same image id is a positive; queue slots hold -100
+    until filled).  Computed by :func:`vlfast.ops.contrastive_loss` without the
+    (N, N + K) similarity matrices; gradients reach ``image_feat``, ``text_feat`` and ``temp``.
+
+    After the loss, the momentum features (and ``idx``) -- all-gathered across ranks when
+    distributed -- are enqueued at ``queue_ptr``; the global batch must divide ``queue_size``.
+
+    Parameters / buffers: ``temp`` (nn.Parameter, 0-dim); ``image_queue``, ``text_queue``
+    (queue_size, dim) float32 random unit vectors; ``idx_queue`` (queue_size,) int64 filled
+    with -100; ``queue_ptr`` (1,) int64.  ``load_state_dict`` also accepts ALBEF/BLIP's
+    layout ((dim, queue_size) queues, (1, queue_size) ``idx_queue``).
+
+    Args:
+        dim: embedding dim (ALBEF / BLIP: 256).
+        queue_size: K (ALBEF / BLIP: 65536; BLIP retrieval 57600).
+        temperature: initial ``temp`` (0.07).
+        alpha: default weight of the momentum-distillation targets (0.4); ``forward(alpha=...)``
+            overrides it (ALBEF ramps it up during the first epoch).
+        backend: backend of the contrastive op (``None`` = automatic).
+    """
+
+    TEMP_MIN, TEMP_MAX = 0.001, 0.5
+
+    def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.07, alpha: float = 0.4,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.dim = _check_pos_int("dim", dim)
+        self.queue_size = _check_pos_int("queue_size", queue_size)
+        temperature = _check_pos_float("temperature", temperature)
+        self.alpha = _check_alpha(alpha)
+        self.backend = backend
+        self.temp = nn.Parameter(torch.tensor(temperature, dtype=torch.float32))
+        self.register_buffer("image_queue", _random_unit(self.queue_size, self.dim))
+        self.register_buffer("text_queue", _random_unit(self.queue_size, self.dim))
+        self.register_buffer("idx_queue", torch.full((self.queue_size,), -100, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_transpose_layout_hook(("image_queue", "text_queue"), "idx_queue"))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, queue_size={self.queue_size}, alpha={self.alpha}"
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
+                            idx: Optional[torch.Tensor] = None) -> None:
+        """Enqueue momentum features (B, dim) and ids (B,) -- all-gathered when distributed -- at ``queue_ptr``.
+
+        ALBEF / BLIP's ``_dequeue_and_enqueue``; without ``idx`` the id slots are reset to -100.
+        Raises ``ValueError`` when the gathered B does not divide ``queue_size``.
+        """
+        img = all_gather_no_grad(_check_features("image_feat_m", image_feat_m, self.dim))
+        txt = all_gather_no_grad(_check_features("text_feat_m", text_feat_m, self.dim))
+        if idx is None:
+            ids = torch.full((img.shape[0],), -100, dtype=torch.long, device=img.device)
+        else:
+            ids = all_gather_no_grad(idx.reshape(-1).long())
+        _check_divides(img.shape[0], self.queue_size, "global batch size")
+        self._write(img, txt, ids)
+
+    def _write(self, img, txt, ids):
+        p = int(self.queue_ptr[0])
+        for q, rows in ((self.image_queue, img), (self.text_queue, txt)):
+            self.queue_ptr[0] = p
+            _enqueue_(q, self.queue_ptr, rows)
+        self.queue_ptr[0] = p
+        _enqueue_(self.idx_queue, self.queue_ptr, ids)
+
+    def _check_idx(self, idx, n, device):
+        if idx is None:
+            return None
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"idx must be an integer tensor of N = {n} sample ids, got {type(idx).__name__}")
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise TypeError(f"idx must be an integer tensor, got {idx.dtype}")
+        if idx.numel() != n:
+            raise ValueError(f"idx must hold N = {n} ids (shape (N,) or (N, 1)), got shape {tuple(idx.shape)}")
+        if idx.device != device:
+            raise ValueError(f"idx is on {idx.device} but the features are on {device}")
+        return idx.reshape(n).long()
+
+    def forward(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,
+                text_feat_m: torch.Tensor, alpha: Optional[float] = None,
+                idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ITC loss (0-dim fp32) of normalized features (N, dim) each; then enqueue the momentum features.
+
+        Args:
+            image_feat, text_feat: (N, dim) online features (receive gradients).
+            image_feat_m, text_feat_m: (N, dim) momentum features (detached).
+            alpha: distillation weight for this call (default: ``self.alpha``).
+            idx: optional (N,) or (N, 1) integer image ids (BLIP retrieval positives).
+        """
+        image_feat = _check_features("image_feat", image_feat, self.dim)
+        dtype, device = image_feat.dtype, image_feat.device
+        n = image_feat.shape[0]
+        feats = {}
+        for name, t in (("text_feat", text_feat), ("image_feat_m", image_feat_m), ("text_feat_m", text_feat_m)):
+            t = _check_features(name, t, self.dim)
+            if t.shape[0] != n:
+                raise ValueError(f"{name} must have N = {n} rows like image_feat, got {t.shape[0]}")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but image_feat is on {device}")
+            feats[name] = t
+        text_feat = feats["text_feat"].to(dtype)
+        image_feat_m = feats["image_feat_m"].detach()
+        text_feat_m = feats["text_feat_m"].detach()
+        if self.image_queue.device != device:
+            raise ValueError(f"image_feat is on {device} but the queues are on {self.image_queue.device}; "
+                             f"move the module")
+        a = self.alpha if alpha is None else _check_alpha(alpha)
+        idx = self._check_idx(idx, n, device)
+
+        img_m_all = all_gather_no_grad(image_feat_m)
+        _check_divides(img_m_all.shape[0], self.queue_size, "global batch size")
+        with torch.no_grad():
+            self.temp.clamp_(self.TEMP_MIN, self.TEMP_MAX)
+        logit_scale = 1.0 / self.temp
+
+        text_keys = torch.cat([text_feat_m.to(dtype), self.text_queue.to(dtype)], 0)
+        image_keys = torch.cat([image_feat_m.to(dtype), self.image_queue.to(dtype)], 0)
+        positives = None if idx is None else (idx, torch.cat([idx, self.idx_queue]))
+        soft = a > 0
+        i2t = contrastive_loss(image_feat, text_keys, logit_scale, positives=positives,
+                               soft_query=image_feat_m.to(dtype) if soft else None,
+                               soft_keys=text_keys if soft else None, alpha=a, backend=self.backend)
+        t2i = contrastive_loss(text_feat, image_keys, logit_scale, positives=positives,
+                               soft_query=text_feat_m.to(dtype) if soft else None,
+                               soft_keys=image_keys if soft else None, alpha=a, backend=self.backend)
+        loss = 0.5 * (i2t + t2i)
+
+        with torch.no_grad():
+            txt_m_all = all_gather_no_grad(text_feat_m)
+            ids = (all_gather_no_grad(idx) if idx is not None
+                   else torch.full((img_m_all.shape[0],), -100, dtype=torch.long, device=device))
+            self._write(img_m_all, txt_m_all, ids)
+        return loss

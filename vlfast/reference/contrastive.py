@@ -1,0 +1,131 @@
+"""Eager contrastive losses that materialize the logits, written as the papers' code does: the test oracles.
+
+Each function builds the full (queries x keys) logit matrix, so memory is quadratic in
+the batch (plus queue); the vlfast ops compute the same values tile by tile.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["contrastive_loss_reference", "clip_loss_reference", "siglip_loss_reference", "moco_loss_reference",
+           "albef_itc_reference"]
+
+
+def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, logit_scale, positives=None,
+                               soft_query: Optional[torch.Tensor] = None, soft_keys: Optional[torch.Tensor] = None,
+                               alpha: float = 0.0, label_smoothing: float = 0.0,
+                               reduction: str = "mean") -> torch.Tensor:
+    r"""Oracle of :func:`vlfast.ops.contrastive_loss`: ``loss_i = -sum_j t_ij log_softmax(s_i)_j``.
+
+    ``s = logit_scale * query @ keys.T`` (Nq, Nk), computed in the inputs' dtype (pass
+    float64 for a high-precision oracle).  Hard targets ``h``: one-hot at ``positives``
+    (default ``arange(Nq)``; a LongTensor (Nq,) of key indices; or ``(query_ids, key_ids)``,
+    uniform over keys with the query's id), smoothed ``(1 - eps) h + eps / Nk``.  With soft
+    features ``t = (1 - alpha) h + alpha softmax(logit_scale * soft_query @ soft_keys.T)``
+    (no gradient through the soft part).  ``reduction``: ``"mean" | "sum" | "none"``.
+    """
+    s = logit_scale * query @ keys.T
+    Nq, Nk = s.shape
+    if positives is None:
+        h = torch.zeros_like(s)
+        h[torch.arange(Nq), torch.arange(Nq)] = 1
+    elif isinstance(positives, torch.Tensor):
+        h = torch.zeros_like(s)
+        h[torch.arange(Nq), positives] = 1
+    else:
+        qid, kid = positives
+        pos = (qid.view(-1, 1) == kid.view(1, -1)).to(s.dtype)
+        h = pos / pos.sum(1, keepdim=True)
+    h = (1 - label_smoothing) * h + label_smoothing / Nk
+    if soft_query is not None:
+        with torch.no_grad():
+            soft = F.softmax(logit_scale * soft_query.to(s.dtype) @ soft_keys.to(s.dtype).T, dim=1)
+        h = alpha * soft + (1 - alpha) * h
+    loss = -(F.log_softmax(s, dim=1) * h).sum(1)
+    return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
+
+
+def clip_loss_reference(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale) -> torch.Tensor:
+    """open_clip ``ClipLoss`` on one process (Radford et al., 2021).
+
+    ``logits_per_image = logit_scale * image_features @ text_features.T`` (N, N),
+    ``logits_per_text = logit_scale * text_features @ image_features.T``,
+    ``(CE(logits_per_image, arange(N)) + CE(logits_per_text, arange(N))) / 2``.
+    """
+    logits_per_image = logit_scale * image_features @ text_features.T
+    logits_per_text = logit_scale * text_features @ image_features.T
+    labels = torch.arange(logits_per_image.shape[0], device=image_features.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss_reference(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                          logit_bias) -> torch.Tensor:
+    """open_clip ``SigLipLoss`` / big_vision sigmoid loss on one process (Zhai et al., 2023).
+
+    ``logits = logit_scale * image_features @ text_features.T + logit_bias`` (N, N),
+    ``labels = 2 * eye(N) - 1``, ``loss = -logsigmoid(labels * logits).sum() / N``.
+    """
+    logits = logit_scale * image_features @ text_features.T + logit_bias
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
+
+
+def moco_loss_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's contrastive step (He et al., 2020), ``moco/builder.py``, with the queue stored (K, dim).
+
+    ``l_pos = einsum('nc,nc->n', q, k)[:, None]``, ``l_neg = q @ queue.T`` (N, K),
+    ``logits = cat([l_pos, l_neg], 1) / T``, ``loss = CE(logits, zeros(N))``.  ``k`` and the
+    queue are detached, as in MoCo.  (MoCo's buffer is ``queue.T``: (dim, K).)
+    """
+    k = k.detach()
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+    l_neg = torch.einsum("nc,kc->nk", q, queue.detach().to(q.dtype))
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+def albef_itc_reference(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,
+                        text_feat_m: torch.Tensor, image_queue: torch.Tensor, text_queue: torch.Tensor, temp,
+                        alpha: float, idx: Optional[torch.Tensor] = None,
+                        idx_queue: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ALBEF's image-text contrastive loss (Li et al., 2021) and BLIP's id-based variant (Li et al., 2022).
+
+    Queues are stored (K, dim) (ALBEF's buffers are their transposes)::
+
+        image_feat_all = cat([image_feat_m, image_queue])        # (N + K, dim)
+        text_feat_all  = cat([text_feat_m, text_queue])
+        sim_i2t_m = image_feat_m @ text_feat_all.T / temp         # no grad
+        sim_t2i_m = text_feat_m @ image_feat_all.T / temp
+        sim_targets = eye(N, N + K)                               # ALBEF
+                    = pos_idx / pos_idx.sum(1)                    # BLIP: pos_idx = idx[:, None] == idx_all
+        sim_i2t_targets = alpha * softmax(sim_i2t_m) + (1 - alpha) * sim_targets   (same for t2i)
+        sim_i2t = image_feat @ text_feat_all.T / temp
+        sim_t2i = text_feat @ image_feat_all.T / temp
+        loss = (-(log_softmax(sim_i2t) * sim_i2t_targets).sum(1).mean()
+                - (log_softmax(sim_t2i) * sim_t2i_targets).sum(1).mean()) / 2
+    """
+    dt = image_feat.dtype
+    with torch.no_grad():
+        image_feat_all = torch.cat([image_feat_m.to(dt), image_queue.to(dt)], 0)
+        text_feat_all = torch.cat([text_feat_m.to(dt), text_queue.to(dt)], 0)
+        sim_i2t_m = image_feat_m.to(dt) @ text_feat_all.T / temp
+        sim_t2i_m = text_feat_m.to(dt) @ image_feat_all.T / temp
+        if idx is None:
+            sim_targets = torch.zeros_like(sim_i2t_m)
+            sim_targets.fill_diagonal_(1)
+        else:
+            idx = idx.view(-1, 1)
+            idx_all = torch.cat([idx.t(), idx_queue.view(1, -1)], dim=1)
+            pos_idx = torch.eq(idx, idx_all).to(dt)
+            sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
+        sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+        sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+    sim_i2t = image_feat @ text_feat_all.T / temp
+    sim_t2i = text_feat @ image_feat_all.T / temp
+    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
