@@ -68,6 +68,9 @@ _CHILD = textwrap.dedent("""
 def loss_memory_mb(provider: str, N: int, D: int, dtype: torch.dtype, device: torch.device) -> float:
     """Peak memory (MiB) of one forward + backward of ``provider``, measured in a fresh process."""
     env = dict(os.environ)
+    # A fixed mmap threshold makes glibc return freed blocks at once, so the resident-set peak
+    # follows live allocations instead of arena reuse luck (same setting for every provider).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     r = subprocess.run([sys.executable, "-c", _CHILD, provider, str(N), str(D), str(dtype).replace("torch.", ""),
                         device.type], capture_output=True, text=True, env=env, timeout=900)
     if r.returncode != 0:
