@@ -26,6 +26,21 @@ _deferrals_logged: set = set()
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _eager_attention(q, k, v, key_padding_mask, attn_bias, scale, attn_drop: nn.Module):
+    """Plain PyTorch math attention (timm's ``fused_attn=False`` path), the eager baseline of ``fused=False``."""
+    s = (q * scale) @ k.transpose(-2, -1)
+    if attn_bias is not None:
+        s = s + attn_bias.to(s.dtype)
+    if key_padding_mask is not None:
+        s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        alive = ~key_padding_mask.all(-1)[:, None, None, None]
+        s = s.masked_fill(~alive, 0.0)
+        p = s.softmax(dim=-1) * alive
+    else:
+        p = s.softmax(dim=-1)
+    return attn_drop(p) @ v
+
+
 def _check_heads(dim: int, num_heads: int, name: str = "dim") -> int:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"{name} must be a positive int, got {dim!r}")
@@ -89,6 +104,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.scale = self.head_dim ** -0.5
         self.backend = backend
+        #: False runs plain PyTorch math (the eager baseline); see ``vlfast.models.set_fused``
+        self.fused = True
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
@@ -105,9 +122,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        x = attention(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
-                      dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
-                      backend=self.backend)
+        if self.fused:
+            x = attention(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
+                          dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
+                          backend=self.backend)
+        else:
+            x = _eager_attention(q, k, v, key_padding_mask, attn_bias, self.scale, self.attn_drop)
         x = x.transpose(1, 2).reshape(B, N, C)
         x = self.proj(x)
         return self.proj_drop(x)
@@ -162,6 +182,8 @@ class CrossAttention(nn.Module):
         self.num_heads = num_heads
         self.scale = self.head_dim ** -0.5
         self.backend = backend
+        #: False runs plain PyTorch math (the eager baseline); see ``vlfast.models.set_fused``
+        self.fused = True
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(kv_dim, dim * 2, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
@@ -192,9 +214,12 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(B, Nq, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(context).reshape(B, Nk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = attention(q, k, v, key_padding_mask=context_padding_mask,
-                        dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
-                        backend=self.backend)
+        if self.fused:
+            out = attention(q, k, v, key_padding_mask=context_padding_mask,
+                            dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
+                            backend=self.backend)
+        else:
+            out = _eager_attention(q, k, v, context_padding_mask, None, self.scale, self.attn_drop)
         out = out.transpose(1, 2).reshape(B, Nq, C)
         return self.proj_drop(self.proj(out))
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.ema import _check_decay, ema_update_
+from ..reference.ema import moco_momentum_update_
 
 
 def _owner(module: nn.Module, name: str):
@@ -216,6 +217,8 @@ class MomentumEncoder(nn.Module):
             raise TypeError(f"online must be an nn.Module, got {type(online).__name__}")
         self.momentum = _check_decay(momentum)
         self.backend = backend
+        #: False: the per-parameter loop of MoCo's code (the eager baseline); see vlfast.models.set_fused
+        self.fused = True
         self.module = copy.deepcopy(online)
         self.module.requires_grad_(False)
 
@@ -228,7 +231,10 @@ class MomentumEncoder(nn.Module):
         if len(mine) != len(theirs):
             raise ValueError(f"online has {len(theirs)} parameters but the momentum encoder has {len(mine)}: "
                              "update() takes the network it was created from")
-        ema_update_(mine, theirs, m, backend=self.backend)
+        if self.fused:
+            ema_update_(mine, theirs, m, backend=self.backend)
+        else:
+            moco_momentum_update_(mine, theirs, m)
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.masking import _check_ratio, random_masking
+from ..reference.masking import random_masking_reference
 
 
 class RandomMasking(nn.Module):
@@ -27,11 +28,17 @@ class RandomMasking(nn.Module):
         super().__init__()
         self.mask_ratio = _check_ratio(mask_ratio)
         self.backend = backend
+        #: False: MAE's eager argsort/gather code with the same noise draw (the baseline)
+        self.fused = True
 
     def forward(self, x: torch.Tensor, pos_embed: Optional[torch.Tensor] = None, *,
                 noise: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None):
         ratio = None if mask is not None else self.mask_ratio
+        if not self.fused and mask is None:
+            if noise is None:
+                noise = torch.rand(x.shape[0], x.shape[1], device=x.device, generator=generator)
+            return random_masking_reference(x, ratio, noise, pos_embed)
         return random_masking(x, ratio, noise=noise, mask=mask, generator=generator, pos_embed=pos_embed,
                               backend=self.backend)
 
