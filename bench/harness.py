@@ -96,6 +96,8 @@ class Case:
     setup_each: Callable[[], Any] | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
     targets: list["Target"] = field(default_factory=list)
+    #: items processed per call (e.g. the batch size): adds an ``items/s`` column
+    items: int | None = None
     #: fewest timed runs (default: the harness's); slow cases (seconds per call) lower it
     min_runs: int | None = None
     #: per-provider extra measurements made by the case itself (e.g. {"vlfast": {"peak_mb": 12.5}})
@@ -623,6 +625,8 @@ def _run_case(case: Case, device: torch.device, quick: bool, bar) -> list[Result
         bar.update(1)
     for r in results:
         r.extra.update(case.extra.get(r.provider, {}))
+        if case.items and r.status == "ok":
+            r.extra["items/s"] = case.items / (r.ms * 1e-3)
     compute_speedups(results, case.baselines)
     order = list(dict.fromkeys([*case.baselines, *case.candidates, *case.providers, *case.unavailable]))
     results.sort(key=lambda r: order.index(r.provider) if r.provider in order else len(order))

@@ -1,0 +1,91 @@
+"""Model-level benchmarks: one training step (forward + backward + optimizer + momentum update).
+
+Providers: ``eager`` (``vlfast.models.create(name, fused=False)``: plain PyTorch math
+attention, eager losses, masking and momentum loops as in the papers' code),
+``fused`` (the same architecture and weights on vlfast ops), and on CUDA
+``compile(eager)`` / ``compile(fused)`` (``torch.compile`` of the step's forward).
+Reports samples/s (``items/s``) and, on CUDA, the peak memory of a step.
+On CPU the micro models run.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from .harness import Case, Target, register
+
+CUDA_CASES = [("clip_vit_b16", 256), ("mae_vit_large_patch16", 256), ("albef_base", 64)]
+CPU_CASES = [("vit_micro", 16), ("mae_micro", 16), ("clip_micro", 16), ("moco_v3_micro", 16), ("vilt_micro", 16),
+             ("albef_micro", 8)]
+QUICK_CASES = [("vit_micro", 4)]
+
+
+def _step_fn(model, batch, device, compiled: bool):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    fwd = torch.compile(model) if compiled else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
+                                                                                                      enabled=False)
+
+    def step():
+        with amp:
+            out = fwd(**batch)
+            loss = out["loss"] if isinstance(out, dict) else F.cross_entropy(out.float(), batch["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _peak_mb(step, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    step()  # warm-up (compilation, allocator)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+@register("models")
+def cases(device: torch.device, quick: bool):
+    from vlfast import models
+
+    table = QUICK_CASES if quick else (CUDA_CASES if device.type == "cuda" else CPU_CASES)
+    known = set(models.list_models())
+    for name, batch_size in table:
+        if name not in known:
+            raise RuntimeError(f"model {name!r} is not registered (vlfast.models.list_models(): {sorted(known)})")
+        torch.manual_seed(0)
+        base = models.create(name, fused=False).to(device).train()
+        g = torch.Generator(device="cpu").manual_seed(0)
+        batch = base.synthetic_batch(batch_size, device=device, generator=g)
+        variants = {"eager": (False, False), "fused": (True, False)}
+        if device.type == "cuda":
+            variants.update({"compile(eager)": (False, True), "compile(fused)": (True, True)})
+        providers, extra = {}, {}
+        for label, (fused, compiled) in variants.items():
+            model = models.set_fused(copy.deepcopy(base), fused)
+            providers[label] = _step_fn(model, batch, device, compiled)
+            peak = _peak_mb(providers[label], device)
+            if peak is not None:
+                extra[label] = {"peak_mb": peak}
+        targets = [
+            Target("H200: at least 1.3x eager throughput", "fused", baseline="eager", minimum=1.3, device="cuda",
+                   device_name="H200"),
+            Target("H200: at least 1.0x torch.compile(eager)", "fused", baseline="compile(eager)", minimum=1.0,
+                   device="cuda", device_name="H200"),
+            Target("H200: peak memory at most 0.7x eager's", "fused", metric="extra_ratio", baseline="eager",
+                   key="peak_mb", maximum=0.7, device="cuda", device_name="H200"),
+        ]
+        yield Case(op="models", name=f"{name} train step", shape=f"batch {batch_size}",
+                   dtype="bf16 autocast" if device.type == "cuda" else "fp32", providers=providers,
+                   baselines=[p for p in ("eager", "compile(eager)") if p in providers],
+                   candidates=[p for p in ("fused", "compile(fused)") if p in providers],
+                   items=batch_size, extra=extra, targets=targets if not quick else [])
