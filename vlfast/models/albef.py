@@ -1,0 +1,549 @@
+"""ALBEF pre-training model (Li et al., 2021, "Align before Fuse", arXiv:2107.07651).
+
+Follows salesforce/ALBEF ``models/model_pretrain.py``:
+
+* ``visual_encoder``: ViT-B/16 without head (:class:`~vlfast.models.layers.VisionTransformer`,
+  ``num_classes=0``), ``vision_proj`` Linear(768 -> 256).
+* ``text_encoder``: a BERT whose first ``text_layers`` (6) layers encode the text alone and
+  whose last ``fusion_layers`` (6) add cross-attention to the image tokens after
+  self-attention (ALBEF's ``mode='text'`` / ``mode='fusion'``), plus BERT's MLM head
+  (``text_encoder.cls.predictions``, decoder tied to the word embeddings as in
+  ``BertForMaskedLM``).  Post-LN layers with HF BERT names where practical:
+  ``text_encoder.embeddings.{word,position,token_type}_embeddings`` / ``LayerNorm``,
+  ``text_encoder.encoder.layer.{i}.attention.self.{qkv,proj}`` (a fused
+  :class:`vlfast.nn.Attention`; HF splits q/k/v and calls ``proj`` ``attention.output.dense``),
+  ``...attention.output.LayerNorm``, ``...crossattention.self.{q,kv,proj}``
+  (:class:`vlfast.nn.CrossAttention`), ``...crossattention.output.LayerNorm``,
+  ``...intermediate.dense``, ``...output.{dense,LayerNorm}``.  ``text_proj`` Linear(768 -> 256).
+* momentum copies ``visual_encoder_m``, ``vision_proj_m``, ``text_encoder_m``, ``text_proj_m``
+  (:class:`vlfast.nn.MomentumEncoder`, m = 0.995) updated at every forward before the
+  momentum features are computed (ALBEF's ``_momentum_update``).
+* ``itc``: the image-text contrastive loss with queues and momentum distillation
+  (:class:`vlfast.nn.ITCLoss`; its parameter ``itc.temp`` and buffers ``itc.image_queue``,
+  ``itc.text_queue``, ``itc.idx_queue``, ``itc.queue_ptr``); eager mode runs
+  :func:`vlfast.reference.albef_itc_reference` on the same queues and enqueues identically.
+* ITM with hard negatives (``itm_head`` Linear(768 -> 2)) and MLM with momentum distillation.
+
+``forward(images, input_ids, attention_mask, alpha=0.4, idx=None)`` returns
+``{"loss": itc + itm + mlm, "itc", "itm", "mlm"}``.  Random draws (ITM negatives with
+``torch.multinomial``, then the MLM mask: Bernoulli 15 %, 80/10/10) come from the global
+RNG in a fixed order, so eager and fused runs agree under the same ``torch.manual_seed``
+(with dropout 0: ``albef_micro``; ``albef_base`` keeps BERT's dropout 0.1, whose fused
+and eager kernels draw differently).
+
+Special token ids default to :class:`~vlfast.models.tokenizer.ByteTokenizer`'s
+(PAD 0, CLS 1, SEP 2, MASK 3); for ``bert-base-uncased`` ids pass ``pad_token_id=0,
+cls_token_id=101, sep_token_id=102, mask_token_id=103``.
+"""
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.attention import Attention, CrossAttention
+from ..nn.contrastive import ITCLoss, _check_alpha
+from ..nn.ema import MomentumEncoder
+from ..reference.contrastive import albef_itc_reference
+from . import register_model
+from .layers import VisionTransformer
+from .tokenizer import CLS, MASK, NUM_SPECIAL, PAD, SEP
+
+__all__ = ["ALBEF", "AlbefBert", "AlbefITC", "albef_base", "albef_micro", "convert_albef_checkpoint"]
+
+
+# ------------------------------------------------------------------------------------------ BERT
+class BertEmbeddings(nn.Module):
+    """word + position + token_type (0) embeddings -> LayerNorm -> dropout (HF ``BertEmbeddings``)."""
+
+    def __init__(self, vocab_size, width, max_positions, type_vocab_size, eps, drop, pad_token_id):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=pad_token_id)
+        self.position_embeddings = nn.Embedding(max_positions, width)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(drop)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        L = input_ids.shape[1]
+        pos = torch.arange(L, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None] \
+            + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class _AddNorm(nn.Module):
+    """``LayerNorm(dropout(h) + residual)`` (HF ``BertSelfOutput`` without its dense, which is ``proj``)."""
+
+    def __init__(self, width, eps, drop):
+        super().__init__()
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(drop)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(h) + residual)
+
+
+class BertAttention(nn.Module):
+    """``self``: fused self-attention (or cross-attention); ``output``: add & LayerNorm."""
+
+    def __init__(self, width, heads, eps, drop, attn_drop, kv_dim=None):
+        super().__init__()
+        if kv_dim is None:
+            self.self = Attention(width, num_heads=heads, qkv_bias=True, attn_drop=attn_drop)
+        else:
+            self.self = CrossAttention(width, num_heads=heads, kv_dim=kv_dim, qkv_bias=True, attn_drop=attn_drop)
+        self.output = _AddNorm(width, eps, drop)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, width, inter):
+        super().__init__()
+        self.dense = nn.Linear(width, inter)
+        self.intermediate_act_fn = nn.GELU()
+
+    def forward(self, x):
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, inter, width, eps, drop):
+        super().__init__()
+        self.dense = nn.Linear(inter, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(drop)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertLayer(nn.Module):
+    """Post-LN BERT layer: self-attn -> add&LN -> [cross-attn -> add&LN] -> FFN (GELU) -> add&LN."""
+
+    def __init__(self, width, heads, inter, eps, drop, attn_drop, cross_kv_dim=None):
+        super().__init__()
+        self.attention = BertAttention(width, heads, eps, drop, attn_drop)
+        self.has_cross_attention = cross_kv_dim is not None
+        if self.has_cross_attention:
+            self.crossattention = BertAttention(width, heads, eps, drop, attn_drop, kv_dim=cross_kv_dim)
+        self.intermediate = BertIntermediate(width, inter)
+        self.output = BertOutput(inter, width, eps, drop)
+
+    def forward(self, x, key_padding_mask=None, image_embeds=None):
+        x = self.attention.output(self.attention.self(x, key_padding_mask=key_padding_mask), x)
+        if self.has_cross_attention:
+            x = self.crossattention.output(self.crossattention.self(x, image_embeds), x)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, width, eps):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.transform_act_fn = nn.GELU()
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x):
+        return self.LayerNorm(self.transform_act_fn(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """dense + GELU + LayerNorm, then ``decoder`` (no bias; tied to the word embeddings) + ``bias``."""
+
+    def __init__(self, width, vocab_size, eps):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(width, eps)
+        self.decoder = nn.Linear(width, vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x):
+        return self.decoder(self.transform(x)) + self.bias
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, width, vocab_size, eps):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(width, vocab_size, eps)
+
+    def forward(self, x):
+        return self.predictions(x)
+
+
+def _bert_init(module: nn.Module) -> None:
+    """HF BERT's ``_init_weights``: normal(0, 0.02) Linear / Embedding, zero biases and padding row, unit LN."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class AlbefBert(nn.Module):
+    """ALBEF's ``BertForMaskedLM`` with the ``bert`` level flattened: ``embeddings``, ``encoder.layer``, ``cls``.
+
+    * ``encode_text(input_ids, key_padding_mask)``: embeddings + layers ``[0, text_layers)``
+      (ALBEF ``mode='text'``) -> (B, L, width).
+    * ``fuse(text_embeds, key_padding_mask, image_embeds)``: layers ``[text_layers, end)`` with
+      cross-attention to ``image_embeds`` (``mode='fusion'``).
+    * ``forward(input_ids, key_padding_mask, image_embeds)``: both, then the MLM head -> logits
+      (B, L, vocab_size).
+    """
+
+    def __init__(self, vocab_size=30522, width=768, text_layers=6, fusion_layers=6, heads=12, intermediate=3072,
+                 max_positions=512, type_vocab_size=2, eps=1e-12, drop=0.1, attn_drop=0.1, encoder_width=768,
+                 pad_token_id=PAD, tie_word_embeddings=True):
+        super().__init__()
+        self.vocab_size, self.width, self.text_layers = vocab_size, width, text_layers
+        self.max_positions = max_positions
+        self.embeddings = BertEmbeddings(vocab_size, width, max_positions, type_vocab_size, eps, drop, pad_token_id)
+        layers = [BertLayer(width, heads, intermediate, eps, drop, attn_drop) for _ in range(text_layers)]
+        layers += [BertLayer(width, heads, intermediate, eps, drop, attn_drop, cross_kv_dim=encoder_width)
+                   for _ in range(fusion_layers)]
+        self.encoder = BertEncoder(layers)
+        self.cls = BertOnlyMLMHead(width, vocab_size, eps)
+        self.apply(_bert_init)
+        if tie_word_embeddings:
+            self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight
+
+    def encode_text(self, input_ids, key_padding_mask=None):
+        x = self.embeddings(input_ids)
+        for layer in self.encoder.layer[:self.text_layers]:
+            x = layer(x, key_padding_mask)
+        return x
+
+    def fuse(self, text_embeds, key_padding_mask, image_embeds):
+        x = text_embeds
+        for layer in self.encoder.layer[self.text_layers:]:
+            x = layer(x, key_padding_mask, image_embeds)
+        return x
+
+    def forward(self, input_ids, key_padding_mask, image_embeds):
+        return self.cls(self.fuse(self.encode_text(input_ids, key_padding_mask), key_padding_mask, image_embeds))
+
+
+# ------------------------------------------------------------------------------------------ ITC
+class AlbefITC(ITCLoss):
+    """:class:`vlfast.nn.ITCLoss` with a ``fused`` flag: False runs ALBEF's eager formula
+    (:func:`vlfast.reference.albef_itc_reference`, materializing the (N, N + K) similarities)
+    with the same temperature clamp, queues and enqueue."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        #: False: ALBEF's eager ITC; see vlfast.models.set_fused
+        self.fused = True
+
+    def forward(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha=None, idx=None):
+        if self.fused:
+            return super().forward(image_feat, text_feat, image_feat_m, text_feat_m, alpha=alpha, idx=idx)
+        a = self.alpha if alpha is None else _check_alpha(alpha)
+        n = image_feat.shape[0]
+        idx = self._check_idx(idx, n, image_feat.device)
+        if self.queue_size % n:
+            raise ValueError(f"queue_size ({self.queue_size}) must be a multiple of the batch size ({n})")
+        with torch.no_grad():
+            self.temp.clamp_(self.TEMP_MIN, self.TEMP_MAX)
+        image_feat_m, text_feat_m = image_feat_m.detach(), text_feat_m.detach()
+        loss = albef_itc_reference(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                                   self.text_queue, self.temp, a, idx=idx,
+                                   idx_queue=None if idx is None else self.idx_queue)
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+        return loss
+
+
+# ------------------------------------------------------------------------------------------ ALBEF
+def _concept_tokens(c: int, length: int) -> list:
+    return [NUM_SPECIAL + (c * 37 + j * 11 + (j * j) % 7) % 256 for j in range(length)]
+
+
+class ALBEF(nn.Module):
+    """ALBEF pre-training (ITC + ITM + MLM); see the module docstring."""
+
+    def __init__(self, *, img_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
+                 vocab_size=30522, text_width=768, text_layers=6, fusion_layers=6, text_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, hidden_dropout=0.1,
+                 attention_dropout=0.1, embed_dim=256, queue_size=65536, temp=0.07, momentum=0.995,
+                 alpha=0.4, mlm_probability=0.15, text_len=30, tie_word_embeddings=True,
+                 pad_token_id=PAD, cls_token_id=CLS, sep_token_id=SEP, mask_token_id=MASK):
+        super().__init__()
+        if not 0.0 <= mlm_probability <= 1.0:
+            raise ValueError(f"mlm_probability must be in [0, 1], got {mlm_probability}")
+        if not 2 <= text_len <= max_position_embeddings:
+            raise ValueError(f"text_len must be in [2, {max_position_embeddings}], got {text_len}")
+        self.vocab_size = vocab_size
+        self.alpha = float(alpha)
+        self.mlm_probability = float(mlm_probability)
+        self.text_len = text_len
+        self.pad_token_id, self.cls_token_id = pad_token_id, cls_token_id
+        self.sep_token_id, self.mask_token_id = sep_token_id, mask_token_id
+        for name, t in (("pad", pad_token_id), ("cls", cls_token_id), ("sep", sep_token_id),
+                        ("mask", mask_token_id)):
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"{name}_token_id {t} is outside the vocabulary ({vocab_size})")
+
+        self.visual_encoder = VisionTransformer(img_size=img_size, patch_size=patch_size, num_classes=0,
+                                                embed_dim=vision_width, depth=vision_depth, num_heads=vision_heads,
+                                                qkv_bias=True)
+        self.text_encoder = AlbefBert(vocab_size, text_width, text_layers, fusion_layers, text_heads,
+                                      intermediate_size, max_position_embeddings, type_vocab_size,
+                                      drop=hidden_dropout, attn_drop=attention_dropout, encoder_width=vision_width,
+                                      pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings)
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        for m in (self.vision_proj, self.text_proj, self.itm_head):
+            _bert_init(m)
+        self.itc = AlbefITC(embed_dim, queue_size=queue_size, temperature=temp, alpha=alpha)
+
+        self.visual_encoder_m = MomentumEncoder(self.visual_encoder, momentum)
+        self.vision_proj_m = MomentumEncoder(self.vision_proj, momentum)
+        self.text_encoder_m = MomentumEncoder(self.text_encoder, momentum)
+        self.text_proj_m = MomentumEncoder(self.text_proj, momentum)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def image_size(self):
+        return self.visual_encoder.patch_embed.img_size
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        self.visual_encoder_m.update(self.visual_encoder)
+        self.vision_proj_m.update(self.vision_proj)
+        self.text_encoder_m.update(self.text_encoder)
+        self.text_proj_m.update(self.text_proj)
+
+    def _check_inputs(self, images, input_ids, attention_mask):
+        pe = self.visual_encoder.patch_embed
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+            raise ValueError("images must be a floating tensor of shape (B, C, H, W), got "
+                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        if images.shape[1] != pe.in_chans or tuple(images.shape[2:]) != pe.img_size:
+            raise ValueError(f"images must have shape (B, {pe.in_chans}, {pe.img_size[0]}, {pe.img_size[1]}), "
+                             f"got {tuple(images.shape)}")
+        if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
+                or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):
+            raise ValueError("input_ids must be an integer tensor of shape (B, L), got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else ''}")
+        B, L = input_ids.shape
+        if images.shape[0] != B:
+            raise ValueError(f"batch sizes differ: images has {images.shape[0]}, input_ids has {B}")
+        if B < 2:
+            raise ValueError("ALBEF needs a batch of at least 2 (ITM samples negatives from the other pairs)")
+        if L < 1 or L > self.text_encoder.max_positions:
+            raise ValueError(f"text length must be in [1, {self.text_encoder.max_positions}], got {L}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            raise ValueError(f"input_ids must be in [0, {self.vocab_size}), got range "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
+            got = (tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor)
+                   else type(attention_mask).__name__)
+            raise ValueError(f"attention_mask must have shape (B, L) = ({B}, {L}), got {got}")
+        if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold 0 (padding) and 1 (token)")
+        if input_ids.device != images.device or attention_mask.device != images.device:
+            raise ValueError("images, input_ids and attention_mask must be on the same device")
+        if self.itc.queue_size % B:
+            raise ValueError(f"the batch size ({B}) must divide queue_size ({self.itc.queue_size})")
+
+    def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """BERT masking (ALBEF's ``mask``): each real, non-special token is chosen with probability
+        ``mlm_probability``; chosen ones become [MASK] (80 %), a random id (10 %) or stay (10 %).
+        Returns ``(masked_ids, labels)`` with labels -100 where not chosen.  Draws, in order,
+        from the global RNG of ``input_ids``' device: bernoulli, bernoulli(0.8), bernoulli(0.5), randint."""
+        dev = input_ids.device
+        ids = input_ids.clone()
+        labels = input_ids.clone()
+        prob = torch.full(ids.shape, self.mlm_probability, device=dev)
+        masked = torch.bernoulli(prob).bool()
+        special = ((ids == self.pad_token_id) | (ids == self.cls_token_id) | (ids == self.sep_token_id)
+                   | (ids == self.mask_token_id) | (attention_mask == 0))
+        masked &= ~special
+        labels[~masked] = -100
+        replaced = torch.bernoulli(torch.full(ids.shape, 0.8, device=dev)).bool() & masked
+        ids[replaced] = self.mask_token_id
+        rand = torch.bernoulli(torch.full(ids.shape, 0.5, device=dev)).bool() & masked & ~replaced
+        words = torch.randint(self.vocab_size, ids.shape, dtype=torch.long, device=dev)
+        ids[rand] = words[rand]
+        return ids, labels
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                alpha: Optional[float] = None, idx: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        self._check_inputs(images, input_ids, attention_mask)
+        alpha = self.alpha if alpha is None else alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
+        input_ids = input_ids.long()
+        pad = attention_mask == 0
+        B = images.shape[0]
+
+        # ---- ITC
+        image_embeds = self.visual_encoder.forward_features(images)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        text_embeds = self.text_encoder.encode_text(input_ids, pad)
+        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m = self.visual_encoder_m.module.forward_features(images)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+            text_embeds_m = self.text_encoder_m.module.encode_text(input_ids, pad)
+            text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]), dim=-1)
+        loss_itc = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha=float(alpha), idx=idx)
+
+        # ---- ITM with hard negatives
+        output_pos = self.text_encoder.fuse(text_embeds, pad, image_embeds)
+        with torch.no_grad():
+            temp = self.itc.temp  # clamped by the ITC
+            # ALBEF: softmax(sim_i2t[:, :bs]), sim_i2t = image_feat @ [text_feat_m, queue].T / temp
+            weights_i2t = F.softmax((image_feat @ text_feat_m.t() / temp).float(), dim=1)
+            weights_t2i = F.softmax((text_feat @ image_feat_m.t() / temp).float(), dim=1)
+            weights_i2t.fill_diagonal_(0)
+            weights_t2i.fill_diagonal_(0)
+        neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)  # a negative image for each text
+        neg_text = torch.multinomial(weights_i2t, 1).squeeze(1)   # a negative text for each image
+        text_embeds_all = torch.cat([text_embeds, text_embeds[neg_text]], 0)
+        pad_all = torch.cat([pad, pad[neg_text]], 0)
+        image_embeds_all = torch.cat([image_embeds[neg_image], image_embeds], 0)
+        output_neg = self.text_encoder.fuse(text_embeds_all, pad_all, image_embeds_all)
+        vl_output = self.itm_head(torch.cat([output_pos[:, 0], output_neg[:, 0]], 0))
+        itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(
+            images.device)
+        loss_itm = F.cross_entropy(vl_output.float(), itm_labels)
+
+        # ---- MLM with momentum distillation
+        masked_ids, labels = self.mask_tokens(input_ids, attention_mask)
+        with torch.no_grad():
+            logits_m = self.text_encoder_m.module(masked_ids, pad, image_embeds_m)
+        logits = self.text_encoder(masked_ids, pad, image_embeds)
+        sel = labels != -100
+        n_masked = sel.sum().clamp(min=1)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        ce = F.nll_loss(logp.view(-1, self.vocab_size), labels.view(-1), ignore_index=-100, reduction="sum")
+        soft = -(logp * F.softmax(logits_m.float(), dim=-1)).sum(-1)
+        distill = (soft * sel).sum()
+        loss_mlm = ((1.0 - alpha) * ce + alpha * distill) / n_masked
+
+        return {"loss": loss_itc + loss_itm + loss_mlm, "itc": loss_itc, "itm": loss_itm, "mlm": loss_mlm}
+
+    # ------------------------------------------------------------------ data
+    def synthetic_batch(self, batch_size: int, *, device=None, generator: Optional[torch.Generator] = None):
+        """A learnable synthetic batch: each sample draws one of 8 concepts; its image is the
+        concept's fixed random pattern plus noise, its text ``[CLS] <concept's byte tokens> [SEP]``
+        right-padded to ``text_len`` (ids < 261, valid for every vocabulary here)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        n_concepts = 8
+        pe = self.visual_encoder.patch_embed
+        H, W = pe.img_size
+        proto = torch.randn(n_concepts, pe.in_chans, H, W, generator=torch.Generator().manual_seed(1234))
+        c = torch.randint(n_concepts, (batch_size,), generator=generator)
+        images = proto[c] + 0.5 * torch.randn(batch_size, pe.in_chans, H, W, generator=generator)
+        L = self.text_len
+        ids = torch.full((batch_size, L), self.pad_token_id, dtype=torch.long)
+        for i, ci in enumerate(c.tolist()):
+            n = max(1, min(L - 2, 3 + (ci * 5) % max(1, L - 4)))
+            seq = [self.cls_token_id] + _concept_tokens(ci, n) + [self.sep_token_id]
+            ids[i, :len(seq)] = torch.tensor(seq)
+        mask = torch.zeros_like(ids)
+        for i in range(batch_size):
+            mask[i, :int((ids[i] != self.pad_token_id).sum())] = 1
+        if int(ids.max()) >= self.vocab_size:
+            ids = ids.clamp(max=self.vocab_size - 1)
+        return {"images": images.to(device), "input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+_MOMENTUM = ("visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m")
+
+
+def convert_albef_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Map a salesforce/ALBEF pre-training ``state_dict`` (``checkpoint["model"]``) to :class:`ALBEF`'s names.
+
+    * ``text_encoder[_m].bert.*`` -> ``text_encoder[_m].*``; HF's separate ``query`` / ``key`` /
+      ``value`` are concatenated into ``attention.self.qkv`` (cross-attention: ``query`` ->
+      ``crossattention.self.q``, ``key`` + ``value`` -> ``crossattention.self.kv``);
+      ``*.output.dense`` of (cross-)attention -> ``*.self.proj``; ``position_ids`` and
+      ``cls.predictions.decoder.bias`` (an alias of ``cls.predictions.bias``) are dropped.
+    * momentum networks ``X_m.*`` -> ``X_m.module.*``.
+    * ``temp``, ``image_queue``, ``text_queue`` ((256, K) as ALBEF stores them: transposed on load by
+      :class:`vlfast.nn.ITCLoss`), ``queue_ptr`` -> ``itc.*``; ``itc.idx_queue`` is added (-100).
+
+    The result loads with ``model.load_state_dict(out)``.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    pending: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, t in state_dict.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        if k in ("temp", "image_queue", "text_queue", "queue_ptr"):
+            out["itc." + k] = t
+            continue
+        head, _, rest = k.partition(".")
+        if head in _MOMENTUM:
+            head = head + ".module"
+        if head.startswith("text_encoder"):
+            if rest.startswith("bert."):
+                rest = rest[len("bert."):]
+            if rest.endswith("position_ids") or rest == "cls.predictions.decoder.bias":
+                continue
+            for att, q_name in (("attention", "qkv"), ("crossattention", "kv")):
+                for part in ("query", "key", "value"):
+                    tag = f".{att}.self.{part}."
+                    if tag in rest:
+                        pre, _, leaf = rest.partition(tag)
+                        if att == "crossattention" and part == "query":
+                            rest = f"{pre}.{att}.self.q.{leaf}"
+                            break
+                        slot = f"{head}.{pre}.{att}.self.{q_name}.{leaf}"
+                        pending.setdefault(slot, {})[part] = t
+                        rest = None
+                        break
+                if rest is None:
+                    break
+                rest = rest.replace(f".{att}.output.dense.", f".{att}.self.proj.")
+            if rest is None:
+                continue
+        out[f"{head}.{rest}" if rest else head] = t
+    for slot, parts in pending.items():
+        order = ("query", "key", "value") if slot.split(".")[-2] == "qkv" else ("key", "value")
+        missing = [p for p in order if p not in parts]
+        if missing:
+            raise ValueError(f"checkpoint lacks the {missing} projection(s) of {slot}")
+        out[slot] = torch.cat([parts[p] for p in order], 0)
+    if "itc.image_queue" in out and "itc.idx_queue" not in out:
+        q = out["itc.image_queue"]
+        out["itc.idx_queue"] = torch.full((q.shape[-1],), -100, dtype=torch.long, device=q.device)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ registry
+@register_model("albef_base")
+def albef_base(**overrides) -> ALBEF:
+    """ALBEF pre-training: ViT-B/16 (224) + 6 text and 6 fusion BERT-base layers (vocab 30522), 256-d ITC
+    with 65536-entry queues, momentum 0.995, BERT dropout 0.1."""
+    return ALBEF(**overrides)
+
+
+@register_model("albef_micro")
+def albef_micro(**overrides) -> ALBEF:
+    """A tiny ALBEF for tests and CPU: 32x32 images (patch 8, width 64, 2 blocks), byte vocabulary (261),
+    2 text + 2 fusion layers of width 64, 32-d ITC with a 64-entry queue, no dropout."""
+    cfg = dict(img_size=32, patch_size=8, vision_width=64, vision_depth=2, vision_heads=4, vocab_size=NUM_SPECIAL + 256,
+               text_width=64, text_layers=2, fusion_layers=2, text_heads=4, intermediate_size=128,
+               max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, embed_dim=32, queue_size=64,
+               text_len=16)
+    cfg.update(overrides)
+    return ALBEF(**cfg)
