@@ -23,7 +23,12 @@ $(DEPS_STAMP): Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
 	# unpinned deps that torch does not constrain; torch itself is never re-resolved
-	$(VPY) -m pip install $(PIP_FLAGS) triton numpy tqdm matplotlib pytest pytest-benchmark pybind11 ninja "setuptools>=64" wheel
+	$(VPY) -m pip install $(PIP_FLAGS) triton numpy tqdm matplotlib pillow pytest pytest-benchmark pybind11 ninja "setuptools>=64" wheel
+	# DeepSpeed (ZeRO integration): no build isolation and no deps, so its build uses this torch and never
+	# resolves another one; DS_BUILD_OPS=0 builds no ops ahead (the CPU comm op is JIT-built by ninja)
+	DS_BUILD_OPS=0 $(VPY) -m pip install $(PIP_FLAGS) --no-build-isolation --no-deps deepspeed==0.19.8 hjson==3.1.0 \
+		msgpack==1.2.4 einops==0.8.2 py-cpuinfo==9.0.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
+		typing-inspection==0.4.5 psutil==7.2.2
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)

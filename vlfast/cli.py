@@ -1,4 +1,4 @@
-"""The ``vlfast`` command: ``vlfast info`` and ``vlfast bench``."""
+"""The ``vlfast`` command: ``vlfast info``, ``vlfast bench`` and ``vlfast train``."""
 
 import argparse
 import importlib.metadata
@@ -83,6 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, and which backend serves each op")
     sub.add_parser("bench", help="run the benchmark harness (vlfast bench --help)", add_help=False)
+    sub.add_parser("train", help="train a model (vlfast train --help)", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
@@ -93,6 +94,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from vlfast.bench.harness import main as bench_main
 
         return bench_main(rest)
+    if args.command == "train":
+        from vlfast.training.trainer import main as train_main
+
+        return train_main(rest)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -1,0 +1,447 @@
+"""DeepSpeed integration: config builder and shard-local momentum/EMA updates under ZeRO.
+
+Under ZeRO-3 every parameter is partitioned: ``param.data`` is empty and each rank
+holds a flat slice ``param.ds_tensor`` (``param.ds_numel`` elements in all, padded so
+that the ranks' slices have equal length).  A momentum (MoCo/ALBEF/BYOL) or EMA
+update is elementwise, and the momentum network and the online network are
+partitioned the same way, so each rank can update its own slices directly:
+:func:`zero3_momentum_update_` does that in one fused :func:`vlfast.ops.ema_update_`
+call, with no all-gather and no broadcast.  The baseline it replaces,
+:func:`gathered_momentum_update_` (DeepSpeedExamples' ``moving_average``), gathers
+every parameter pair in full on every rank.
+
+Low-precision (bf16/fp16) momentum weights are averaged into an fp32 master copy
+(``master <- m * master + (1 - m) * online``) which is then copied into the momentum
+weights, so updates far below bf16's resolution (``(1 - m) * |online - momentum|``
+with ``m = 0.999``) accumulate instead of being rounded away.
+
+Trainer usage::
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=cfg)
+    momenta = attach_zero_momentum(engine.module)        # one ZeroMomentum per MomentumEncoder
+    for batch in loader:
+        engine.backward(engine(batch)); engine.step()
+        for zm in momenta:
+            zm.update(m)                                  # instead of MomentumEncoder.update
+    # checkpoints: save/load ``[zm.state_dict() for zm in momenta]`` per rank
+    # (the masters are this rank's shards), next to the engine's checkpoint.
+
+Parameter offload (``offload_param``) to NVMe is not supported (the shards must be
+resident tensors).
+"""
+
+import copy
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..ops.ema import _check_decay, ema_update_
+
+__all__ = [
+    "deepspeed_config",
+    "zero3_momentum_update_",
+    "gathered_momentum_update_",
+    "ZeroMomentum",
+    "attach_zero_momentum",
+    "is_zero3_param",
+]
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_HIGH = (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- config
+
+def _deep_merge(base: Dict[str, Any], override: Mapping[str, Any]) -> Dict[str, Any]:
+    """``override`` wins; nested dicts are merged; a value ``"auto"`` keeps ``base``'s."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, str) and v == "auto" and k in out:
+            continue
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _default_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _on_cpu() -> bool:
+    acc = os.environ.get("DS_ACCELERATOR")
+    if acc is not None:
+        return acc == "cpu"
+    return not torch.cuda.is_available()
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def deepspeed_config(zero_stage: int, precision: str = "fp32", batch_size: Optional[int] = None,
+                     grad_accum: int = 1, lr: float = 1e-4, weight_decay: float = 0.05,
+                     world_size: Optional[int] = None,
+                     user_config: Union[None, str, os.PathLike, Mapping[str, Any]] = None, *,
+                     betas=(0.9, 0.999), eps: float = 1e-8, gradient_clipping: Optional[float] = None,
+                     device: Optional[str] = None) -> Dict[str, Any]:
+    """A DeepSpeed config dict for vlfast training.
+
+    Args:
+        zero_stage: ZeRO stage, 0-3.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (fp16 is refused on CPU, which
+            DeepSpeed's CPU accelerator does not support).
+        batch_size: micro batch per rank (``train_micro_batch_size_per_gpu``); required.
+        grad_accum: gradient accumulation steps.
+        lr, weight_decay, betas, eps: AdamW (``torch_adam: true``) hyperparameters.
+        world_size: number of ranks (default: the process group's, else ``$WORLD_SIZE``, else 1).
+        user_config: a dict or a path to a JSON file; deep-merged over the generated
+            config (its keys win; a value ``"auto"`` keeps the generated one).
+        gradient_clipping: written when given.
+        device: ``"cpu"``/``"cuda"`` for the fp16 check (default: ``$DS_ACCELERATOR``,
+            else whether CUDA is available).
+
+    ``train_batch_size = batch_size * grad_accum * world_size``.
+
+    Raises:
+        ValueError: before any process group is touched, for a stage outside 0-3, an
+            unknown precision, fp16 on CPU, a non-positive batch size / accumulation /
+            world size, or a user config whose batch sizes, ZeRO stage or precision
+            sections contradict the arguments or each other.
+    """
+    if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    on_cpu = _on_cpu() if device is None else str(device).startswith("cpu")
+    if precision == "fp16" and on_cpu:
+        raise ValueError("precision 'fp16' is not supported by DeepSpeed on CPU; use 'bf16' or 'fp32'")
+    if batch_size is None:
+        raise ValueError("batch_size (micro batch per rank) is required")
+    batch_size = _positive_int("batch_size", batch_size)
+    grad_accum = _positive_int("grad_accum", grad_accum)
+    world_size = _positive_int("world_size", _default_world_size() if world_size is None else world_size)
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+
+    zero: Dict[str, Any] = {"stage": zero_stage}
+    if zero_stage >= 1:
+        zero.update({"reduce_bucket_size": 5e7, "contiguous_gradients": True})
+    if zero_stage >= 2:
+        zero.update({"overlap_comm": False, "allgather_bucket_size": 5e7, "reduce_scatter": True})
+    if zero_stage == 3:
+        zero.update({
+            "stage3_param_persistence_threshold": 1e4,
+            "stage3_max_live_parameters": 1e9,
+            "stage3_max_reuse_distance": 1e9,
+            "stage3_prefetch_bucket_size": 5e7,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        })
+    cfg: Dict[str, Any] = {
+        "train_batch_size": batch_size * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay, "torch_adam": True}},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": zero,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if gradient_clipping is not None:
+        cfg["gradient_clipping"] = float(gradient_clipping)
+
+    if user_config is None:
+        return cfg
+    if isinstance(user_config, (str, os.PathLike)):
+        with open(user_config) as f:
+            user_config = json.load(f)
+    if not isinstance(user_config, Mapping):
+        raise ValueError(f"user_config must be a dict or a JSON file path, got {type(user_config).__name__}")
+    user_stage = user_config.get("zero_optimization", {}).get("stage", "auto")
+    if user_stage != "auto" and user_stage != zero_stage:
+        raise ValueError(f"user config's zero_optimization.stage={user_stage} contradicts zero_stage={zero_stage}")
+    out = _deep_merge(cfg, user_config)
+
+    tbs, mbs, ga = (out.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                          "gradient_accumulation_steps"))
+    for name, v in (("train_batch_size", tbs), ("train_micro_batch_size_per_gpu", mbs),
+                    ("gradient_accumulation_steps", ga)):
+        _positive_int(f"user config's {name}", v)
+    if tbs != mbs * ga * world_size:
+        raise ValueError(
+            f"user config's batch sizes are inconsistent: train_batch_size={tbs} != "
+            f"train_micro_batch_size_per_gpu={mbs} * gradient_accumulation_steps={ga} * world_size={world_size}")
+    bf16 = bool(out.get("bf16", {}).get("enabled", False))
+    fp16 = bool(out.get("fp16", {}).get("enabled", False))
+    if bf16 and fp16:
+        raise ValueError("user config enables both bf16 and fp16")
+    got = "bf16" if bf16 else "fp16" if fp16 else "fp32"
+    if got != precision:
+        raise ValueError(f"user config's precision sections give {got!r} but precision={precision!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- ZeRO-3 helpers
+
+def is_zero3_param(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DeepSpeed ZeRO-3 partitioned parameter."""
+    return hasattr(p, "ds_id") and hasattr(p, "ds_tensor")
+
+
+def _available(p) -> bool:
+    status = getattr(p, "ds_status", None)
+    return status is not None and status.name == "AVAILABLE"
+
+
+def _partition_rank(p) -> int:
+    group = getattr(p, "ds_process_group", None)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(group=group)
+    return 0
+
+
+def _shard_slice(p, full_flat: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a flat full tensor in ``p.ds_tensor``'s layout (zero padding)."""
+    size = p.ds_tensor.numel()
+    start = _partition_rank(p) * size
+    out = torch.zeros(size, dtype=full_flat.dtype, device=full_flat.device)
+    n = max(0, min(size, full_flat.numel() - start))
+    if n:
+        out[:n] = full_flat[start:start + n]
+    return out
+
+
+def _check_lists(momentum_params, online_params):
+    momentum_params, online_params = list(momentum_params), list(online_params)
+    if len(momentum_params) != len(online_params):
+        raise ValueError(f"{len(momentum_params)} momentum parameters but {len(online_params)} online ones")
+    return momentum_params, online_params
+
+
+@torch.no_grad()
+def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_params: Sequence[torch.Tensor],
+                           m: float, *, master: Optional[List[Optional[torch.Tensor]]] = None,
+                           backend: Optional[str] = None) -> List[Optional[torch.Tensor]]:
+    """``momentum <- m * momentum + (1 - m) * online`` on each rank's local shards.
+
+    ``momentum_params``/``online_params``: parallel sequences of parameters, either all
+    ZeRO-3 partitioned (same partitioning: the same shapes and process group) or all
+    plain (ZeRO 0-2 / no DeepSpeed: replicated, updated whole).
+
+    * Partitioned: ``ds_tensor`` (the local flat shard) of each momentum parameter is
+      averaged with the online parameter's ``ds_tensor``; no communication.
+    * Persistent ZeRO-3 parameters (``ds_persist``, below
+      ``stage3_param_persistence_threshold``) whose full data is resident are updated
+      whole (the data is replicated on every rank) and their shard is refreshed from it.
+    * Plain parameters: their data is updated.
+
+    ``master``: the fp32 master copies returned by the previous call (``None`` on the
+    first call: created from the current momentum weights).  Entries are ``None`` for
+    fp32/fp64 momentum tensors, which are updated in place directly.  All updates are
+    one :func:`vlfast.ops.ema_update_` call.  Returns the (new) master list.
+    """
+    m = _check_decay(m)
+    mom, onl = _check_lists(momentum_params, online_params)
+    if master is None:
+        master = [None] * len(mom)
+    elif len(master) != len(mom):
+        raise ValueError(f"master has {len(master)} entries for {len(mom)} parameters")
+    else:
+        master = list(master)
+
+    targets, sources, post = [], [], []
+    for i, (p, q) in enumerate(zip(mom, onl)):
+        z3p, z3q = is_zero3_param(p), is_zero3_param(q)
+        if z3p != z3q:
+            raise ValueError(f"parameter {i}: one of the pair is ZeRO-3 partitioned and the other is not")
+        low = p.dtype not in _HIGH
+        if not z3p:
+            if tuple(p.shape) != tuple(q.shape):
+                raise ValueError(f"parameter {i}: shape {tuple(p.shape)} vs online {tuple(q.shape)}")
+            if low:
+                if master[i] is None or master[i].shape != p.shape:
+                    master[i] = p.data.float()
+                targets.append(master[i])
+                post.append((p.data, master[i]))
+            else:
+                master[i] = None
+                targets.append(p.data)
+            sources.append(q.data)
+            continue
+        if tuple(p.ds_shape) != tuple(q.ds_shape) or p.ds_tensor.numel() != q.ds_tensor.numel():
+            raise ValueError(f"parameter {i}: momentum and online parameters are partitioned differently "
+                             f"({tuple(p.ds_shape)}/{p.ds_tensor.numel()} vs {tuple(q.ds_shape)}/{q.ds_tensor.numel()})")
+        shard_n, full_n = p.ds_tensor.numel(), p.ds_numel
+        full = bool(getattr(p, "ds_persist", False)) and _available(p) and p.data.numel() == full_n
+        if full:
+            if not (_available(q) and q.data.numel() == full_n):
+                raise RuntimeError(f"parameter {i}: the momentum parameter is persistent (resident in full) but "
+                                   "the online one is not; both networks need the same persistence threshold")
+            flat = p.data.view(-1)
+            if low:
+                mst = master[i]
+                if mst is None or mst.numel() != full_n:
+                    new = flat.float()
+                    if mst is not None and mst.numel() == shard_n:  # shard master -> keep our exact slice
+                        start = _partition_rank(p) * shard_n
+                        n = max(0, min(shard_n, full_n - start))
+                        new[start:start + n] = mst[:n]
+                    master[i] = mst = new
+                targets.append(mst)
+            else:
+                master[i] = None
+                targets.append(flat)
+            sources.append(q.data.view(-1))
+            post.append(("full", p, master[i]))
+        else:
+            if low:
+                mst = master[i]
+                if mst is not None and mst.numel() != shard_n:
+                    if mst.numel() == full_n:  # was resident in full; keep the master's slice
+                        mst = _shard_slice(p, mst)
+                    else:
+                        mst = None
+                if mst is None:
+                    mst = p.ds_tensor.float()
+                master[i] = mst
+                targets.append(mst)
+                post.append((p.ds_tensor, mst))
+            else:
+                master[i] = None
+                targets.append(p.ds_tensor)
+            sources.append(q.ds_tensor)
+    if targets:
+        ema_update_(targets, sources, m, backend=backend)
+    for item in post:
+        if item[0] == "full":
+            _, p, mst = item
+            if mst is not None:
+                p.data.copy_(mst.view(p.data.shape))
+            p.ds_tensor.copy_(_shard_slice(p, p.data.reshape(-1)))
+        else:
+            dst, src = item
+            dst.copy_(src.view(dst.shape))
+    return master
+
+
+@torch.no_grad()
+def gathered_momentum_update_(momentum_params: Sequence[torch.Tensor], online_params: Sequence[torch.Tensor],
+                              m: float) -> None:
+    """Baseline: DeepSpeedExamples' ``moving_average``, one full gather per parameter pair.
+
+    For each pair, both parameters are gathered (``deepspeed.zero.GatheredParameters``;
+    the momentum one with ``modifier_rank=0`` so that the update is written back to the
+    shards), ``momentum.copy_(lerp(online, momentum, m))`` runs on the full tensors,
+    and the momentum parameter is broadcast from rank 0 and re-partitioned.
+    """
+    import deepspeed
+
+    m = _check_decay(m)
+    mom, onl = _check_lists(momentum_params, online_params)
+    for p, q in zip(mom, onl):
+        if not is_zero3_param(p):
+            p.data.copy_(torch.lerp(q.data.to(p.dtype), p.data, m))
+            continue
+        with deepspeed.zero.GatheredParameters([q], enabled=is_zero3_param(q)):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(torch.lerp(q.data.to(p.dtype), p.data, m))
+
+
+class ZeroMomentum:
+    """Momentum/EMA update of ``momentum_module`` towards ``online_module`` on local shards.
+
+    Holds the fp32 master copies between calls of :func:`zero3_momentum_update_`.
+    The parameters are paired in ``parameters()`` order (the momentum module is a copy
+    of the online one).  ``state_dict()`` holds this rank's masters (per-rank state:
+    save it per rank, next to the DeepSpeed checkpoint).
+    """
+
+    def __init__(self, momentum_module: nn.Module, online_module: nn.Module, *, backend: Optional[str] = None):
+        self.momentum_module = momentum_module
+        self.online_module = online_module
+        self.backend = backend
+        n1 = len(list(momentum_module.parameters()))
+        n2 = len(list(online_module.parameters()))
+        if n1 != n2:
+            raise ValueError(f"momentum module has {n1} parameters but the online module has {n2}")
+        self.master: Optional[List[Optional[torch.Tensor]]] = None
+
+    def update(self, m: float) -> None:
+        self.master = zero3_momentum_update_(list(self.momentum_module.parameters()),
+                                             list(self.online_module.parameters()), m,
+                                             master=self.master, backend=self.backend)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"master": None if self.master is None else
+                [None if t is None else t.detach().clone() for t in self.master]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        master = state["master"]
+        if master is not None:
+            n = len(list(self.momentum_module.parameters()))
+            if len(master) != n:
+                raise ValueError(f"state has {len(master)} masters for {n} parameters")
+            master = [None if t is None else t.detach().clone() for t in master]
+        self.master = master
+
+
+def _param_signature(module: nn.Module):
+    return [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in module.named_parameters()]
+
+
+def attach_zero_momentum(model: nn.Module, *, pairs: Optional[Mapping[str, str]] = None,
+                         backend: Optional[str] = None) -> List[ZeroMomentum]:
+    """One :class:`ZeroMomentum` per :class:`vlfast.nn.MomentumEncoder` submodule of ``model``.
+
+    The online network of each momentum encoder is found as: ``pairs[name]`` (submodule
+    names, e.g. ``{"momentum_encoder": "base_encoder"}``) when given, else the sibling
+    named like it without the ``_m`` suffix (ALBEF's ``visual_encoder_m``), else
+    MoCo's ``momentum_encoder`` -> ``base_encoder``, else the unique other submodule
+    with the same parameter names and shapes.  Call ``update(m)`` on each after
+    ``engine.step()`` instead of ``MomentumEncoder.update``.  A :class:`vlfast.nn.EMA`
+    keeps its own (unpartitioned) copy; use ``ZeroMomentum(ema.module, model)`` for it.
+
+    Raises:
+        ValueError: an online network cannot be found unambiguously.
+    """
+    from ..nn.ema import MomentumEncoder
+
+    modules = dict(model.named_modules())
+    out = []
+    for name, mod in modules.items():
+        if not isinstance(mod, MomentumEncoder):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        prefix = parent + "." if parent else ""
+        candidates = []
+        if pairs and name in pairs:
+            candidates = [pairs[name]]
+        elif leaf.endswith("_m") and prefix + leaf[:-2] in modules:
+            candidates = [prefix + leaf[:-2]]
+        elif leaf == "momentum_encoder" and prefix + "base_encoder" in modules:
+            candidates = [prefix + "base_encoder"]
+        else:
+            sig = _param_signature(mod.module)
+            candidates = [n for n, x in modules.items()
+                          if x is not mod and x is not mod.module and not n.startswith(name + ".")
+                          and not isinstance(x, MomentumEncoder) and _param_signature(x) == sig]
+        if len(candidates) != 1 or candidates[0] not in modules:
+            raise ValueError(f"cannot find the online network of momentum encoder {name!r} "
+                             f"(candidates: {candidates}); pass pairs={{{name!r}: 'online_name'}}")
+        out.append(ZeroMomentum(mod.module, modules[candidates[0]], backend=backend))
+    return out

@@ -1,0 +1,143 @@
+"""Atomic checkpoints: ``<out>/checkpoints/step_<N>/`` plus a ``latest`` pointer file.
+
+A checkpoint is written into ``checkpoints/.tmp-step_<N>-<pid>/`` and renamed into
+place with :func:`os.replace`; ``latest`` (holding the directory name) is updated by
+writing ``latest.tmp-<pid>`` and renaming it.  A crash at any point leaves either the
+previous complete checkpoint or the new one; leftover ``.tmp-*`` entries are ignored
+and removed by :func:`clean_tmp`.
+"""
+
+import json
+import os
+import random
+import shutil
+from typing import Optional
+
+import torch
+
+TMP_PREFIX = ".tmp-"
+LATEST = "latest"
+STATE_FILE = "trainer_state.pt"
+
+
+def ckpt_root(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_tmp(out_dir: str) -> list:
+    """Remove partial checkpoints / pointer files left by a crash; returns their names."""
+    root = ckpt_root(out_dir)
+    removed = []
+    if not os.path.isdir(root):
+        return removed
+    for name in os.listdir(root):
+        if name.startswith(TMP_PREFIX) or name.startswith(LATEST + ".tmp"):
+            path = os.path.join(root, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+            removed.append(name)
+    return removed
+
+
+def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, ema=None, args: Optional[dict] = None) -> str:
+    """Write checkpoint ``step`` atomically and point ``latest`` at it; returns its path."""
+    root = ckpt_root(out_dir)
+    os.makedirs(root, exist_ok=True)
+    name = f"step_{step}"
+    tmp = os.path.join(root, f"{TMP_PREFIX}{name}-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    engine.save(tmp)
+    if ema is not None:
+        torch.save(ema.state_dict(), os.path.join(tmp, "ema.pt"))
+    state = dict(trainer_state)
+    state["step"] = step
+    state["rng"] = rng_state()
+    state["args"] = args or {}
+    torch.save(state, os.path.join(tmp, STATE_FILE))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump({"step": step, "args": args or {}}, f, indent=1, default=str)
+    _fsync_dir(tmp)
+    final = os.path.join(root, name)
+    if os.path.exists(final):  # re-saving the same step (e.g. the final save after save-every)
+        old = os.path.join(root, f"{TMP_PREFIX}old-{name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    ptr_tmp = os.path.join(root, f"{LATEST}.tmp-{os.getpid()}")
+    with open(ptr_tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(ptr_tmp, os.path.join(root, LATEST))
+    _fsync_dir(root)
+    return final
+
+
+def find_latest(out_dir: str) -> Optional[str]:
+    """Path of the checkpoint ``latest`` points at, or None."""
+    root = ckpt_root(out_dir)
+    ptr = os.path.join(root, LATEST)
+    if not os.path.isfile(ptr):
+        return None
+    with open(ptr) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not name or name.startswith(TMP_PREFIX) or not os.path.isfile(os.path.join(path, STATE_FILE)):
+        return None
+    return path
+
+
+def load_checkpoint(path: str, engine, ema=None) -> dict:
+    """Restore ``engine`` (and ``ema``) from ``path``; returns the trainer state (RNG not yet applied)."""
+    engine.load(path)
+    if ema is not None:
+        ema_path = os.path.join(path, "ema.pt")
+        if os.path.isfile(ema_path):
+            ema.load_state_dict(torch.load(ema_path, map_location="cpu", weights_only=False))
+    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
