@@ -196,6 +196,41 @@ class EMA(nn.Module):
         return self.module(*args, **kwargs)
 
 
+def _full_resident(p) -> bool:
+    status = getattr(p, "ds_status", None)
+    return status is not None and status.name == "AVAILABLE" and p.data.numel() == p.ds_numel
+
+
+def _prefetched_pairs(mine, theirs):
+    """ZeRO-3 momentum parameters that are not persistent but whose full data is resident
+    (prefetched for the coming forward, or kept by ``stage3_max_reuse_distance``): the
+    shard-local update alone would leave that full copy stale for the forward.  Returns
+    ``(param, online_full_data)`` pairs; the online full data is the resident one, or
+    (rarely) gathered."""
+    out = []
+    for p, q in zip(mine, theirs):
+        if not hasattr(p, "ds_tensor") or getattr(p, "ds_persist", False) or not _full_resident(p):
+            continue
+        if hasattr(q, "ds_tensor") and not _full_resident(q):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([q], modifier_rank=None):
+                out.append((p, q.data.detach().clone()))
+        else:
+            out.append((p, q.data))
+    return out
+
+
+def _copy_shard_into_full(p) -> None:
+    group = getattr(p, "ds_process_group", None)
+    rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
+    size = p.ds_tensor.numel()
+    start = rank * size
+    n = max(0, min(size, p.ds_numel - start))
+    if n:
+        p.data.view(-1)[start:start + n].copy_(p.ds_tensor.view(-1)[:n])
+
+
 class MomentumEncoder(nn.Module):
     r"""A frozen momentum copy of an online network (MoCo: He et al., 2020; BYOL; ALBEF; DINO).
 
@@ -204,6 +239,12 @@ class MomentumEncoder(nn.Module):
     are the momentum network's own, as in MoCo.  ``forward`` runs the copy under
     ``torch.no_grad()``.  Use :func:`vlfast.schedules.cosine_momentum` for MoCo v3's /
     DINO's schedule.
+
+    Under DeepSpeed ZeRO-3 (parameters with ``ds_tensor``) ``update`` averages each
+    rank's local shards with :func:`vlfast.distributed.zero.zero3_momentum_update_` (no
+    all-gather; fp32 masters of low-precision shards are kept in ``self._zero_master``,
+    which is in no state dict); a full copy ZeRO-3 has already prefetched for the coming
+    forward is updated as well, so it is not stale.
 
     Args:
         online: the network to follow (deep-copied once, gradients off).
@@ -231,6 +272,18 @@ class MomentumEncoder(nn.Module):
         if len(mine) != len(theirs):
             raise ValueError(f"online has {len(theirs)} parameters but the momentum encoder has {len(mine)}: "
                              "update() takes the network it was created from")
+        if any(hasattr(p, "ds_tensor") for p in mine + theirs):
+            # ZeRO-3 partitioned parameters: their .data is empty outside a gather; update the
+            # local shards (no communication), keeping fp32 masters for low-precision weights
+            from ..distributed.zero import zero3_momentum_update_
+            resident = _prefetched_pairs(mine, theirs)
+            for p, q_full in resident:  # see _prefetched_pairs
+                p.data.copy_(torch.lerp(q_full.to(torch.float32), p.data.to(torch.float32), m).to(p.dtype))
+            self.__dict__["_zero_master"] = zero3_momentum_update_(
+                mine, theirs, m, master=self.__dict__.get("_zero_master"), backend=self.backend)
+            for p, _ in resident:  # our own part exactly as the shard (and its fp32 master) has it
+                _copy_shard_into_full(p)
+            return
         if self.fused:
             ema_update_(mine, theirs, m, backend=self.backend)
         else:

@@ -82,15 +82,33 @@ def clean_tmp(out_dir: str) -> list:
 
 
 def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, ema=None, args: Optional[dict] = None) -> str:
-    """Write checkpoint ``step`` atomically and point ``latest`` at it; returns its path."""
+    """Write checkpoint ``step`` atomically and point ``latest`` at it; returns its path.
+
+    With several ranks (``engine.world_size > 1``) every rank calls this: all write their
+    part (``engine.save``) into one shared ``.tmp-step_N-dist`` directory; after a barrier
+    rank 0 writes the trainer state and renames the directory into place, then a final
+    barrier.  The trainer state (RNG) is rank 0's.
+    """
     root = ckpt_root(out_dir)
-    os.makedirs(root, exist_ok=True)
     name = f"step_{step}"
-    tmp = os.path.join(root, f"{TMP_PREFIX}{name}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    rank, world = int(getattr(engine, "rank", 0)), int(getattr(engine, "world_size", 1))
+    barrier = getattr(engine, "barrier", lambda: None)
+    suffix = "dist" if world > 1 else str(os.getpid())
+    tmp = os.path.join(root, f"{TMP_PREFIX}{name}-{suffix}")
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    if world > 1:
+        barrier()
     engine.save(tmp)
+    if world > 1:
+        barrier()
+    final = os.path.join(root, name)
+    if rank != 0:
+        barrier()  # rank 0 renames
+        return final
     if ema is not None:
         torch.save(ema.state_dict(), os.path.join(tmp, "ema.pt"))
     state = dict(trainer_state)
@@ -101,7 +119,6 @@ def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, ema=No
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump({"step": step, "args": args or {}}, f, indent=1, default=str)
     _fsync_dir(tmp)
-    final = os.path.join(root, name)
     if os.path.exists(final):  # re-saving the same step (e.g. the final save after save-every)
         old = os.path.join(root, f"{TMP_PREFIX}old-{name}-{os.getpid()}")
         os.replace(final, old)
@@ -116,6 +133,8 @@ def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, ema=No
         os.fsync(f.fileno())
     os.replace(ptr_tmp, os.path.join(root, LATEST))
     _fsync_dir(root)
+    if world > 1:
+        barrier()
     return final
 
 

@@ -1,4 +1,24 @@
-"""``vlfast train``: single-process training loop with an pluggable :class:`Engine`."""
+"""``vlfast train``: the training loop with a pluggable :class:`Engine` (plain torch or DeepSpeed ZeRO).
+
+* No ``--zero``: one process, :class:`TorchEngine` (AdamW).
+* ``--zero {0,1,2,3}``: :class:`DeepSpeedEngine` (0 = DeepSpeed with ZeRO disabled);
+  ``--deepspeed-config FILE`` is merged into the generated config
+  (:func:`vlfast.distributed.zero.deepspeed_config`).  ``--batch-size`` is the *global*
+  batch: rank ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)`` of the global batch ``i``,
+  so a run on ``W`` ranks sees the same samples as the single-process run; the logged
+  loss is the mean over the ranks, and only rank 0 writes ``metrics.jsonl``.
+* ``--nproc N`` (single node): the process re-launches itself as ``N`` ranks
+  (``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR=127.0.0.1/MASTER_PORT``; ``DS_ACCELERATOR=cpu``
+  without CUDA), waits, and exits non-zero when a rank fails.
+* Multi-node: DeepSpeed's own launcher, unchanged; each rank reads ``RANK``,
+  ``WORLD_SIZE`` and ``LOCAL_RANK`` from its environment::
+
+      deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 -m vlfast.training.trainer \\
+          --model clip_vit_b16 --zero 3 --batch-size 4096
+
+Checkpoints stay atomic with several ranks: every rank writes its DeepSpeed shards into
+the same ``.tmp-step_N-dist`` directory and, after a barrier, rank 0 renames it.
+"""
 
 import argparse
 import contextlib
@@ -32,9 +52,14 @@ class Engine:
     """
 
     model: torch.nn.Module
+    rank: int = 0
+    world_size: int = 1
 
     def autocast(self):
         return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in one process)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
@@ -122,9 +147,219 @@ class TorchEngine(Engine):
             self.scaler.load_state_dict(ld("scaler.pt"))
 
 
+@contextlib.contextmanager
+def _patched_broadcast():
+    """DeepSpeed's initial broadcast views each parameter as bytes, which fails for 0-dim
+    parameters (CLIP's ``logit_scale``); broadcast a flat 1-element view of those instead."""
+    from deepspeed.runtime import engine as ds_engine
+
+    cls = ds_engine.DeepSpeedEngine
+    orig = cls._broadcast_model
+
+    def _broadcast_model(self):
+        zero_dim = [p for p in self.module.parameters() if p.dim() == 0]
+        if not zero_dim:
+            return orig(self)
+        saved = [p.data for p in zero_dim]
+        for p in zero_dim:
+            p.data = p.data.reshape(1)
+        try:
+            return orig(self)
+        finally:
+            for p, d in zip(zero_dim, saved):
+                d.copy_(p.data.reshape(()))
+                p.data = d
+
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    orig_init = pp.Init._zero_init_param
+
+    def _zero_init_param(self, param):  # ZeRO-3's conversion broadcasts the same way
+        if param.dim() != 0:
+            return orig_init(self, param)
+        self._convert_to_deepspeed_param(param)
+        group = self.get_partition_dp_group(param)
+        src = 0 if pp.dist.get_world_group() == group else pp.dist.get_global_rank(group, 0)
+        pp.dist.broadcast(param.data.reshape(1).view(torch.uint8), src, group)
+        param.partition()
+
+    cls._broadcast_model = _broadcast_model
+    pp.Init._zero_init_param = _zero_init_param
+    try:
+        yield
+    finally:
+        cls._broadcast_model = orig
+        pp.Init._zero_init_param = orig_init
+
+
+class DeepSpeedEngine(Engine):
+    """``deepspeed.initialize`` with the config of :func:`vlfast.distributed.zero.deepspeed_config`.
+
+    ``model`` is the DeepSpeed engine (call it for the forward); ``module`` the wrapped
+    network.  ``save``/``load`` go through ``save_checkpoint``/``load_checkpoint`` (every
+    rank must call them).
+    """
+
+    TAG = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, *, zero_stage: int, lr: float, precision: str = "fp32",
+                 batch_size: int, world_size: int = 1, device=None, user_config=None, weight_decay: float = 0.05):
+        import deepspeed
+
+        from vlfast.distributed.zero import deepspeed_config
+
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        try:
+            cfg = deepspeed_config(zero_stage, precision, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                   world_size=world_size, user_config=user_config, device=self.device.type,
+                                   gradient_clipping=0.0)  # as TorchEngine (DeepSpeed's default clips)
+        except (ValueError, OSError) as exc:
+            raise TrainError(f"DeepSpeed config: {exc}") from None
+        self.precision = precision
+        self.zero_stage = zero_stage
+        params = [p for p in model.parameters() if p.requires_grad]
+        with _patched_broadcast():
+            self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
+                                                                    config=cfg)
+        self.module = model
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def backward(self, loss):
+        self.model.backward(loss)
+
+    def step(self):
+        self.model.step()
+
+    @property
+    def lr(self):
+        try:
+            return float(self.model.get_lr()[0])
+        except Exception:
+            return float(self.optimizer.param_groups[0]["lr"])
+
+    def barrier(self):
+        torch.distributed.barrier()
+
+    def state_dict(self):
+        raise NotImplementedError("DeepSpeedEngine saves through save(directory)")
+
+    def load_state_dict(self, state):
+        raise NotImplementedError("DeepSpeedEngine loads through load(directory)")
+
+    def save(self, directory):
+        """DeepSpeed checkpoint (``<dir>/deepspeed``, per-rank shards) plus the full weights in
+        ``<dir>/model.pt`` (gathered under ZeRO-3), as :class:`TorchEngine` writes them."""
+        self.model.save_checkpoint(directory, tag=self.TAG)
+        gather = contextlib.nullcontext()
+        if self.zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        with gather:
+            if self.rank == 0:
+                sd = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+                torch.save(sd, os.path.join(directory, "model.pt"))
+
+    def load(self, directory):
+        path, _ = self.model.load_checkpoint(directory, tag=self.TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+        if path is None:
+            raise TrainError(f"no DeepSpeed checkpoint in {directory}")
+
+
 def make_engine(model, args, device) -> Engine:
-    """Engine factory; other engines (DeepSpeed) hook in here."""
+    """Engine factory: :class:`TorchEngine`, or :class:`DeepSpeedEngine` with ``--zero``."""
+    if getattr(args, "zero", None) is not None:
+        world = _world()[1]
+        return DeepSpeedEngine(model, zero_stage=args.zero, lr=args.lr, precision=args.precision,
+                               batch_size=args.batch_size // world, world_size=world, device=device,
+                               user_config=args.deepspeed_config)
     return TorchEngine(model, lr=args.lr, precision=args.precision, device=device)
+
+
+# --------------------------------------------------------------------------- ranks
+def _world():
+    """(rank, world_size, local_rank) from the launcher's environment (1 process: 0, 1, 0)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_distributed(device) -> None:
+    """Process group for DeepSpeed (gloo on the CPU); a lone process gets a 1-rank group."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import logging
+
+    import deepspeed
+
+    try:
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+    except Exception:  # pragma: no cover
+        pass
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
+    if device.type == "cuda":
+        torch.cuda.set_device(_world()[2])
+
+
+def _launch(nproc: int, argv: List[str]) -> int:
+    """Run ``nproc`` ranks of this command as subprocesses; the first failing rank's code (or 0)."""
+    import subprocess
+
+    port = str(_free_port())
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                   LOCAL_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        procs.append(subprocess.Popen([sys.executable, "-m", "vlfast", "train", *argv], env=env))
+    rc = 0
+    try:
+        pending = list(range(nproc))
+        while pending:
+            for r in list(pending):
+                code = procs[r].poll()
+                if code is None:
+                    continue
+                pending.remove(r)
+                if code != 0 and rc == 0:
+                    rc = code if code > 0 else 1
+                    print(f"{PROG}: error: rank {r} exited with code {code}", file=sys.stderr)
+                    for q in pending:  # the others would wait forever in a collective
+                        procs[q].terminate()
+            if pending:
+                time.sleep(0.1)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+    return rc
 
 
 # --------------------------------------------------------------------------- CLI
@@ -168,8 +403,18 @@ def _decay(s: str) -> float:
     return v
 
 
+def _zero_stage(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid ZeRO stage {s!r} (choose from 0, 1, 2, 3)") from None
+    if v not in (0, 1, 2, 3):
+        raise argparse.ArgumentTypeError(f"invalid ZeRO stage {v} (choose from 0, 1, 2, 3)")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Train a registered vlfast model (single process).")
+    p = argparse.ArgumentParser(prog=PROG, description="Train a registered vlfast model (one process, or DeepSpeed ranks with --zero).")
     p.add_argument("--model", required=True, help="model name (see vlfast.models.list_models())")
     p.add_argument("--data", default="synthetic", help="synthetic | csv:PATH | wds:PATTERN (default: synthetic)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
@@ -186,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=_decay, default=None, metavar="DECAY", help="keep an EMA of the weights")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--zero", type=_zero_stage, default=None, metavar="{0,1,2,3}",
+                   help="train with DeepSpeed at this ZeRO stage (0: DeepSpeed, ZeRO off)")
+    p.add_argument("--deepspeed-config", default=None, metavar="FILE",
+                   help="DeepSpeed JSON merged into the generated config (needs --zero)")
+    p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                   help="launch N local ranks (needs --zero; multi-node: use the deepspeed launcher)")
     return p
 
 
@@ -260,6 +511,17 @@ def run(args, parser) -> int:
         parser.error("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    rank, world, _ = _world()
+    if args.zero is None and world > 1:
+        raise TrainError(f"{world} ranks (WORLD_SIZE) need DeepSpeed: add --zero {{0,1,2,3}}")
+    if args.batch_size % world:
+        raise TrainError(f"--batch-size {args.batch_size} (the global batch) is not divisible by the "
+                         f"{world} ranks")
+    if args.zero is not None:
+        _init_distributed(device)
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    lo, hi = rank * args.batch_size // world, (rank + 1) * args.batch_size // world
+    main_rank = rank == 0
 
     _seed_all(args.seed)
     model = M.create(args.model, fused=not args.eager).to(device)
@@ -270,25 +532,29 @@ def run(args, parser) -> int:
             total_steps = args.steps
         else:
             total_steps = max(1, math.ceil(args.epochs * data.num_samples / args.batch_size))
-    engine = make_engine(model, args, device)
+    if args.ema is not None and args.zero == 3:
+        raise TrainError("--ema is not supported with --zero 3 (the EMA would copy empty partitioned weights)")
     ema = None
     if args.ema is not None:
         from vlfast.nn import EMA
 
         ema = EMA(model, decay=args.ema)
+    engine = make_engine(model, args, device)
 
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start = 0
     arg_dict = {k: v for k, v in vars(args).items()}
     if args.resume:
-        removed = ckpt.clean_tmp(args.out)
+        removed = ckpt.clean_tmp(args.out) if main_rank else []
+        engine.barrier()
         if removed:
             print(f"vlfast train: warning: removed partial checkpoint(s): {', '.join(removed)}", file=sys.stderr)
         path = ckpt.find_latest(args.out)
         if path is None:
-            print(f"vlfast train: warning: no checkpoint in {ckpt.ckpt_root(args.out)}; starting from step 0",
-                  file=sys.stderr)
+            if main_rank:
+                print(f"vlfast train: warning: no checkpoint in {ckpt.ckpt_root(args.out)}; starting from step 0",
+                      file=sys.stderr)
         else:
             state = ckpt.load_checkpoint(path, engine, ema)
             saved_model = state.get("args", {}).get("model")
@@ -297,17 +563,19 @@ def run(args, parser) -> int:
             start = int(state["step"])
             data.load_state_dict(state["data"])
             ckpt.set_rng_state(state["rng"])
-            _truncate_metrics(metrics_path, start)
-            print(f"vlfast train: resumed from {path} (step {start})", file=sys.stderr)
-    elif os.path.exists(metrics_path):
+            if main_rank:
+                _truncate_metrics(metrics_path, start)
+                print(f"vlfast train: resumed from {path} (step {start})", file=sys.stderr)
+    elif main_rank and os.path.exists(metrics_path):
         os.remove(metrics_path)
+    engine.barrier()
 
     def save(step):
         ckpt.save_checkpoint(args.out, step, engine, {"data": data.state_dict()}, ema=ema, args=arg_dict)
 
-    tb = _tensorboard(args.out)
+    tb = _tensorboard(args.out) if main_rank else None
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and main_rank:
         try:
             from tqdm import tqdm
 
@@ -317,10 +585,12 @@ def run(args, parser) -> int:
             bar = None
     last_saved = start if args.resume and start else None
     loss_val = float("nan")
-    with open(metrics_path, "a") as mf:
+    with (open(metrics_path, "a") if main_rank else open(os.devnull, "w")) as mf:
         for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
             batch = data.next_batch()
+            if world > 1:
+                batch = {k: v[lo:hi] for k, v in batch.items()}
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with engine.autocast():
                 out = engine.model(**batch)
@@ -330,8 +600,13 @@ def run(args, parser) -> int:
             engine.backward(loss)
             engine.step()
             if ema is not None:
-                ema.update(engine.model, step)
-            loss_val = float(loss.detach().float())
+                ema.update(model, step)
+            loss_det = loss.detach().float()
+            if world > 1:
+                loss_det = loss_det.clone()
+                torch.distributed.all_reduce(loss_det)
+                loss_det /= world
+            loss_val = float(loss_det)
             dt = time.perf_counter() - t0
             sps = args.batch_size / dt if dt > 0 else float("inf")
             rec = {"step": step, "loss": loss_val, "samples_per_s": sps, "lr": engine.lr, "time": time.time(),
@@ -357,14 +632,27 @@ def run(args, parser) -> int:
     if last_saved != total_steps:
         save(total_steps)
     skipped = f", skipped {data.skipped} unreadable image(s)" if data.skipped else ""
-    print(f"vlfast train: done: {total_steps} steps, final loss {loss_val:.4f}{skipped}; "
-          f"checkpoint {os.path.join(ckpt.ckpt_root(args.out), f'step_{total_steps}')}", file=sys.stderr)
+    if main_rank:
+        print(f"vlfast train: done: {total_steps} steps, final loss {loss_val:.4f}{skipped}; "
+              f"checkpoint {os.path.join(ckpt.ckpt_root(args.out), f'step_{total_steps}')}", file=sys.stderr)
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.deepspeed_config is not None and args.zero is None:
+        parser.error("--deepspeed-config needs --zero")
+    if args.nproc is not None:
+        if args.zero is None:
+            parser.error("--nproc needs --zero {0,1,2,3} (DeepSpeed)")
+        if args.batch_size % args.nproc:
+            parser.error(f"--batch-size {args.batch_size} (the global batch) is not divisible by --nproc {args.nproc}")
+        if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+            return _launch(args.nproc, argv)
+        if int(os.environ.get("WORLD_SIZE", 1)) != args.nproc:
+            parser.error(f"--nproc {args.nproc} but the launcher's WORLD_SIZE is {os.environ.get('WORLD_SIZE')}")
     try:
         return run(args, parser)
     except (TrainError, DataError) as exc:
