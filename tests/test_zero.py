@@ -212,6 +212,12 @@ WORKER = textwrap.dedent(r'''
         res["ref_mom"] = momr
         res["init"] = [init[k] for k in ("0.weight", "0.bias", "2.weight", "2.bias")]
         torch.save(res, out_path)
+    # leave together and skip C++ destructors: a rank exiting while gloo/shm threads of the other
+    # are still up can abort with "terminate called without an active exception"
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
 ''')
 
 

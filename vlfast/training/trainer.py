@@ -635,6 +635,10 @@ def run(args, parser) -> int:
     if main_rank:
         print(f"vlfast train: done: {total_steps} steps, final loss {loss_val:.4f}{skipped}; "
               f"checkpoint {os.path.join(ckpt.ckpt_root(args.out), f'step_{total_steps}')}", file=sys.stderr)
+    engine.barrier()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # ranks leave together; an unsynchronized exit can abort a peer's gloo threads
+        torch.distributed.destroy_process_group()
     return 0
 
 
