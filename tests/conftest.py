@@ -5,6 +5,7 @@ decorated, i.e. before ``vlfast.kernels`` modules are imported.
 """
 
 import os
+import types
 
 import pytest
 import torch
@@ -33,3 +34,15 @@ def cases_for(op: str):
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             out.append(pytest.param(device, b, marks=marks, id=f"{device}-{b}"))
     return out
+
+
+def fake_z3(full: torch.Tensor, rank: int, world: int, dtype):
+    """A stand-in for a ZeRO-3 parameter: empty data, the rank's padded flat shard in ds_tensor."""
+    size = -(-full.numel() // world)
+    flat = torch.zeros(size * world)
+    flat[:full.numel()] = full.reshape(-1)
+    p = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+    p.ds_id, p.ds_numel, p.ds_shape, p.ds_persist = 0, full.numel(), full.shape, False
+    p.ds_status = types.SimpleNamespace(name="NOT_AVAILABLE")
+    p.ds_tensor = flat[rank * size:(rank + 1) * size].to(dtype).clone()
+    return p

@@ -5,10 +5,11 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
+
+from conftest import fake_z3 as _fake_z3
 
 try:
     import deepspeed  # noqa: F401
@@ -32,16 +33,6 @@ def _losses(out):
 
 # --------------------------------------------------------------------------- MomentumEncoder on ZeRO-3 shards
 
-def _fake_z3(full: torch.Tensor, rank: int, world: int, dtype):
-    """A stand-in for a ZeRO-3 parameter: empty data, the rank's padded flat shard in ds_tensor."""
-    size = -(-full.numel() // world)
-    flat = torch.zeros(size * world)
-    flat[:full.numel()] = full.reshape(-1)
-    p = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
-    p.ds_id, p.ds_numel, p.ds_shape, p.ds_persist = 0, full.numel(), full.shape, False
-    p.ds_status = types.SimpleNamespace(name="NOT_AVAILABLE")
-    p.ds_tensor = flat[rank * size:(rank + 1) * size].to(dtype).clone()
-    return p
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
