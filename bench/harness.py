@@ -16,6 +16,9 @@ CUDA events when triton is missing); on CPU ``torch.utils.benchmark.Timer
 For memory-bound cases (``bytes_moved`` given) the achieved GB/s is reported
 together with its fraction of the device's copy bandwidth, measured once per run
 with ``dst.copy_(src)`` on a large buffer (bytes = read + write).
+A provider wrapped in :class:`SelfTimed` is not timed by the harness: it measures
+itself (e.g. several ranks of a distributed run, in subprocesses) and returns a
+:class:`Measured`; its row and speedups are then formed exactly as for a timed one.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import torch
 __all__ = [
     "MODULES",
     "Case",
+    "Measured",
+    "SelfTimed",
     "Result",
     "register",
     "registered_ops",
@@ -60,7 +65,7 @@ __all__ = [
 
 #: Benchmark modules of this package, imported as ``<this package>.<name>``.
 #: A name containing a dot is imported as an absolute module name instead.
-MODULES: list[str] = ["ema", "masking", "attention", "contrastive", "models"]
+MODULES: list[str] = ["ema", "masking", "attention", "contrastive", "models", "zero"]
 
 # Timing knobs: (cuda warmup ms, cuda rep ms, cpu min_run_time s, min runs).
 _TIMING = {False: (25, 100, 0.5, 5), True: (5, 20, 0.05, 3)}
@@ -77,7 +82,8 @@ class Case:
     """One benchmark configuration of one op.
 
     ``providers`` maps a provider name to a zero-argument callable that does the
-    work once (and returns nothing). ``baselines`` / ``candidates`` name entries of
+    work once (and returns nothing), or to a :class:`SelfTimed` that measures the
+    work itself when the case is run. ``baselines`` / ``candidates`` name entries of
     ``providers``: every measured provider gets a speedup against each baseline.
     ``unavailable`` maps a provider name that cannot run here to the reason; it is
     reported as a row, not timed. ``setup_each`` (optional) is called once before
@@ -102,6 +108,43 @@ class Case:
     min_runs: int | None = None
     #: per-provider extra measurements made by the case itself (e.g. {"vlfast": {"peak_mb": 12.5}})
     extra: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class Measured:
+    """A time measured by a provider itself (returned by :class:`SelfTimed`'s ``measure``).
+
+    ``ms``: the median time of one call, in milliseconds; ``runs``: how many timed
+    calls that median is over; ``extra``: further figures for the row (like
+    :attr:`Case.extra`).
+    """
+
+    ms: float
+    runs: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class SelfTimed:
+    """A provider that the harness does not time: ``measure()`` does its own timing.
+
+    For work the harness's in-process timer cannot time, e.g. the ranks of a
+    distributed run started as subprocesses, or figures a training run logs itself.
+    The harness calls ``measure()`` once when the case is run (never when cases are
+    built or listed) and reports the :class:`Measured` it returns as that provider's
+    row; speedups, ``items/s`` and targets use it as a timed provider's time.  An
+    exception from ``measure()`` becomes an error row.
+    """
+
+    def __init__(self, measure: Callable[[], Measured]):
+        if not callable(measure):
+            raise TypeError(f"SelfTimed needs a callable, got {type(measure).__name__}")
+        self.measure = measure
+
+    def __call__(self) -> Measured:
+        return self.measure()
+
+    def __repr__(self) -> str:
+        return f"SelfTimed({getattr(self.measure, '__qualname__', self.measure)!r})"
 
 
 @dataclass
@@ -602,7 +645,14 @@ def _run_case(case: Case, device: torch.device, quick: bool, bar) -> list[Result
         try:
             if case.setup_each is not None:
                 case.setup_each()
-            ms, runs = time_fn(fn, device, quick, case.min_runs)
+            own_extra: dict[str, float] = {}
+            if isinstance(fn, SelfTimed):
+                got = fn.measure()
+                if not isinstance(got, Measured):
+                    raise TypeError(f"SelfTimed provider {p!r} returned {type(got).__name__}, not Measured")
+                ms, runs, own_extra = float(got.ms), int(got.runs), dict(got.extra)
+            else:
+                ms, runs = time_fn(fn, device, quick, case.min_runs)
             if not (ms > 0 and math.isfinite(ms)):
                 raise RuntimeError(f"timer returned a non-positive or non-finite time: {ms!r} ms")
         except KeyboardInterrupt:
@@ -616,7 +666,7 @@ def _run_case(case: Case, device: torch.device, quick: bool, bar) -> list[Result
                 torch.cuda.empty_cache()
         else:
             r = Result(**common, provider=p, status="ok", role=role.get(p, ""), ms=ms, runs=runs,
-                       bytes_moved=case.bytes_moved, flops=case.flops)
+                       bytes_moved=case.bytes_moved, flops=case.flops, extra=own_extra)
             if case.bytes_moved:
                 r.gbps = case.bytes_moved / (ms * 1e-3) / 1e9  # frac_copy_bw: filled in by main()
             if case.flops:

@@ -327,3 +327,39 @@ def test_targets_are_checked_on_measured_ratios():
     assert got == {"2x loop": True, "1x foreach": False, "missing provider": None}
     text = format_targets(checks)
     assert "[met]" in text and "[MISSED]" in text and "[NOT MEASURED]" in text
+
+
+def test_self_timed_providers(tmp_path, monkeypatch, capsys):
+    # providers that measure themselves (e.g. ranks in subprocesses): their Measured is the row;
+    # speedups, items/s and targets use it; a failing or ill-typed one is an error row
+    pkg, src = _write_pkg(tmp_path, {"mod": f"""
+        from {harness.__name__} import Case, Measured, SelfTimed, Target, register
+
+        def _boom():
+            raise RuntimeError("rank 1 exited with code 1")
+
+        @register("selftimed")
+        def cases(device, quick):
+            yield Case(op="selftimed", name="ranks", shape="-", dtype="-", items=8,
+                       providers={{"base": SelfTimed(lambda: Measured(ms=40.0, runs=5)),
+                                   "fast": SelfTimed(lambda: Measured(ms=5.0, runs=7, extra={{"ranks": 2.0}})),
+                                   "bad": SelfTimed(_boom), "wrong": SelfTimed(lambda: 3.0)}},
+                       baselines=["base"], candidates=["fast", "bad", "wrong"],
+                       targets=[Target("5x base", "fast", baseline="base", minimum=5.0)])
+    """})
+    monkeypatch.syspath_prepend(str(src))
+    monkeypatch.setattr(harness, "_REGISTRY", {})
+    monkeypatch.setattr(harness, "MODULES", [f"{pkg}.mod"])
+    assert harness.main(["--list", "--quick"]) == 0
+    assert "base, fast, bad, wrong" in capsys.readouterr().out
+    rc = harness.main(["--quick", "--out", str(tmp_path / "out"), "--no-plot"])
+    cap = capsys.readouterr()
+    assert rc != 0  # the two broken providers
+    rows = {r["provider"]: r for r in _rows(tmp_path / "out")}
+    assert rows["base"]["ms"] == 40.0 and rows["base"]["runs"] == 5 and rows["base"]["status"] == "ok"
+    assert rows["fast"]["ms"] == 5.0 and rows["fast"]["runs"] == 7
+    assert rows["fast"]["speedups"] == {"base": pytest.approx(8.0)}
+    assert rows["fast"]["extra"] == {"ranks": 2.0, "items/s": pytest.approx(8 / 5e-3)}
+    assert rows["bad"]["status"] == "error" and "rank 1 exited" in rows["bad"]["error"]
+    assert rows["wrong"]["status"] == "error" and "not Measured" in rows["wrong"]["error"]
+    assert "[met] selftimed / ranks: 5x base (measured x8.00" in cap.out

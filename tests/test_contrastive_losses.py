@@ -388,6 +388,32 @@ def _dist_checks(rank, world):
     assert torch.equal(itc.image_queue[:world * N], im) and torch.equal(itc.text_queue[:world * N], tm)
     assert torch.equal(itc.idx_queue[:world * N], idx) and int(itc.queue_ptr) == world * N
 
+    # ITC with gather=True (fused and ALBEF's eager formula): the ranks' mean loss and averaged
+    # gradients equal one process's on the global batch; the queues get every rank's keys
+    from vlfast.models.albef import AlbefITC
+
+    im, tm = _unit(world * N, D), _unit(world * N, D)
+    for ids in (None, torch.arange(world * N) % 2 + 5):
+        for fused in (True, False):
+            torch.manual_seed(3)  # same queues on every rank
+            mod = AlbefITC(D, queue_size=2 * world * N, gather=True)
+            mod.fused = fused
+            iq, tq, idq = mod.image_queue.clone(), mod.text_queue.clone(), mod.idx_queue.clone()
+            x, y = img.clone().requires_grad_(), txt.clone().requires_grad_()
+            loss = mod(x[rows], y[rows], im[rows], tm[rows], alpha=0.4, idx=None if ids is None else ids[rows])
+            loss.backward()
+            got = averaged([loss.detach(), x.grad, y.grad, mod.temp.grad])
+            xr, yr = img.double().requires_grad_(), txt.double().requires_grad_()
+            tr = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+            ref = albef_itc_reference(xr, yr, im.double(), tm.double(), iq.double(), tq.double(), tr, 0.4,
+                                      idx=ids, idx_queue=None if ids is None else idq)
+            ref.backward()
+            for g, w, what in zip(got, (ref.detach(), xr.grad, yr.grad, tr.grad),
+                                  ("loss", "image grad", "text grad", "temp grad")):
+                torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=2e-5,
+                                           msg=lambda m: f"rank {rank} ITC gather fused={fused} ids={ids}: {what}: {m}")
+            assert torch.equal(mod.image_queue[:world * N], im) and torch.equal(mod.text_queue[:world * N], tm)
+
     # unequal row counts across ranks: a clear ValueError on every rank
     with pytest.raises(ValueError, match="same shape"):
         all_gather_with_grad(torch.zeros(2 + rank, D))

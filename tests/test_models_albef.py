@@ -151,6 +151,13 @@ def test_mask_tokens_bert_scheme():
     torch.manual_seed(0)
     masked2, labels2 = m.mask_tokens(ids, att)
     assert torch.equal(masked, masked2) and torch.equal(labels, labels2)
+    # data-parallel ranks: each draws for the global batch and keeps its rows
+    for rank, rows in ((0, slice(0, 32)), (1, slice(32, 64))):
+        torch.manual_seed(0)
+        part, part_labels = m.mask_tokens(ids[rows], att[rows], rank=rank, world_size=2)
+        torch.manual_seed(0)
+        full, full_labels = m.mask_tokens(ids, att)  # 64 rows = 2 ranks x 32
+        assert torch.equal(part, full[rows]) and torch.equal(part_labels, full_labels[rows])
 
 
 # ------------------------------------------------------------------------------------ parity

@@ -178,34 +178,47 @@ WORKER = textwrap.dedent(r'''
     assert all(hasattr(p, "ds_tensor") for p in mods.parameters())
     persist = [getattr(p, "ds_persist", False) for p in mods.mom.parameters()]
     zm = ZeroMomentum(mods.mom, mods.online)
+    from vlfast.nn import EMA
+    from vlfast.nn.ema import ZeroEMA
+    ema = EMA(mods.online, decay=0.8, warmup=True)  # partitioned model: a shard-local ZeroEMA
+    assert isinstance(ema, ZeroEMA) and all(t.numel() < 64 * 32 for t in ema._avg)
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(mb * world, 32, generator=g) for _ in range(steps)]
-    for x in data:
+    for step, x in enumerate(data, 1):
         loss = engine(x[rank * mb:(rank + 1) * mb]).pow(2).mean()
         engine.backward(loss)
         engine.step()
+        ema.update(mods.online, step)
         zm.update(m)
         gathered_momentum_update_(list(mods.mom2.parameters()), list(mods.online.parameters()), m)
-    res = {"persist": persist}
+    res = {"persist": persist, "ema": ema.state_dict()}  # collective: full tensors on every rank
+    ema2 = EMA(mods.online, decay=0.8)
+    ema2.load_state_dict(res["ema"])
+    res["ema_roundtrip"] = ema2.state_dict()
     for name in ("mom", "mom2", "online"):
         ps = list(getattr(mods, name).parameters())
         with deepspeed.zero.GatheredParameters(ps):
             res[name] = [p.data.clone() for p in ps]
     if rank == 0:
         momr = [p.detach().clone() for p in ref.parameters()]
+        ref_ema = EMA(ref, decay=0.8, warmup=True)
         opt = torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.999), eps=1e-8)
-        for x in data:
+        for step, x in enumerate(data, 1):
             opt.zero_grad(); ref(x).pow(2).mean().backward(); opt.step()
+            ref_ema.update(ref, step)
             with torch.no_grad():
                 for a, b in zip(momr, ref.parameters()):
                     a.mul_(m).add_(b, alpha=1 - m)
         res["ref_online"] = [p.detach().clone() for p in ref.parameters()]
         res["ref_mom"] = momr
+        res["ref_ema"] = ref_ema.state_dict()
         res["init"] = [init[k] for k in ("0.weight", "0.bias", "2.weight", "2.bias")]
         torch.save(res, out_path)
     # leave together and skip C++ destructors: a rank exiting while gloo/shm threads of the other
     # are still up can abort with "terminate called without an active exception"
     torch.distributed.barrier()
+    from vlfast.distributed.zero import remove_cpu_shm_segments
+    remove_cpu_shm_segments(os.environ["MASTER_PORT"], [rank])  # DeepSpeed leaves it in /dev/shm
     torch.distributed.destroy_process_group()
     sys.stdout.flush(); sys.stderr.flush()
     os._exit(0)
@@ -266,3 +279,30 @@ def test_zero3_momentum_two_ranks(tmp_path):
         assert (a - i).abs().max() > 1e-3  # the update is not lost
     for a, b in zip(res["mom"], res["mom2"]):  # shard-local == gathered baseline
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # ZeroEMA (shard-local) == nn.EMA of the single-process run, same state-dict keys; and it moved
+    assert set(res["ema"]) == set(res["ref_ema"]) == {f"module.{k}" for k in ("0.weight", "0.bias", "2.weight",
+                                                                            "2.bias")}
+    for k, v in res["ref_ema"].items():
+        torch.testing.assert_close(res["ema"][k], v, atol=1e-5, rtol=1e-4)
+        assert torch.equal(res["ema_roundtrip"][k], res["ema"][k])
+    moved = [(res["ema"][f"module.{k}"] - i).abs().max() for k, i in zip(("0.weight", "0.bias", "2.weight", "2.bias"),
+                                                                          res["init"])]
+    assert min(moved) > 1e-3, moved
+
+
+# --------------------------------------------------------------------------- external parameters
+
+def test_register_external_parameters():
+    import vlfast.models as M
+    from vlfast.distributed.zero import register_external_parameters
+
+    model = M.create("albef_micro")
+    assert register_external_parameters(model) == 1  # ALBEF's ITM reads itc.temp outside the ITC's forward
+    assert any(p is model.itc.temp for p in model._external_params.values())
+
+    class Bad(torch.nn.Module):
+        def zero3_external_parameters(self):
+            return [(self, torch.zeros(1))]  # not a Parameter
+
+    with pytest.raises(TypeError, match="nn.Parameter"):
+        register_external_parameters(Bad())

@@ -1,9 +1,9 @@
 """Distributed helpers of vlfast: differentiable all-gather for contrastive losses, DeepSpeed/ZeRO."""
 
-from .gather import all_gather_no_grad, all_gather_with_grad, world_info
+from .gather import all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad, world_info
 from .zero import (ZeroMomentum, attach_zero_momentum, deepspeed_config, gathered_momentum_update_,
                    is_zero3_param, zero3_momentum_update_)
 
-__all__ = ["all_gather_with_grad", "all_gather_no_grad", "world_info", "deepspeed_config",
+__all__ = ["all_gather_with_grad", "all_gather_no_grad", "all_reduce_sum_no_grad", "world_info", "deepspeed_config",
            "zero3_momentum_update_", "gathered_momentum_update_", "ZeroMomentum", "attach_zero_momentum",
            "is_zero3_param"]

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "all_gather_with_grad", "all_gather_no_grad"]
+__all__ = ["world_info", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_sum_no_grad"]
 
 
 def _initialized() -> bool:
@@ -140,3 +140,20 @@ def all_gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     _check_shapes(x, group, world)
     with torch.no_grad():
         return _gather(x.detach(), group, world)
+
+
+def all_reduce_sum_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of ``x`` over the ranks of ``group``, detached (a new tensor; ``x`` is untouched).
+
+    For normalizers shared by every rank (e.g. the number of masked tokens of the global
+    batch).  Without an initialized process group, or with one rank, returns ``x.detach().clone()``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    out = x.detach().clone()
+    if world_info(group)[1] > 1:
+        dev = x.device if _is_nccl(group, x.device) else torch.device("cpu")
+        buf = out.to(dev)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        out = buf.to(x.device)
+    return out

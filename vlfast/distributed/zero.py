@@ -45,7 +45,10 @@ __all__ = [
     "zero3_momentum_update_",
     "gathered_momentum_update_",
     "ZeroMomentum",
+    "ZeroEMA",
     "attach_zero_momentum",
+    "register_external_parameters",
+    "remove_cpu_shm_segments",
     "is_zero3_param",
 ]
 
@@ -196,6 +199,31 @@ def deepspeed_config(zero_stage: int, precision: str = "fp32", batch_size: Optio
     return out
 
 
+# --------------------------------------------------------------------------- CPU comm clean-up
+
+def remove_cpu_shm_segments(port, ranks: Sequence[int], addr: str = "127.0.0.1") -> List[str]:
+    """Unlink the ``/dev/shm`` segments of DeepSpeed's CPU all-reduce for the run at ``addr:port``.
+
+    On CPU each rank creates ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``
+    (about 69 MB of RAM-backed shared memory) and DeepSpeed 0.19 never unlinks it, so
+    every run would leak one per rank until the machine runs out of memory.  Call it once
+    the ranks are past their start-up (the ranks open each other's segments by name
+    there; a mapped segment stays valid after the unlink), e.g. at the end of a run or
+    from a launcher after its ranks exited.  Returns the removed paths.
+    """
+    if not hasattr(os, "getuid"):  # pragma: no cover - not POSIX
+        return []
+    removed = []
+    for rank in ranks:
+        path = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{int(rank)}")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
 # --------------------------------------------------------------------------- ZeRO-3 helpers
 
 def is_zero3_param(p: torch.Tensor) -> bool:
@@ -224,6 +252,20 @@ def _shard_slice(p, full_flat: torch.Tensor) -> torch.Tensor:
     if n:
         out[:n] = full_flat[start:start + n]
     return out
+
+
+def _gather_full(p, shard: torch.Tensor) -> torch.Tensor:
+    """The full tensor (``p.ds_shape``) from every rank's ``shard`` (``p.ds_tensor``'s layout)."""
+    from .gather import world_info
+
+    group = getattr(p, "ds_process_group", None)
+    world = world_info(group)[1]
+    flat = shard.reshape(-1)
+    if world > 1:
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        torch.distributed.all_gather(parts, flat.contiguous(), group=group)
+        flat = torch.cat(parts)
+    return flat[:p.ds_numel].view(tuple(p.ds_shape)).clone()
 
 
 def _check_lists(momentum_params, online_params):
@@ -289,9 +331,10 @@ def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_param
         shard_n, full_n = p.ds_tensor.numel(), p.ds_numel
         full = bool(getattr(p, "ds_persist", False)) and _available(p) and p.data.numel() == full_n
         if full:
-            if not (_available(q) and q.data.numel() == full_n):
-                raise RuntimeError(f"parameter {i}: the momentum parameter is persistent (resident in full) but "
-                                   "the online one is not; both networks need the same persistence threshold")
+            if _available(q) and q.data.numel() == full_n:
+                q_flat = q.data.view(-1)
+            else:  # e.g. re-partitioned by a checkpoint load and not used yet: gather it (it is small)
+                q_flat = _gather_full(q, q.ds_tensor).view(-1)
             flat = p.data.view(-1)
             if low:
                 mst = master[i]
@@ -306,7 +349,7 @@ def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_param
             else:
                 master[i] = None
                 targets.append(flat)
-            sources.append(q.data.view(-1))
+            sources.append(q_flat)
             post.append(("full", p, master[i]))
         else:
             if low:
@@ -400,6 +443,34 @@ class ZeroMomentum:
         self.master = master
 
 
+def register_external_parameters(model: nn.Module) -> int:
+    """Tell ZeRO-3 about parameters used outside their own module's forward; returns how many.
+
+    ZeRO-3 gathers a module's parameters around that module's forward only.  A module that
+    reads another module's parameter (ALBEF's ITM reads the ITC's ``temp``; a logit scale
+    or temperature owned by a loss module and read by the model) declares it with a
+    method ``zero3_external_parameters() -> [(user_module, parameter), ...]``; this
+    registers each pair with ``deepspeed.zero.register_external_parameter`` so that the
+    parameter is gathered for the user's forward too (persistent small parameters are
+    resident anyway, but not with ``stage3_param_persistence_threshold: 0``).  Call it
+    before or after ``deepspeed.initialize``; the vlfast trainer does under ZeRO-3.
+    """
+    import deepspeed
+
+    n = 0
+    for mod in model.modules():
+        declare = getattr(mod, "zero3_external_parameters", None)
+        if declare is None:
+            continue
+        for user, param in declare():
+            if not isinstance(user, nn.Module) or not isinstance(param, nn.Parameter):
+                raise TypeError(f"{type(mod).__name__}.zero3_external_parameters() must give (nn.Module, "
+                                f"nn.Parameter) pairs, got ({type(user).__name__}, {type(param).__name__})")
+            deepspeed.zero.register_external_parameter(user, param)
+            n += 1
+    return n
+
+
 def _param_signature(module: nn.Module):
     return [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in module.named_parameters()]
 
@@ -445,3 +516,11 @@ def attach_zero_momentum(model: nn.Module, *, pairs: Optional[Mapping[str, str]]
                              f"(candidates: {candidates}); pass pairs={{{name!r}: 'online_name'}}")
         out.append(ZeroMomentum(mod.module, modules[candidates[0]], backend=backend))
     return out
+
+
+def __getattr__(name):  # ZeroEMA lives with EMA (vlfast.nn imports this module)
+    if name == "ZeroEMA":
+        from ..nn.ema import ZeroEMA
+
+        return ZeroEMA
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,6 +31,17 @@ RNG in a fixed order, so eager and fused runs agree under the same ``torch.manua
 (with dropout 0: ``albef_micro``; ``albef_base`` keeps BERT's dropout 0.1, whose fused
 and eager kernels draw differently).
 
+Data-parallel training (``global_batch=True``, the default): the ITC's in-batch keys are
+gathered from every rank (:class:`vlfast.nn.ITCLoss` ``gather=True``), ITM hard negatives are
+sampled from the global batch (every rank draws the same global weight matrices and keeps its
+rows; the negatives' embeddings are gathered with their gradients, as BLIP's
+``all_gather_with_grad``), MLM masks are drawn for the global batch and sliced, and the MLM
+loss is normalized by the global number of masked tokens.  With the ranks' RNGs seeded alike,
+a step on W ranks then computes what one process computes on the global batch (the mean of
+the per-rank losses equals the single-process loss, and averaged gradients equal its
+gradients).  ``global_batch=False`` keeps ALBEF's per-GPU semantics (local in-batch keys and
+negatives; the same in one process).
+
 Special token ids default to :class:`~vlfast.models.tokenizer.ByteTokenizer`'s
 (PAD 0, CLS 1, SEP 2, MASK 3); for ``bert-base-uncased`` ids pass ``pad_token_id=0,
 cls_token_id=101, sep_token_id=102, mask_token_id=103``.
@@ -42,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed.gather import all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad, world_info
 from ..nn.attention import Attention, CrossAttention
 from ..nn.contrastive import ITCLoss, _check_alpha
 from ..nn.ema import MomentumEncoder
@@ -257,10 +269,13 @@ class AlbefITC(ITCLoss):
         with torch.no_grad():
             self.temp.clamp_(self.TEMP_MIN, self.TEMP_MAX)
         image_feat_m, text_feat_m = image_feat_m.detach(), text_feat_m.detach()
+        img_all, txt_all, ids_all, offset = self._gathered_keys(image_feat_m, text_feat_m, idx)
+        keys = dict(image_keys_m=img_all, text_keys_m=txt_all, idx_keys=ids_all, offset=offset) if self.gather else {}
         loss = albef_itc_reference(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
                                    self.text_queue, self.temp, a, idx=idx,
-                                   idx_queue=None if idx is None else self.idx_queue)
-        self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+                                   idx_queue=None if idx is None else self.idx_queue, **keys)
+        with torch.no_grad():
+            self._write(img_all, txt_all, ids_all)
         return loss
 
 
@@ -277,8 +292,11 @@ class ALBEF(nn.Module):
                  intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, hidden_dropout=0.1,
                  attention_dropout=0.1, embed_dim=256, queue_size=65536, temp=0.07, momentum=0.995,
                  alpha=0.4, mlm_probability=0.15, text_len=30, tie_word_embeddings=True,
-                 pad_token_id=PAD, cls_token_id=CLS, sep_token_id=SEP, mask_token_id=MASK):
+                 pad_token_id=PAD, cls_token_id=CLS, sep_token_id=SEP, mask_token_id=MASK, global_batch=True):
         super().__init__()
+        if not isinstance(global_batch, bool):
+            raise TypeError(f"global_batch must be a bool, got {type(global_batch).__name__}")
+        self.global_batch = global_batch
         if not 0.0 <= mlm_probability <= 1.0:
             raise ValueError(f"mlm_probability must be in [0, 1], got {mlm_probability}")
         if not 2 <= text_len <= max_position_embeddings:
@@ -306,7 +324,7 @@ class ALBEF(nn.Module):
         self.itm_head = nn.Linear(text_width, 2)
         for m in (self.vision_proj, self.text_proj, self.itm_head):
             _bert_init(m)
-        self.itc = AlbefITC(embed_dim, queue_size=queue_size, temperature=temp, alpha=alpha)
+        self.itc = AlbefITC(embed_dim, queue_size=queue_size, temperature=temp, alpha=alpha, gather=global_batch)
 
         self.visual_encoder_m = MomentumEncoder(self.visual_encoder, momentum)
         self.vision_proj_m = MomentumEncoder(self.vision_proj, momentum)
@@ -314,6 +332,11 @@ class ALBEF(nn.Module):
         self.text_proj_m = MomentumEncoder(self.text_proj, momentum)
 
     # ------------------------------------------------------------------ helpers
+    def zero3_external_parameters(self):
+        """Parameters read outside their module's forward (see
+        :func:`vlfast.distributed.zero.register_external_parameters`): the ITM reads ``itc.temp``."""
+        return [(self, self.itc.temp)]
+
     @property
     def image_size(self):
         return self.visual_encoder.patch_embed.img_size
@@ -359,24 +382,35 @@ class ALBEF(nn.Module):
         if self.itc.queue_size % B:
             raise ValueError(f"the batch size ({B}) must divide queue_size ({self.itc.queue_size})")
 
-    def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, rank: int = 0,
+                    world_size: int = 1):
         """BERT masking (ALBEF's ``mask``): each real, non-special token is chosen with probability
         ``mlm_probability``; chosen ones become [MASK] (80 %), a random id (10 %) or stay (10 %).
         Returns ``(masked_ids, labels)`` with labels -100 where not chosen.  Draws, in order,
-        from the global RNG of ``input_ids``' device: bernoulli, bernoulli(0.8), bernoulli(0.5), randint."""
+        from the global RNG of ``input_ids``' device: bernoulli, bernoulli(0.8), bernoulli(0.5), randint.
+
+        With ``world_size`` W > 1 every draw is made for the global batch (W * B, L) and rank
+        ``rank`` keeps rows ``[rank * B, (rank + 1) * B)``: the masks of a sample do not depend
+        on the number of ranks (the ranks' RNGs must be in the same state, as after one seed)."""
         dev = input_ids.device
         ids = input_ids.clone()
         labels = input_ids.clone()
-        prob = torch.full(ids.shape, self.mlm_probability, device=dev)
-        masked = torch.bernoulli(prob).bool()
+        B = ids.shape[0]
+        shape = (world_size * B,) + tuple(ids.shape[1:])
+        rows = slice(rank * B, (rank + 1) * B)
+
+        def draw(p):
+            return torch.bernoulli(torch.full(shape, p, device=dev))[rows].bool()
+
+        masked = draw(self.mlm_probability)
         special = ((ids == self.pad_token_id) | (ids == self.cls_token_id) | (ids == self.sep_token_id)
                    | (ids == self.mask_token_id) | (attention_mask == 0))
         masked &= ~special
         labels[~masked] = -100
-        replaced = torch.bernoulli(torch.full(ids.shape, 0.8, device=dev)).bool() & masked
+        replaced = draw(0.8) & masked
         ids[replaced] = self.mask_token_id
-        rand = torch.bernoulli(torch.full(ids.shape, 0.5, device=dev)).bool() & masked & ~replaced
-        words = torch.randint(self.vocab_size, ids.shape, dtype=torch.long, device=dev)
+        rand = draw(0.5) & masked & ~replaced
+        words = torch.randint(self.vocab_size, shape, dtype=torch.long, device=dev)[rows]
         ids[rand] = words[rand]
         return ids, labels
 
@@ -405,19 +439,27 @@ class ALBEF(nn.Module):
         loss_itc = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha=float(alpha), idx=idx)
 
         # ---- ITM with hard negatives
+        rank, world = world_info() if self.global_batch else (0, 1)
         output_pos = self.text_encoder.fuse(text_embeds, pad, image_embeds)
         with torch.no_grad():
             temp = self.itc.temp  # clamped by the ITC
             # ALBEF: softmax(sim_i2t[:, :bs]), sim_i2t = image_feat @ [text_feat_m, queue].T / temp
-            weights_i2t = F.softmax((image_feat @ text_feat_m.t() / temp).float(), dim=1)
-            weights_t2i = F.softmax((text_feat @ image_feat_m.t() / temp).float(), dim=1)
+            # (global batch: every rank draws the same global matrices and keeps its rows)
+            img_f, txt_f, img_fm, txt_fm = (all_gather_no_grad(t) for t in (image_feat, text_feat, image_feat_m,
+                                                                           text_feat_m))
+            weights_i2t = F.softmax((img_f @ txt_fm.t() / temp).float(), dim=1)
+            weights_t2i = F.softmax((txt_f @ img_fm.t() / temp).float(), dim=1)
             weights_i2t.fill_diagonal_(0)
             weights_t2i.fill_diagonal_(0)
-        neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)  # a negative image for each text
-        neg_text = torch.multinomial(weights_i2t, 1).squeeze(1)   # a negative text for each image
-        text_embeds_all = torch.cat([text_embeds, text_embeds[neg_text]], 0)
-        pad_all = torch.cat([pad, pad[neg_text]], 0)
-        image_embeds_all = torch.cat([image_embeds[neg_image], image_embeds], 0)
+        rows = slice(rank * B, (rank + 1) * B)
+        neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)[rows]  # a negative image for each text
+        neg_text = torch.multinomial(weights_i2t, 1).squeeze(1)[rows]   # a negative text for each image
+        # negatives of other ranks come with their gradients (BLIP's all_gather_with_grad)
+        text_embeds_w, image_embeds_w = all_gather_with_grad(text_embeds), all_gather_with_grad(image_embeds)
+        pad_w = all_gather_no_grad(pad.to(torch.uint8)).bool()
+        text_embeds_all = torch.cat([text_embeds, text_embeds_w[neg_text]], 0)
+        pad_all = torch.cat([pad, pad_w[neg_text]], 0)
+        image_embeds_all = torch.cat([image_embeds_w[neg_image], image_embeds], 0)
         output_neg = self.text_encoder.fuse(text_embeds_all, pad_all, image_embeds_all)
         vl_output = self.itm_head(torch.cat([output_pos[:, 0], output_neg[:, 0]], 0))
         itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(
@@ -425,12 +467,14 @@ class ALBEF(nn.Module):
         loss_itm = F.cross_entropy(vl_output.float(), itm_labels)
 
         # ---- MLM with momentum distillation
-        masked_ids, labels = self.mask_tokens(input_ids, attention_mask)
+        masked_ids, labels = self.mask_tokens(input_ids, attention_mask, rank=rank, world_size=world)
         with torch.no_grad():
             logits_m = self.text_encoder_m.module(masked_ids, pad, image_embeds_m)
         logits = self.text_encoder(masked_ids, pad, image_embeds)
         sel = labels != -100
-        n_masked = sel.sum().clamp(min=1)
+        # global batch: the token mean over all ranks' masked tokens (each rank's share times W,
+        # so that the ranks' mean -- what data-parallel gradient averaging takes -- is that mean)
+        n_masked = all_reduce_sum_no_grad(sel.sum()).clamp(min=1) / world
         logp = F.log_softmax(logits.float(), dim=-1)
         ce = F.nll_loss(logp.view(-1, self.vocab_size), labels.view(-1), ignore_index=-100, reduction="sum")
         soft = -(logp * F.softmax(logits_m.float(), dim=-1)).sum(-1)

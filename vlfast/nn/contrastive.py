@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..distributed.gather import all_gather_no_grad
+from ..distributed.gather import all_gather_no_grad, world_info
 from ..ops.contrastive import OP as _CONTRASTIVE_OP
 from ..ops.contrastive import _check_features, contrastive_loss
 from ..ops.contrastive_losses import clip_loss, siglip_loss
@@ -253,6 +253,13 @@ class ITCLoss(nn.Module):
     After the loss, the momentum features (and ``idx``) -- all-gathered across ranks when
     distributed -- are enqueued at ``queue_ptr``; the global batch must divide ``queue_size``.
 
+    ``gather=False`` (ALBEF / BLIP): the in-batch keys are this rank's momentum features.
+    ``gather=True``: they are every rank's (all-gathered, no gradient needed: keys are
+    momentum features), so the keys are ``cat([all_gather(text_feat_m), T_q])`` and query
+    ``i`` of rank ``r``'s positive is key ``r * N + i`` (with ``idx``: the gathered ids);
+    the mean over ranks of the per-rank losses is then the single-process loss of the
+    global batch, whatever the number of ranks.
+
     Parameters / buffers: ``temp`` (nn.Parameter, 0-dim); ``image_queue``, ``text_queue``
     (queue_size, dim) float32 random unit vectors; ``idx_queue`` (queue_size,) int64 filled
     with -100; ``queue_ptr`` (1,) int64.  ``load_state_dict`` also accepts ALBEF/BLIP's
@@ -265,13 +272,19 @@ class ITCLoss(nn.Module):
         alpha: default weight of the momentum-distillation targets (0.4); ``forward(alpha=...)``
             overrides it (ALBEF ramps it up during the first epoch).
         backend: backend of the contrastive op (``None`` = automatic).
+        gather: in-batch keys from every rank of ``group`` (see above); default False.
+        group: process group of the gathers (default: the world group).
     """
 
     TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
     def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.07, alpha: float = 0.4,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, *, gather: bool = False, group=None):
         super().__init__()
+        if not isinstance(gather, bool):
+            raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
+        self.gather = gather
+        self.group = group
         self.dim = _check_pos_int("dim", dim)
         self.queue_size = _check_pos_int("queue_size", queue_size)
         temperature = _check_pos_float("temperature", temperature)
@@ -295,16 +308,15 @@ class ITCLoss(nn.Module):
         ALBEF / BLIP's ``_dequeue_and_enqueue``; without ``idx`` the id slots are reset to -100.
         Raises ``ValueError`` when the gathered B does not divide ``queue_size``.
         """
-        img = all_gather_no_grad(_check_features("image_feat_m", image_feat_m, self.dim))
-        txt = all_gather_no_grad(_check_features("text_feat_m", text_feat_m, self.dim))
-        if idx is None:
-            ids = torch.full((img.shape[0],), -100, dtype=torch.long, device=img.device)
-        else:
-            ids = all_gather_no_grad(idx.reshape(-1).long())
+        img = all_gather_no_grad(_check_features("image_feat_m", image_feat_m, self.dim), self.group)
+        txt = all_gather_no_grad(_check_features("text_feat_m", text_feat_m, self.dim), self.group)
+        ids = None if idx is None else all_gather_no_grad(idx.reshape(-1).long(), self.group)
         _check_divides(img.shape[0], self.queue_size, "global batch size")
         self._write(img, txt, ids)
 
     def _write(self, img, txt, ids):
+        if ids is None:  # no ids: the slots are reset
+            ids = torch.full((img.shape[0],), -100, dtype=torch.long, device=img.device)
         p = int(self.queue_ptr[0])
         for q, rows in ((self.image_queue, img), (self.text_queue, txt)):
             self.queue_ptr[0] = p
@@ -356,15 +368,23 @@ class ITCLoss(nn.Module):
         a = self.alpha if alpha is None else _check_alpha(alpha)
         idx = self._check_idx(idx, n, device)
 
-        img_m_all = all_gather_no_grad(image_feat_m)
-        _check_divides(img_m_all.shape[0], self.queue_size, "global batch size")
+        img_all, txt_all, ids_all, offset = self._gathered_keys(image_feat_m, text_feat_m, idx)
         with torch.no_grad():
             self.temp.clamp_(self.TEMP_MIN, self.TEMP_MAX)
         logit_scale = 1.0 / self.temp
 
-        text_keys = torch.cat([text_feat_m.to(dtype), self.text_queue.to(dtype)], 0)
-        image_keys = torch.cat([image_feat_m.to(dtype), self.image_queue.to(dtype)], 0)
-        positives = None if idx is None else (idx, torch.cat([idx, self.idx_queue]))
+        if self.gather:
+            in_img, in_txt, in_ids = img_all, txt_all, ids_all
+        else:
+            in_img, in_txt, in_ids = image_feat_m, text_feat_m, idx
+        text_keys = torch.cat([in_txt.to(dtype), self.text_queue.to(dtype)], 0)
+        image_keys = torch.cat([in_img.to(dtype), self.image_queue.to(dtype)], 0)
+        if idx is not None:
+            positives = (idx, torch.cat([in_ids, self.idx_queue]))
+        elif offset:
+            positives = torch.arange(offset, offset + n, device=device)
+        else:
+            positives = None
         soft = a > 0
         i2t = contrastive_loss(image_feat, text_keys, logit_scale, positives=positives,
                                soft_query=image_feat_m.to(dtype) if soft else None,
@@ -375,8 +395,17 @@ class ITCLoss(nn.Module):
         loss = 0.5 * (i2t + t2i)
 
         with torch.no_grad():
-            txt_m_all = all_gather_no_grad(text_feat_m)
-            ids = (all_gather_no_grad(idx) if idx is not None
-                   else torch.full((img_m_all.shape[0],), -100, dtype=torch.long, device=device))
-            self._write(img_m_all, txt_m_all, ids)
+            self._write(img_all, txt_all, ids_all)
         return loss
+
+    @torch.no_grad()
+    def _gathered_keys(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: Optional[torch.Tensor]):
+        """Every rank's momentum features and ids (``None`` without ``idx``) -- enqueued after the
+        loss, and the in-batch keys with ``gather`` -- and this rank's offset in them (0 without
+        ``gather``: query i's positive key).  Checks that the global batch divides the queue."""
+        img_all = all_gather_no_grad(image_feat_m, self.group)
+        txt_all = all_gather_no_grad(text_feat_m, self.group)
+        ids_all = None if idx is None else all_gather_no_grad(idx, self.group)
+        _check_divides(img_all.shape[0], self.queue_size, "global batch size")
+        offset = world_info(self.group)[0] * image_feat_m.shape[0] if self.gather else 0
+        return img_all, txt_all, ids_all, offset

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ..distributed.zero import _available, _gather_full, _shard_slice, is_zero3_param
 from ..ops.ema import _check_decay, ema_update_
 from ..reference.ema import moco_momentum_update_
 
@@ -51,13 +52,23 @@ class EMA(nn.Module):
     Attributes:
         module: the averaged ``nn.Module``, for evaluation.  ``state_dict()`` keys are
             ``module.<name>``, as timm's ``ModelEmaV3``.
+
+    DeepSpeed ZeRO-3: ``EMA(model)`` of a model whose parameters are partitioned (after
+    ``deepspeed.initialize``) is a :class:`vlfast.distributed.zero.ZeroEMA`, which averages
+    each rank's shards in place (fp32 by default), with the same schedule and the same
+    (gathered) state dict.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = False,
-                 warmup_gamma: float = 1.0, warmup_power: float = 2 / 3, min_decay: float = 0.0,
-                 update_after_step: int = 0, include_buffers: bool = True,
-                 dtype: Optional[torch.dtype] = torch.float32, device=None, backend: Optional[str] = None):
-        super().__init__()
+    def __new__(cls, model=None, *args, **kwargs):
+        # a model whose parameters DeepSpeed ZeRO-3 has partitioned: average the local shards
+        if cls is EMA and isinstance(model, nn.Module) and any(
+                hasattr(p, "ds_id") and hasattr(p, "ds_tensor") for p in model.parameters()):
+            return super().__new__(ZeroEMA)
+        return super().__new__(cls)
+
+    def _init_schedule(self, model, decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step,
+                       include_buffers, dtype, backend) -> None:
+        """Validate and store the arguments shared with :class:`vlfast.distributed.zero.ZeroEMA`."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.decay = _check_decay(decay)
@@ -75,6 +86,14 @@ class EMA(nn.Module):
         self.include_buffers = bool(include_buffers)
         self.dtype = dtype
         self.backend = backend
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = False,
+                 warmup_gamma: float = 1.0, warmup_power: float = 2 / 3, min_decay: float = 0.0,
+                 update_after_step: int = 0, include_buffers: bool = True,
+                 dtype: Optional[torch.dtype] = torch.float32, device=None, backend: Optional[str] = None):
+        super().__init__()
+        self._init_schedule(model, decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step,
+                            include_buffers, dtype, backend)
         self.module = copy.deepcopy(model).eval()
         self.module.requires_grad_(False)
         if device is not None:
@@ -201,34 +220,34 @@ def _full_resident(p) -> bool:
     return status is not None and status.name == "AVAILABLE" and p.data.numel() == p.ds_numel
 
 
-def _prefetched_pairs(mine, theirs):
+def _prefetched(params):
     """ZeRO-3 momentum parameters that are not persistent but whose full data is resident
     (prefetched for the coming forward, or kept by ``stage3_max_reuse_distance``): the
-    shard-local update alone would leave that full copy stale for the forward.  Returns
-    ``(param, online_full_data)`` pairs; the online full data is the resident one, or
-    (rarely) gathered."""
-    out = []
-    for p, q in zip(mine, theirs):
-        if not hasattr(p, "ds_tensor") or getattr(p, "ds_persist", False) or not _full_resident(p):
-            continue
-        if hasattr(q, "ds_tensor") and not _full_resident(q):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([q], modifier_rank=None):
-                out.append((p, q.data.detach().clone()))
-        else:
-            out.append((p, q.data))
-    return out
+    shard-local update alone would leave that full copy stale for the forward."""
+    return [p for p in params if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+            and _full_resident(p)]
 
 
-def _copy_shard_into_full(p) -> None:
-    group = getattr(p, "ds_process_group", None)
-    rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
-    size = p.ds_tensor.numel()
-    start = rank * size
-    n = max(0, min(size, p.ds_numel - start))
-    if n:
-        p.data.view(-1)[start:start + n].copy_(p.ds_tensor.view(-1)[:n])
+def _regather_(params) -> None:
+    """Refresh the resident full data of ZeRO-3 ``params`` from every rank's (updated) shard:
+    one all_gather of their concatenated shards, so the full copies equal what ZeRO-3 would
+    gather (the other ranks' parts come from their fp32 masters, which only they hold)."""
+    if not params:
+        return
+    group = getattr(params[0], "ds_process_group", None)
+    flat = torch.cat([p.ds_tensor.reshape(-1) for p in params])
+    world = torch.distributed.get_world_size(group=group) if torch.distributed.is_initialized() else 1
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    if world > 1:
+        torch.distributed.all_gather(parts, flat, group=group)
+    else:
+        parts = [flat]
+    offset = 0
+    for p in params:
+        size = p.ds_tensor.numel()
+        full = torch.cat([part[offset:offset + size] for part in parts])[:p.ds_numel]
+        p.data.copy_(full.view(p.data.shape))
+        offset += size
 
 
 class MomentumEncoder(nn.Module):
@@ -243,8 +262,10 @@ class MomentumEncoder(nn.Module):
     Under DeepSpeed ZeRO-3 (parameters with ``ds_tensor``) ``update`` averages each
     rank's local shards with :func:`vlfast.distributed.zero.zero3_momentum_update_` (no
     all-gather; fp32 masters of low-precision shards are kept in ``self._zero_master``,
-    which is in no state dict); a full copy ZeRO-3 has already prefetched for the coming
-    forward is updated as well, so it is not stale.
+    which is in no state dict: see :meth:`master_state`); full copies ZeRO-3 has already
+    prefetched for the coming forward are refreshed from the updated shards (one all_gather
+    of just those), so the forward never sees stale momentum weights.  Low-precision
+    (bf16/fp16) momentum weights that are not partitioned get fp32 masters too.
 
     Args:
         online: the network to follow (deep-copied once, gradients off).
@@ -276,19 +297,178 @@ class MomentumEncoder(nn.Module):
             # ZeRO-3 partitioned parameters: their .data is empty outside a gather; update the
             # local shards (no communication), keeping fp32 masters for low-precision weights
             from ..distributed.zero import zero3_momentum_update_
-            resident = _prefetched_pairs(mine, theirs)
-            for p, q_full in resident:  # see _prefetched_pairs
-                p.data.copy_(torch.lerp(q_full.to(torch.float32), p.data.to(torch.float32), m).to(p.dtype))
             self.__dict__["_zero_master"] = zero3_momentum_update_(
                 mine, theirs, m, master=self.__dict__.get("_zero_master"), backend=self.backend)
-            for p, _ in resident:  # our own part exactly as the shard (and its fp32 master) has it
-                _copy_shard_into_full(p)
+            _regather_(_prefetched(mine))  # see _prefetched
             return
-        if self.fused:
-            ema_update_(mine, theirs, m, backend=self.backend)
-        else:
+        if not self.fused:
             moco_momentum_update_(mine, theirs, m)
+        elif any(p.dtype not in (torch.float32, torch.float64) for p in mine):
+            # low-precision momentum weights (e.g. DeepSpeed bf16 at ZeRO 0-2): average into fp32
+            # masters and round once, so updates below half an ulp are not lost
+            from ..distributed.zero import zero3_momentum_update_
+            self.__dict__["_zero_master"] = zero3_momentum_update_(
+                mine, theirs, m, master=self.__dict__.get("_zero_master"), backend=self.backend)
+        else:
+            ema_update_(mine, theirs, m, backend=self.backend)
+
+    def master_state(self) -> Optional[List[Optional[torch.Tensor]]]:
+        """The fp32 masters of low-precision (or ZeRO-3 shard) momentum weights, or None.
+
+        They are per-rank state, in no state dict: save them per rank next to a checkpoint
+        (the vlfast trainer does) for an exact resume of bf16 training."""
+        master = self.__dict__.get("_zero_master")
+        return None if master is None else [None if t is None else t.detach().clone() for t in master]
+
+    def load_master_state(self, master: Optional[List[Optional[torch.Tensor]]]) -> None:
+        """Restore :meth:`master_state` (``None``: re-created from the weights at the next update)."""
+        if master is not None:
+            n = len(list(self.module.parameters()))
+            if len(master) != n:
+                raise ValueError(f"master state has {len(master)} entries for {n} parameters")
+            master = [None if t is None else t.detach().clone() for t in master]
+        self.__dict__["_zero_master"] = master
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
+
+
+class ZeroEMA(EMA):
+    r""":class:`vlfast.nn.EMA` of a DeepSpeed ZeRO-3 model: every rank averages its own shards.
+
+    ``EMA(model, ...)`` returns one when ``model``'s parameters are partitioned (create it
+    after ``deepspeed.initialize``).  For each partitioned parameter the average is a
+    ``dtype`` (fp32 by default) copy of the local shard ``p.ds_tensor``, so an EMA of a
+    bf16 model keeps the small updates; ``update(model, step)`` is one
+    :func:`vlfast.ops.ema_update_` over the shards (``avg <- d * avg + (1 - d) * shard``,
+    the schedule of :class:`vlfast.nn.EMA`), with no communication.  Buffers (replicated
+    under ZeRO) are averaged or copied whole, as :class:`vlfast.nn.EMA` does.
+
+    ``state_dict()`` and ``copy_to()`` are collective (every rank calls them): the state
+    dict holds the full averaged tensors under ``module.<name>``, exactly as
+    :class:`vlfast.nn.EMA` writes them, so a checkpoint loads into either class
+    (``load_state_dict`` keeps this rank's slice).  There is no full ``module`` to run;
+    ``copy_to(model)`` writes the average into the model's shards (and resident full
+    copies) for evaluation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = False,
+                 warmup_gamma: float = 1.0, warmup_power: float = 2 / 3, min_decay: float = 0.0,
+                 update_after_step: int = 0, include_buffers: bool = True,
+                 dtype: Optional[torch.dtype] = torch.float32, device=None, backend: Optional[str] = None):
+        nn.Module.__init__(self)
+        self._init_schedule(model, decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step,
+                            include_buffers, dtype, backend)
+        if device is not None:
+            raise ValueError("device is not supported for a ZeRO-3 EMA (the shards stay with the model's)")
+        self._params = dict(model.named_parameters())
+        self._param_names = list(self._params)
+        # tied weights (e.g. an MLM decoder sharing the word embeddings): nn.EMA's state dict has
+        # every name, so this one has them too
+        index = {id(p): i for i, p in enumerate(self._params.values())}
+        self._aliases = [(n, index[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)
+                         if n not in self._params]
+        buffers = dict(model.named_buffers())
+        self._avg_buffer_names = [n for n, b in buffers.items() if include_buffers and b.is_floating_point()]
+        self._copy_buffer_names = [n for n in buffers if n not in self._avg_buffer_names]
+        with torch.no_grad():
+            self._avg = [self._local(p).detach().to(dtype or p.dtype).clone() for p in self._params.values()]
+            self._avg += [buffers[n].detach().to(dtype or buffers[n].dtype).clone()
+                          for n in self._avg_buffer_names]
+            self._copies = [buffers[n].detach().clone() for n in self._copy_buffer_names]
+
+    @staticmethod
+    def _local(p: torch.Tensor) -> torch.Tensor:
+        return p.ds_tensor if is_zero3_param(p) else p.data
+
+    def _apply(self, fn, recurse=True):
+        return nn.Module._apply(self, fn, recurse)
+
+    def _check_model(self, model: nn.Module):
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        missing = [n for n in self._param_names if n not in params]
+        missing += [n for n in self._avg_buffer_names + self._copy_buffer_names if n not in buffers]
+        if missing:
+            raise ValueError(f"model has no tensor named {missing[0]!r} that this EMA averages: "
+                             "update()/copy_to() take the model the EMA was created from")
+        return params, buffers
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: Optional[int] = None) -> None:
+        """Average ``model``'s local shards (and buffers) into this EMA (one fused pass, no communication)."""
+        decay = self.get_decay(step)
+        params, buffers = self._check_model(model)
+        src = [self._local(params[n]) for n in self._param_names] + [buffers[n] for n in self._avg_buffer_names]
+        ema_update_(self._avg, src, decay, backend=self.backend)
+        for t, n in zip(self._copies, self._copy_buffer_names):
+            t.copy_(buffers[n])
+
+    def _full(self, i: int) -> torch.Tensor:
+        p = self._params[self._param_names[i]]
+        return _gather_full(p, self._avg[i]) if is_zero3_param(p) else self._avg[i].clone()
+
+    def state_dict(self, *args, **kwargs):  # noqa: D401 - collective
+        """The full averaged tensors, ``{"module.<name>": tensor}`` (collective: every rank calls it)."""
+        out = {}
+        with torch.no_grad():
+            for i, n in enumerate(self._param_names):
+                out["module." + n] = self._full(i)
+            for n, i in self._aliases:
+                out["module." + n] = out["module." + self._param_names[i]]
+            k = len(self._param_names)
+            for j, n in enumerate(self._avg_buffer_names):
+                out["module." + n] = self._avg[k + j].clone()
+            for t, n in zip(self._copies, self._copy_buffer_names):
+                out["module." + n] = t.clone()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a full state dict (:class:`vlfast.nn.EMA`'s or this class's); keeps this rank's slices."""
+        names = ["module." + n for n in self._param_names + [a for a, _ in self._aliases] + self._avg_buffer_names
+                 + self._copy_buffer_names]
+        missing = [n for n in names if n not in state_dict]
+        unexpected = [n for n in state_dict if n not in set(names)]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"error loading ZeroEMA state: missing keys {missing}, unexpected keys {unexpected}")
+        with torch.no_grad():
+            k = len(self._param_names)
+            for i, n in enumerate(self._param_names):
+                if "module." + n not in state_dict:
+                    continue
+                p, full = self._params[n], state_dict["module." + n]
+                shape = tuple(p.ds_shape) if is_zero3_param(p) else tuple(p.shape)
+                if tuple(full.shape) != shape:
+                    raise RuntimeError(f"EMA state for {n!r} has shape {tuple(full.shape)}, the model's is {shape}")
+                full = full.to(device=self._avg[i].device, dtype=self._avg[i].dtype)
+                self._avg[i].copy_(_shard_slice(p, full.reshape(-1)) if is_zero3_param(p) else full)
+            for j, n in enumerate(self._avg_buffer_names):
+                if "module." + n in state_dict:
+                    self._avg[k + j].copy_(state_dict["module." + n])
+            for t, n in zip(self._copies, self._copy_buffer_names):
+                if "module." + n in state_dict:
+                    t.copy_(state_dict["module." + n])
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the average into ``model``'s shards, resident full copies and buffers (collective)."""
+        params, buffers = self._check_model(model)
+        for i, n in enumerate(self._param_names):
+            p = params[n]
+            if not is_zero3_param(p):
+                p.data.copy_(self._avg[i])
+                continue
+            p.ds_tensor.copy_(self._avg[i])
+            if _available(p) and p.data.numel() == p.ds_numel:
+                p.data.copy_(_gather_full(p, self._avg[i]))
+        k = len(self._param_names)
+        for j, n in enumerate(self._avg_buffer_names):
+            buffers[n].copy_(self._avg[k + j])
+        for t, n in zip(self._copies, self._copy_buffer_names):
+            buffers[n].copy_(t)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a ZeRO-3 EMA holds only this rank's shards and has no module to run; "
+                           "copy_to(model) writes the average into the (partitioned) model for evaluation")

@@ -91,7 +91,9 @@ def moco_loss_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t
 def albef_itc_reference(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,
                         text_feat_m: torch.Tensor, image_queue: torch.Tensor, text_queue: torch.Tensor, temp,
                         alpha: float, idx: Optional[torch.Tensor] = None,
-                        idx_queue: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        idx_queue: Optional[torch.Tensor] = None, *,
+                        image_keys_m: Optional[torch.Tensor] = None, text_keys_m: Optional[torch.Tensor] = None,
+                        idx_keys: Optional[torch.Tensor] = None, offset: int = 0) -> torch.Tensor:
     """ALBEF's image-text contrastive loss (Li et al., 2021) and BLIP's id-based variant (Li et al., 2022).
 
     Queues are stored (K, dim) (ALBEF's buffers are their transposes)::
@@ -107,19 +109,28 @@ def albef_itc_reference(image_feat: torch.Tensor, text_feat: torch.Tensor, image
         sim_t2i = text_feat @ image_feat_all.T / temp
         loss = (-(log_softmax(sim_i2t) * sim_i2t_targets).sum(1).mean()
                 - (log_softmax(sim_t2i) * sim_t2i_targets).sum(1).mean()) / 2
+
+    In-batch keys gathered across ranks (``vlfast.nn.ITCLoss(gather=True)``): pass every
+    rank's momentum features as ``image_keys_m`` / ``text_keys_m`` (and ids as ``idx_keys``)
+    in place of ``image_feat_m`` / ``text_feat_m`` in ``*_feat_all``; query i's positive is
+    then key ``offset + i`` (``offset = rank * N``).
     """
     dt = image_feat.dtype
     with torch.no_grad():
-        image_feat_all = torch.cat([image_feat_m.to(dt), image_queue.to(dt)], 0)
-        text_feat_all = torch.cat([text_feat_m.to(dt), text_queue.to(dt)], 0)
+        img_keys = image_feat_m if image_keys_m is None else image_keys_m
+        txt_keys = text_feat_m if text_keys_m is None else text_keys_m
+        image_feat_all = torch.cat([img_keys.to(dt), image_queue.to(dt)], 0)
+        text_feat_all = torch.cat([txt_keys.to(dt), text_queue.to(dt)], 0)
         sim_i2t_m = image_feat_m.to(dt) @ text_feat_all.T / temp
         sim_t2i_m = text_feat_m.to(dt) @ image_feat_all.T / temp
         if idx is None:
             sim_targets = torch.zeros_like(sim_i2t_m)
-            sim_targets.fill_diagonal_(1)
+            n = sim_targets.shape[0]
+            sim_targets[torch.arange(n), offset + torch.arange(n)] = 1
         else:
             idx = idx.view(-1, 1)
-            idx_all = torch.cat([idx.t(), idx_queue.view(1, -1)], dim=1)
+            keys_ids = idx.t() if idx_keys is None else idx_keys.view(1, -1)
+            idx_all = torch.cat([keys_ids, idx_queue.view(1, -1)], dim=1)
             pos_idx = torch.eq(idx, idx_all).to(dt)
             sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
         sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets

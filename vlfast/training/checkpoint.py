@@ -106,11 +106,13 @@ def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, ema=No
     if world > 1:
         barrier()
     final = os.path.join(root, name)
+    # every rank: a ZeRO-3 EMA's state_dict gathers the shards (collective)
+    ema_state = ema.state_dict() if ema is not None else None
     if rank != 0:
         barrier()  # rank 0 renames
         return final
-    if ema is not None:
-        torch.save(ema.state_dict(), os.path.join(tmp, "ema.pt"))
+    if ema_state is not None:
+        torch.save(ema_state, os.path.join(tmp, "ema.pt"))
     state = dict(trainer_state)
     state["step"] = step
     state["rng"] = rng_state()

@@ -12,6 +12,13 @@ Real data are read in a fixed order (no shuffle); the data position is the numbe
 samples consumed (wrapping around at epoch ends).  An unreadable image is skipped,
 warned about once and counted; it is remembered so a later epoch skips it without
 another warning.
+
+Data-parallel ranks (``rank``/``world_size``): ``next_batch`` returns rank ``r``'s rows
+``[r*B/W, (r+1)*B/W)`` of the global batch ``B``, which is exactly the one process's batch.
+For real data each rank decodes only its rows: the ranks exchange the indices that failed
+to decode (one small ``all_gather_object`` per batch), every rank marks them bad, and the
+rows are re-assigned until no rank saw a new failure; so the skipped set, the data position
+and the batch stay identical on every rank and to a single-process run.
 """
 
 import csv
@@ -122,19 +129,41 @@ def load_image(src, size: Tuple[int, int], in_chans: int = 3) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- sources
+def _rank_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+    if batch_size % world_size:
+        raise DataError(f"the global batch size {batch_size} is not divisible by the {world_size} ranks")
+    return slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+
+
+def _union_over_ranks(items: List[int], world_size: int) -> List[int]:
+    """Sorted union of every rank's ``items`` (collective when ``world_size > 1``)."""
+    if world_size == 1:
+        return sorted(set(items))
+    import torch.distributed as dist
+
+    out: List[Optional[List[int]]] = [None] * world_size
+    dist.all_gather_object(out, list(items))
+    return sorted(set(i for part in out for i in part))
+
+
 class SyntheticData:
     kind = "synthetic"
 
-    def __init__(self, model, batch_size: int, seed: int):
+    def __init__(self, model, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.model, self.batch_size, self.seed = model, batch_size, seed
+        self.rows = _rank_rows(batch_size, rank, world_size)
         self.num_samples = None
         self.position = 0  # = steps consumed
         self.skipped = 0
 
     def next_batch(self) -> Dict[str, torch.Tensor]:
+        """This rank's rows of the global synthetic batch (generated whole: it is cheap)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.position)
         self.position += 1
-        return self.model.synthetic_batch(self.batch_size, generator=g)
+        batch = self.model.synthetic_batch(self.batch_size, generator=g)
+        return {k: v[self.rows] for k, v in batch.items()}
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "position": self.position}
@@ -148,9 +177,11 @@ class _RealData:
 
     kind = "real"
 
-    def __init__(self, model, batch_size: int, warn=None):
+    def __init__(self, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1):
         self.spec = ModelSpec(model)
         self.batch_size = batch_size
+        self.world_size = world_size
+        self.rows = _rank_rows(batch_size, rank, world_size)
         self.position = 0  # samples consumed
         self.bad = set()  # indices of unreadable samples
         self.warn = warn or (lambda msg: print(f"vlfast train: warning: {msg}", file=sys.stderr))
@@ -174,30 +205,37 @@ class _RealData:
         raise NotImplementedError
 
     def next_batch(self) -> Dict[str, torch.Tensor]:
+        """This rank's rows of the next global batch: the next ``batch_size`` readable samples."""
         _pil()
         N = self.num_samples
-        images, captions, labels = [], [], []
-        misses = 0
-        while len(images) < self.batch_size:
-            i = self.position % N
-            self.position += 1
-            if i in self.bad:
-                misses += 1
-            else:
-                try:
-                    img = load_image(self._image(i), self.spec.image_size, self.spec.in_chans)
-                except Exception as exc:  # corrupt / missing image: skip, count, never fatal
-                    self.bad.add(i)
-                    self.warn(f"skipping unreadable image {self._describe(i)}: {type(exc).__name__}: {exc}")
-                    misses += 1
-                else:
-                    misses = 0
-                    images.append(img)
-                    _, cap, lab = self.samples[i]
-                    captions.append(cap if isinstance(cap, str) else self._caption(i))
-                    labels.append(lab)
-            if misses >= N:
+        decoded: Dict[int, torch.Tensor] = {}
+        while True:
+            if len(self.bad) >= N:
                 raise DataError("no readable image in the data set")
+            chosen, pos = [], self.position
+            while len(chosen) < self.batch_size:  # the global batch, skipping known-bad samples
+                i = pos % N
+                pos += 1
+                if i not in self.bad:
+                    chosen.append(i)
+            mine = chosen[self.rows]
+            failed = []
+            for i in mine:
+                if i in decoded or i in failed:
+                    continue
+                try:
+                    decoded[i] = load_image(self._image(i), self.spec.image_size, self.spec.in_chans)
+                except Exception as exc:  # corrupt / missing image: skip, count, never fatal
+                    failed.append(i)
+                    self.warn(f"skipping unreadable image {self._describe(i)}: {type(exc).__name__}: {exc}")
+            failed = _union_over_ranks(failed, self.world_size)
+            if not failed:
+                break
+            self.bad.update(failed)  # every rank: the same set; re-choose the batch
+        self.position = pos
+        images = [decoded[i] for i in mine]
+        captions = [self.samples[i][1] if isinstance(self.samples[i][1], str) else self._caption(i) for i in mine]
+        labels = [self.samples[i][2] for i in mine]
         x = torch.stack(images)
         batch: Dict[str, torch.Tensor] = {}
         if self.spec.two_views:
@@ -225,8 +263,8 @@ class _RealData:
 class CsvData(_RealData):
     kind = "csv"
 
-    def __init__(self, path: str, model, batch_size: int, warn=None):
-        super().__init__(model, batch_size, warn)
+    def __init__(self, path: str, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1):
+        super().__init__(model, batch_size, warn, rank, world_size)
         try:
             with open(path, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
@@ -264,8 +302,8 @@ class CsvData(_RealData):
 class WdsData(_RealData):
     kind = "wds"
 
-    def __init__(self, pattern: str, model, batch_size: int, warn=None):
-        super().__init__(model, batch_size, warn)
+    def __init__(self, pattern: str, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1):
+        super().__init__(model, batch_size, warn, rank, world_size)
         shards = []
         for p in expand_braces(pattern):
             hits = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.exists(p) else [])
@@ -327,10 +365,12 @@ class WdsData(_RealData):
         return f"{member.name!r} in {shard!r}"
 
 
-def build_data(spec: str, model, batch_size: int, seed: int, warn=None):
+def build_data(spec: str, model, batch_size: int, seed: int, warn=None, rank: int = 0, world_size: int = 1):
+    """The data source of ``--data spec``; ``batch_size`` is the global batch, of which
+    ``next_batch()`` returns rank ``rank``'s rows (see the module docstring)."""
     kind, arg = parse_data_spec(spec)
     if kind == "synthetic":
-        return SyntheticData(model, batch_size, seed)
+        return SyntheticData(model, batch_size, seed, rank, world_size)
     if kind == "csv":
-        return CsvData(arg, model, batch_size, warn)
-    return WdsData(arg, model, batch_size, warn)
+        return CsvData(arg, model, batch_size, warn, rank, world_size)
+    return WdsData(arg, model, batch_size, warn, rank, world_size)

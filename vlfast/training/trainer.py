@@ -4,9 +4,10 @@
 * ``--zero {0,1,2,3}``: :class:`DeepSpeedEngine` (0 = DeepSpeed with ZeRO disabled);
   ``--deepspeed-config FILE`` is merged into the generated config
   (:func:`vlfast.distributed.zero.deepspeed_config`).  ``--batch-size`` is the *global*
-  batch: rank ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)`` of the global batch ``i``,
-  so a run on ``W`` ranks sees the same samples as the single-process run; the logged
-  loss is the mean over the ranks, and only rank 0 writes ``metrics.jsonl``.
+  batch: rank ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)`` of the global batch ``i``
+  (real data: each rank decodes only its rows, see :mod:`vlfast.training.data`), so a run
+  on ``W`` ranks sees the same samples as the single-process run; the logged loss is the
+  mean over the ranks, and only rank 0 writes ``metrics.jsonl``.
 * ``--nproc N`` (single node): the process re-launches itself as ``N`` ranks
   (``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR=127.0.0.1/MASTER_PORT``; ``DS_ACCELERATOR=cpu``
   without CUDA), waits, and exits non-zero when a rank fails.
@@ -218,6 +219,10 @@ class DeepSpeedEngine(Engine):
         self.precision = precision
         self.zero_stage = zero_stage
         params = [p for p in model.parameters() if p.requires_grad]
+        if zero_stage == 3:
+            from vlfast.distributed.zero import register_external_parameters
+
+            register_external_parameters(model)
         with _patched_broadcast():
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                                                     config=cfg)
@@ -257,6 +262,9 @@ class DeepSpeedEngine(Engine):
         """DeepSpeed checkpoint (``<dir>/deepspeed``, per-rank shards) plus the full weights in
         ``<dir>/model.pt`` (gathered under ZeRO-3), as :class:`TorchEngine` writes them."""
         self.model.save_checkpoint(directory, tag=self.TAG)
+        masters = _momentum_masters(self.module)
+        if masters:  # fp32 masters of bf16 / ZeRO-3-shard momentum weights: per-rank state
+            torch.save(masters, os.path.join(directory, f"momentum_masters_rank{self.rank}.pt"))
         gather = contextlib.nullcontext()
         if self.zero_stage == 3:
             import deepspeed
@@ -272,6 +280,31 @@ class DeepSpeedEngine(Engine):
                                              load_lr_scheduler_states=True)
         if path is None:
             raise TrainError(f"no DeepSpeed checkpoint in {directory}")
+        masters_path = os.path.join(directory, f"momentum_masters_rank{self.rank}.pt")
+        if os.path.isfile(masters_path):
+            masters = torch.load(masters_path, map_location=self.device, weights_only=False)
+            encoders = dict(_momentum_encoders(self.module))
+            for name, state in masters.items():
+                if name not in encoders:
+                    raise TrainError(f"checkpoint {directory} has momentum masters for {name!r}, which this "
+                                     "model does not have")
+                encoders[name].load_master_state(state)
+
+
+def _momentum_encoders(module: torch.nn.Module):
+    from vlfast.nn import MomentumEncoder
+
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, MomentumEncoder)]
+
+
+def _momentum_masters(module: torch.nn.Module) -> dict:
+    """``{name: master_state}`` of the model's momentum encoders that hold fp32 masters."""
+    out = {}
+    for name, enc in _momentum_encoders(module):
+        state = enc.master_state()
+        if state is not None:
+            out[name] = state
+    return out
 
 
 def make_engine(model, args, device) -> Engine:
@@ -359,6 +392,11 @@ def _launch(nproc: int, argv: List[str]) -> int:
             p.wait()
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
+    finally:  # also when a rank crashed before its own clean-up
+        if not torch.cuda.is_available():
+            from vlfast.distributed.zero import remove_cpu_shm_segments
+
+            remove_cpu_shm_segments(port, range(nproc))
     return rc
 
 
@@ -519,26 +557,25 @@ def run(args, parser) -> int:
     if args.zero is not None:
         _init_distributed(device)
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    lo, hi = rank * args.batch_size // world, (rank + 1) * args.batch_size // world
     main_rank = rank == 0
 
     _seed_all(args.seed)
     model = M.create(args.model, fused=not args.eager).to(device)
     model.train()
-    data = build_data(args.data, model, args.batch_size, args.seed)
+    data = build_data(args.data, model, args.batch_size, args.seed, rank=rank, world_size=world)
     if kind != "synthetic":
         if args.steps is not None:
             total_steps = args.steps
         else:
             total_steps = max(1, math.ceil(args.epochs * data.num_samples / args.batch_size))
-    if args.ema is not None and args.zero == 3:
-        raise TrainError("--ema is not supported with --zero 3 (the EMA would copy empty partitioned weights)")
+    engine = make_engine(model, args, device)
     ema = None
     if args.ema is not None:
         from vlfast.nn import EMA
 
+        # after the engine: under ZeRO-3 the parameters are partitioned by now and EMA(model)
+        # is a ZeroEMA averaging each rank's shards (fp32)
         ema = EMA(model, decay=args.ema)
-    engine = make_engine(model, args, device)
 
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -587,9 +624,7 @@ def run(args, parser) -> int:
     with (open(metrics_path, "a") if main_rank else open(os.devnull, "w")) as mf:
         for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
-            batch = data.next_batch()
-            if world > 1:
-                batch = {k: v[lo:hi] for k, v in batch.items()}
+            batch = data.next_batch()  # this rank's rows of the global batch
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with engine.autocast():
                 out = engine.model(**batch)
@@ -636,6 +671,10 @@ def run(args, parser) -> int:
               f"checkpoint {os.path.join(ckpt.ckpt_root(args.out), f'step_{total_steps}')}", file=sys.stderr)
     engine.barrier()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if device.type == "cpu":  # DeepSpeed leaves its CPU all-reduce segment in /dev/shm
+            from vlfast.distributed.zero import remove_cpu_shm_segments
+
+            remove_cpu_shm_segments(os.environ.get("MASTER_PORT", ""), [rank], os.environ.get("MASTER_ADDR", ""))
         # ranks leave together; an unsynchronized exit can abort a peer's gloo threads
         torch.distributed.destroy_process_group()
     return 0

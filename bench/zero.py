@@ -1,0 +1,492 @@
+"""DeepSpeed ZeRO benchmarks: training step time per ZeRO stage, and the momentum update under ZeRO-3.
+
+DeepSpeed needs a process group, so everything here runs in subprocesses (one per
+rank) and the providers are :class:`~.harness.SelfTimed`: the figures are measured
+by the ranks themselves and read back by this process.  The ranks use every
+device of the run: on CPU, ``RANKS_CPU`` ranks (gloo, ``DS_ACCELERATOR=cpu``) with
+``cores // ranks`` threads each; on CUDA one rank per GPU (NCCL allows one rank per
+GPU), so on a single GPU the ZeRO stages run as 1 rank and the momentum-update
+case, which needs 2 or more ranks, is reported unavailable (its goal NOT MEASURED;
+``--device cpu`` measures it on CPU ranks).  The first DeepSpeed start on a machine JIT-builds its CPU comm op (about a
+minute, cached afterwards); the timeouts allow for it.  The ranks are started here
+with the environment ``vlfast train --nproc`` gives them (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``LOCAL_SIZE``, ``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``), so
+that the shared-memory segments DeepSpeed's CPU comm op leaves in ``/dev/shm`` can be
+removed after each run (:func:`vlfast.distributed.zero.remove_cpu_shm_segments`).
+
+Cases:
+
+* ``zero`` / ``momentum update ZeRO-3 ...``: the momentum (MoCo/ALBEF/BYOL) update of a
+  MoCo v3 momentum encoder (``vlfast.models`` ``moco_v3_vit_small`` on CPU,
+  ``moco_v3_vit_base`` on CUDA) after ``deepspeed.initialize`` at ZeRO-3, timed on
+  every rank.  Providers: ``gathered`` (baseline: DeepSpeedExamples'
+  ``moving_average``, one ``GatheredParameters`` all-gather + broadcast per
+  parameter pair, :func:`vlfast.distributed.zero.gathered_momentum_update_`) and
+  ``shard-local`` (:func:`vlfast.distributed.zero.zero3_momentum_update_`: each rank
+  averages its own shards, no communication; with bf16 weights, through the fp32
+  masters it returns, which are kept between calls).  Each timed call lies between
+  two barriers; a call's time is the longest over the ranks; the reported time is
+  the median over ``reps`` calls after ``warmup`` untimed ones.  The update is
+  timed right after ``deepspeed.initialize``, before any forward: every parameter
+  is partitioned, none is resident in full.  ``fp32`` and ``bf16`` (DeepSpeed bf16:
+  bf16 momentum weights) run in the same ranks, one after the other.
+  Target: ``shard-local`` at least 5x faster than ``gathered`` with 2 or more ranks.
+* ``zero`` / ``<model> train step``: ``vlfast train --zero Z --nproc N`` for Z = 0..3
+  (``zero0``: DeepSpeed with ZeRO off, the baseline) and one process without
+  DeepSpeed (``1 process``, using every core, or one GPU), on synthetic data.  The
+  time is the median of the ``step_time_s`` that rank 0 logs in ``metrics.jsonl``
+  (synthetic batch, forward, backward, optimizer step, loss all-reduce; on CPU fp32,
+  on CUDA bf16) over the steps after the
+  first ``SKIP_STEPS``; ``items/s`` is samples/s: the global batch over that time.
+
+``--quick`` runs the MoCo v3 micro model (fp32 only) and ZeRO 0 and 3 on 3 steps.
+
+The worker that times the momentum update is this module run as a script on each
+rank (``python -m vlfast.bench.zero --worker ...``); rank 0 prints one line
+``RESULT_TAG + json`` on stdout, which :func:`measure_momentum_update` parses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from vlfast.distributed.zero import remove_cpu_shm_segments
+
+from .harness import Case, Measured, SelfTimed, Target, register
+
+#: prefix of the result line rank 0 of the momentum worker prints on stdout
+RESULT_TAG = "VLFAST_BENCH_ZERO_RESULT "
+#: MoCo v3's momentum (the value does not change the time)
+MOMENTUM = 0.99
+#: ranks on CPU (one per core on the 2-core reference machine)
+RANKS_CPU = 2
+#: (model, precisions, warm-up calls, timed calls) of the momentum-update case
+MOMENTUM_CONFIG = {
+    "quick": ("moco_v3_micro", ("fp32",), 1, 3),
+    "cpu": ("moco_v3_vit_small", ("fp32", "bf16"), 1, 7),
+    "cuda": ("moco_v3_vit_base", ("fp32", "bf16"), 3, 20),
+}
+#: (model, global batch, steps, ZeRO stages, precision, with the 1-process run) of the train-step case
+TRAIN_CONFIG = {
+    "quick": ("clip_micro", 4, 3, (0, 3), "fp32", False),
+    "cpu": ("clip_micro", 16, 30, (0, 1, 2, 3), "fp32", True),
+    "cuda": ("clip_vit_b16", 256, 20, (0, 1, 2, 3), "bf16", True),
+}
+#: steps left out of the step time (start-up: allocator, DeepSpeed buffers); fewer when there are few steps
+SKIP_STEPS = 2
+#: seconds a subprocess run may take (the first DeepSpeed start builds an op for about a minute)
+TIMEOUT_S = 900.0
+#: minimum speedup of the shard-local update over the gathered one (2 or more ranks)
+MOMENTUM_GOAL = 5.0
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _world_size(device: torch.device) -> int:
+    return torch.cuda.device_count() if device.type == "cuda" else RANKS_CPU
+
+
+def _threads_per_rank(device: torch.device, world: int) -> int:
+    return max(1, _cores() // world) if device.type == "cpu" else 1
+
+
+def _child_env(device: torch.device, threads: int) -> dict[str, str]:
+    """Environment of a subprocess: no launcher variables of ours, the device pinned down."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    if device.type == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        if torch.cuda.is_available():
+            env["CUDA_VISIBLE_DEVICES"] = ""  # --device cpu on a GPU machine: keep the ranks off the GPUs
+    return env
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return text[-n:]
+
+
+def _run_procs(cmds: Sequence[tuple[list[str], dict[str, str]]], logdir: Path, what: str,
+               timeout: float = TIMEOUT_S) -> list[str]:
+    """Run the commands concurrently; return their stdouts.
+
+    When one exits non-zero the others are stopped (they would wait forever in a
+    collective) and RuntimeError is raised with the tail of every log; the same after
+    ``timeout`` seconds.
+    """
+    procs = []
+    try:
+        for i, (cmd, env) in enumerate(cmds):
+            out, err = open(logdir / f"proc{i}.out", "w"), open(logdir / f"proc{i}.err", "w")
+            procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL),
+                          out, err))
+        deadline = time.monotonic() + timeout
+        failed: list[str] = []
+        pending = list(range(len(procs)))
+        while pending:
+            for i in list(pending):
+                code = procs[i][0].poll()
+                if code is None:
+                    continue
+                pending.remove(i)
+                if code != 0:
+                    failed.append(f"process {i} exited with code {code}")
+            if failed or time.monotonic() > deadline:
+                if not failed:
+                    failed.append(f"timed out after {timeout:.0f} s")
+                break
+            time.sleep(0.05)
+    finally:
+        for p, out, err in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            out.close()
+            err.close()
+    if failed:
+        logs = "\n".join(f"--- process {i} ({' '.join(cmds[i][0][:6])} ...) stdout/stderr tail ---\n"
+                         f"{_tail(logdir / f'proc{i}.out')}\n{_tail(logdir / f'proc{i}.err')}"
+                         for i in range(len(procs)))
+        # the summary last too: the results table shows an error's last line
+        raise RuntimeError(f"{what}: {'; '.join(failed)}\n{logs}\n{what}: {'; '.join(failed)}")
+    return [(logdir / f"proc{i}.out").read_text(errors="replace") for i in range(len(procs))]
+
+
+def _launch_ranks(cmd: list[str], device: torch.device, world: int, threads: int, logdir: Path, what: str,
+                  timeout: float = TIMEOUT_S) -> list[str]:
+    """Run ``cmd`` as ``world`` local ranks (the environment of ``vlfast train --nproc``); their stdouts."""
+    port = str(_free_port())
+    cmds = []
+    for rank in range(world):
+        env = _child_env(device, threads)
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmds.append((cmd, env))
+    try:
+        return _run_procs(cmds, logdir, what, timeout)
+    finally:  # every rank has exited (_run_procs stops them all)
+        remove_cpu_shm_segments(port, range(world))
+
+
+class _Once:
+    """Calls ``fn`` on first use and keeps its result for later calls.
+
+    When ``fn`` raises, the first call raises that exception (reported in full) and
+    later calls raise a RuntimeError that names it, without running ``fn`` again.
+    """
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn, self.done, self.value, self.error = fn, False, None, None
+
+    def __call__(self) -> Any:
+        if not self.done:
+            self.done = True
+            try:
+                self.value = self.fn()
+            except Exception as exc:
+                self.error = exc
+                raise
+        if self.error is not None:
+            last = str(self.error).strip().splitlines()
+            raise RuntimeError("the shared measurement failed (reported in full above): "
+                               f"{type(self.error).__name__}: {last[-1] if last else ''}")
+        return self.value
+
+
+# --------------------------------------------------------------------------- momentum update (ZeRO-3)
+
+
+def parse_result(stdout: str) -> dict[str, Any]:
+    """The JSON of the (last) ``RESULT_TAG`` line in ``stdout``; ValueError when there is none."""
+    lines = [line[len(RESULT_TAG):] for line in stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if not lines:
+        raise ValueError(f"no line starting with {RESULT_TAG.strip()!r} in the worker's stdout")
+    return json.loads(lines[-1])
+
+
+def measure_momentum_update(device: torch.device, model: str, precisions: Sequence[str], warmup: int,
+                            reps: int, world: int | None = None, timeout: float = TIMEOUT_S) -> dict[str, Any]:
+    """Run the momentum-update worker on ``world`` ranks; return rank 0's result.
+
+    The result maps ``"results"`` to one dict per precision (``precision``, ``tensors``,
+    ``numel`` (momentum-encoder elements), ``shard_numel`` (elements per rank),
+    ``local_ms`` / ``gathered_ms`` (every timed call, longest over the ranks) and
+    their medians ``local_median_ms`` / ``gathered_median_ms``, and ``max_rss_mb``:
+    rank 0's peak resident memory so far), plus ``world``, ``model``, ``warmup`` and
+    ``reps``.
+    """
+    world = _world_size(device) if world is None else world
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    threads = _threads_per_rank(device, world)
+    cmd = [sys.executable, "-m", __name__, "--worker", "--model", model, "--precisions", ",".join(precisions),
+           "--warmup", str(warmup), "--reps", str(reps), "--momentum", str(MOMENTUM), "--device", device.type,
+           "--threads", str(threads)]
+    with tempfile.TemporaryDirectory(prefix="vlfast-bench-zero-") as tmp:
+        outs = _launch_ranks(cmd, device, world, threads, Path(tmp),
+                             f"momentum-update worker ({model}, {world} ranks)", timeout)
+    return parse_result(outs[0])
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    """One rank of the momentum-update measurement (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m vlfast.bench.zero --worker")
+    ap.add_argument("--worker", action="store_true", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--precisions", required=True, help="comma-separated: fp32,bf16")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--momentum", type=float, default=MOMENTUM)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0:
+        ap.error("--reps must be >= 1 and --warmup >= 0")
+
+    import logging
+
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        resource = None
+    import deepspeed
+    import torch.distributed as dist
+
+    from vlfast import models
+    from vlfast.distributed.zero import (attach_zero_momentum, deepspeed_config, gathered_momentum_update_,
+                                         is_zero3_param, zero3_momentum_update_)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", torch.cuda.current_device())
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(fn: Callable[[], Any]) -> list[float]:
+        for _ in range(args.warmup):
+            fn()
+        times = []
+        for _ in range(args.reps):
+            sync()
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            dist.barrier()
+            times.append(time.perf_counter() - t0)
+        t = torch.tensor(times, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a call lasts until its slowest rank is done
+        return [1e3 * v for v in t.tolist()]
+
+    results = []
+    for precision in args.precisions.split(","):
+        torch.manual_seed(0)
+        net = models.create(args.model).to(device).train()
+        cfg = deepspeed_config(3, precision, batch_size=1, world_size=world, device=device.type)
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        patch = contextlib.nullcontext()
+        if any(p.dim() == 0 for p in net.parameters()):  # DeepSpeed's broadcast fails on 0-dim parameters
+            from vlfast.training.trainer import _patched_broadcast
+
+            patch = _patched_broadcast()
+        with patch:
+            engine, *_ = deepspeed.initialize(model=net, model_parameters=trainable, config=cfg)
+        pairs = attach_zero_momentum(engine.module)
+        if not pairs:
+            raise RuntimeError(f"model {args.model!r} has no vlfast.nn.MomentumEncoder to update")
+        mom = [p for zm in pairs for p in zm.momentum_module.parameters()]
+        onl = [p for zm in pairs for p in zm.online_module.parameters()]
+        if not all(is_zero3_param(p) for p in mom + onl):
+            raise RuntimeError("after deepspeed.initialize at ZeRO-3 some parameters are not partitioned")
+        state: dict[str, Any] = {"master": None}
+
+        def shard_local() -> None:
+            state["master"] = zero3_momentum_update_(mom, onl, args.momentum, master=state["master"])
+
+        def gathered() -> None:
+            gathered_momentum_update_(mom, onl, args.momentum)
+
+        local_ms = timed(shard_local)
+        gathered_ms = timed(gathered)
+        results.append(dict(
+            max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if resource else None,
+            precision=precision, dtype=str(mom[0].dtype).replace("torch.", ""), tensors=len(mom),
+            numel=sum(p.ds_numel for p in mom), shard_numel=sum(p.ds_tensor.numel() for p in mom),
+            local_ms=local_ms, gathered_ms=gathered_ms,
+            local_median_ms=statistics.median(local_ms), gathered_median_ms=statistics.median(gathered_ms)))
+        del engine, pairs, mom, onl, state, net
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if rank == 0:
+        print(RESULT_TAG + json.dumps(dict(model=args.model, world=world, warmup=args.warmup, reps=args.reps,
+                                           results=results)), flush=True)
+    # leave together (a rank exiting while gloo threads of another are up can abort it)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return 0
+
+
+def _momentum_cases(device: torch.device, quick: bool):
+    model, precisions, warmup, reps = MOMENTUM_CONFIG["quick" if quick else device.type]
+    world = _world_size(device)
+    if device.type == "cuda" and world < 2:
+        reason = (f"needs 2 or more CUDA devices (one NCCL rank per GPU); found {world}: "
+                  "run on a multi-GPU machine, or with --device cpu")
+        for precision in precisions:
+            yield Case(op="zero", name=f"momentum update ZeRO-3 {precision}", shape=f"{model}, 2+ ranks",
+                       dtype=precision, providers={}, baselines=["gathered"], candidates=["shard-local"],
+                       unavailable={"gathered": reason, "shard-local": reason},
+                       targets=[] if quick else [Target(
+                           f"shard-local momentum update at least {MOMENTUM_GOAL:g}x faster than gathered (2+ ranks)",
+                           "shard-local", baseline="gathered", minimum=MOMENTUM_GOAL)])
+        return
+    run = _Once(lambda: measure_momentum_update(device, model, precisions, warmup, reps, world))
+
+    def provider(precision: str, key: str) -> SelfTimed:
+        def measure() -> Measured:
+            res = next((r for r in run()["results"] if r["precision"] == precision), None)
+            if res is None:
+                raise RuntimeError(f"the worker returned no {precision} result")
+            return Measured(ms=res[f"{key}_median_ms"], runs=len(res[f"{key}_ms"]))
+
+        return SelfTimed(measure)
+
+    for precision in precisions:
+        targets = []
+        if world >= 2:
+            targets.append(Target(f"shard-local momentum update at least {MOMENTUM_GOAL:g}x faster than gathered "
+                                  f"({world} ranks)", "shard-local", baseline="gathered", minimum=MOMENTUM_GOAL))
+        yield Case(op="zero", name=f"momentum update ZeRO-3 {precision}", shape=f"{model}, {world} ranks",
+                   dtype=precision, providers={"gathered": provider(precision, "gathered"),
+                                               "shard-local": provider(precision, "local")},
+                   baselines=["gathered"], candidates=["shard-local"], targets=targets if not quick else [])
+
+
+# --------------------------------------------------------------------------- train step per ZeRO stage
+
+
+def step_time_from_metrics(path: Path | str, skip: int = SKIP_STEPS) -> tuple[float, int]:
+    """(median ``step_time_s`` in ms over the steps after the first ``skip``, steps counted).
+
+    ``skip`` is lowered to keep at least one step.  ValueError when the file has no step.
+    """
+    times = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                times.append((int(rec["step"]), float(rec["step_time_s"])))
+    if not times:
+        raise ValueError(f"{path} holds no step")
+    times.sort()
+    skip = max(0, min(skip, len(times) - 1))
+    kept = [t for _, t in times[skip:]]
+    return 1e3 * statistics.median(kept), len(kept)
+
+
+def measure_train_step(device: torch.device, model: str, batch: int, steps: int, precision: str,
+                       zero: int | None, world: int, timeout: float = TIMEOUT_S) -> Measured:
+    """``vlfast train`` on synthetic data (``--zero zero --nproc world``, or one process when ``zero`` is
+    None); the median step time of rank 0's ``metrics.jsonl`` (see :func:`step_time_from_metrics`)."""
+    if zero is None:
+        threads = _cores() if device.type == "cpu" else 1
+    else:
+        threads = _threads_per_rank(device, world)
+    with tempfile.TemporaryDirectory(prefix="vlfast-bench-zero-train-") as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "vlfast", "train", "--model", model, "--steps", str(steps), "--batch-size",
+               str(batch), "--precision", precision, "--no-progress", "--seed", "0", "--out", str(out)]
+        if device.type == "cpu":
+            cmd += ["--threads", str(threads)]
+        if zero is not None:
+            cmd += ["--zero", str(zero), "--nproc", str(world)]
+        what = f"vlfast train --model {model} " + ("(1 process)" if zero is None else f"--zero {zero} ({world} ranks)")
+        logs = Path(tmp) / "logs"
+        logs.mkdir()
+        if zero is None:
+            _run_procs([(cmd, _child_env(device, threads))], logs, what, timeout)
+        else:  # the ranks are started here, as `--nproc` would, to know their port (see remove_cpu_shm_segments)
+            _launch_ranks(cmd, device, world, threads, logs, what, timeout)
+        metrics = out / "metrics.jsonl"
+        if not metrics.is_file():
+            raise RuntimeError(f"{what} wrote no {metrics}")
+        ms, runs = step_time_from_metrics(metrics)
+    return Measured(ms=ms, runs=runs)
+
+
+def _train_cases(device: torch.device, quick: bool):
+    model, batch, steps, stages, precision, single = TRAIN_CONFIG["quick" if quick else device.type]
+    world = _world_size(device)
+    if device.type == "cuda" and world < 1:
+        raise RuntimeError("no CUDA device")
+    if batch % world:
+        batch = world * max(1, batch // world)  # the global batch must split evenly over the ranks
+
+    def provider(zero: int | None) -> SelfTimed:
+        return SelfTimed(lambda: measure_train_step(device, model, batch, steps, precision, zero, world))
+
+    providers = {f"zero{z}": provider(z) for z in stages}
+    if single:
+        providers["1 process"] = provider(None)
+    yield Case(op="zero", name=f"{model} train step", shape=f"batch {batch}, {world} rank{'s' * (world > 1)}",
+               dtype=precision, providers=providers, baselines=["zero0"],
+               candidates=[f"zero{z}" for z in stages if z != 0], items=batch)
+
+
+@register("zero")
+def cases(device: torch.device, quick: bool):
+    yield from _momentum_cases(device, quick)
+    yield from _train_cases(device, quick)
+
+
+if __name__ == "__main__":
+    if "--worker" not in sys.argv[1:]:
+        sys.exit("this module is a benchmark of `vlfast bench` (--filter zero); run as a script it is only the "
+                 "momentum-update worker (--worker ...), started by measure_momentum_update")
+    sys.exit(_worker_main(sys.argv[1:]))
