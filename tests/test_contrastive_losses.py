@@ -447,3 +447,41 @@ def test_distributed_gloo_two_ranks_match_single_process():
             if p.is_alive():
                 p.kill()
                 p.join(5)
+
+
+class _NoDeepcopy:
+    """Stands in for a torch.distributed ProcessGroup, which copy.deepcopy cannot copy."""
+
+    def __deepcopy__(self, memo):
+        raise RuntimeError("cannot deep-copy a process group")
+
+
+def test_itc_deepcopy_keeps_group_by_reference():
+    import copy
+
+    from vlfast.nn import EMA, MomentumEncoder
+
+    itc = ITCLoss(8, queue_size=16, gather=True)
+    itc.group = _NoDeepcopy()
+    c = copy.deepcopy(itc)
+    assert c.group is itc.group and c.gather is True and c.dim == 8
+    assert c.temp is not itc.temp and torch.equal(c.temp, itc.temp) and isinstance(c.temp, torch.nn.Parameter)
+    for name in ("image_queue", "text_queue", "idx_queue", "queue_ptr"):
+        a, b = getattr(c, name), getattr(itc, name)
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    with torch.no_grad():
+        c.temp.fill_(0.3)
+    assert itc.temp.item() != pytest.approx(0.3)
+    # the load hook (ALBEF's layout) still works on the copy, and is bound to the copy
+    sd = {k: v.clone() for k, v in itc.state_dict().items()}
+    sd["image_queue"] = sd["image_queue"].t().contiguous()
+    c.load_state_dict(sd)
+    assert torch.equal(c.image_queue, itc.image_queue)
+    # models holding it: EMA / MomentumEncoder deep-copy them
+    outer = torch.nn.Sequential(torch.nn.Linear(8, 8), itc)
+    c2 = copy.deepcopy(outer)
+    assert c2[1].group is itc.group and c2[1] is not itc
+    assert MomentumEncoder(outer).module[1].group is itc.group
+    assert EMA(outer).module[1].group is itc.group
+    plain = ITCLoss(8, queue_size=16)
+    assert copy.deepcopy(plain).group is None

@@ -151,13 +151,31 @@ def test_mask_tokens_bert_scheme():
     torch.manual_seed(0)
     masked2, labels2 = m.mask_tokens(ids, att)
     assert torch.equal(masked, masked2) and torch.equal(labels, labels2)
-    # data-parallel ranks: each draws for the global batch and keeps its rows
-    for rank, rows in ((0, slice(0, 32)), (1, slice(32, 64))):
-        torch.manual_seed(0)
-        part, part_labels = m.mask_tokens(ids[rows], att[rows], rank=rank, world_size=2)
-        torch.manual_seed(0)
-        full, full_labels = m.mask_tokens(ids, att)  # 64 rows = 2 ranks x 32
+    # data-parallel ranks: the draws of a row depend on its global row index, not on the split
+    full, full_labels = m.mask_tokens(ids, att, seed=123)  # 64 rows = 2 ranks x 32
+    for offset in (0, 32):
+        rows = slice(offset, offset + 32)
+        part, part_labels = m.mask_tokens(ids[rows], att[rows], seed=123, row_offset=offset)
         assert torch.equal(part, full[rows]) and torch.equal(part_labels, full_labels[rows])
+    other, _ = m.mask_tokens(ids, att, seed=124)
+    assert not torch.equal(other, full)
+
+
+def test_counter_draws_are_uniform_and_sample_by_weight():
+    from vlfast.models.albef import _counter_uniform, _sample_rows
+
+    u = _counter_uniform(7, 1, torch.arange(1000), 1000).double()
+    assert u.min() > 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 2e-3 and abs(u.var().item() - 1 / 12) < 1e-3
+    # neighbouring rows / columns / streams / seeds are uncorrelated
+    for a, b in ((u[:-1], u[1:]), (u[:, :-1], u[:, 1:]),
+                 (u, _counter_uniform(7, 2, torch.arange(1000), 1000).double()),
+                 (u, _counter_uniform(8, 1, torch.arange(1000), 1000).double())):
+        assert abs(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1].item()) < 5e-3
+    # Gumbel-max sampling follows the weights (zero weight: never drawn)
+    w = torch.tensor([[0.0, 1.0, 2.0, 5.0]]).expand(20000, 4)
+    idx = _sample_rows(w, 3, 5, torch.arange(20000))
+    freq = torch.bincount(idx, minlength=4).double() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.125, 0.25, 0.625], dtype=torch.float64), atol=0.015, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ parity
@@ -343,3 +361,60 @@ def test_convert_albef_checkpoint_roundtrip():
             assert (b[k] == -100).all()
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------ data parallel
+def _losses_of(model, batch, seed):
+    torch.manual_seed(seed)
+    out = model(**batch)
+    return torch.stack([out[k].detach() for k in ("loss", "itc", "itm", "mlm")])
+
+
+def _dp_worker(rank, world, port, path):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        res = {}
+        for gb in (False, True):
+            model = _micro(global_batch=gb)
+            batch = _batch(model, 8, seed=1)
+            rows = slice(rank * 4, (rank + 1) * 4)
+            local = {k: v[rows] for k, v in batch.items()}
+            torch.manual_seed(5 + rank)  # per-rank RNG streams; the global-batch draws share rank 0's seed
+            if rank == 0:
+                torch.manual_seed(5)
+            out = model(**local)
+            res[gb] = torch.stack([out[k].detach() for k in ("loss", "itc", "itm", "mlm")])
+        torch.save(res, f"{path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_two_ranks(tmp_path):
+    """2 gloo ranks of 4 samples: global_batch=True averages to one process's loss on all 8 (every
+    term); global_batch=False is ALBEF's per-GPU model: each rank's loss is one process's on its 4."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "res")
+    mp.start_processes(_dp_worker, args=(2, port, path), nprocs=2, join=True, start_method="spawn")
+    res = [torch.load(f"{path}.{r}") for r in range(2)]
+    model = _micro(global_batch=True)
+    batch = _batch(model, 8, seed=1)
+    whole = _losses_of(model, batch, 5)
+    torch.testing.assert_close((res[0][True] + res[1][True]) / 2, whole, atol=1e-5, rtol=1e-5)
+    for r in range(2):
+        model = _micro(global_batch=False)
+        local = {k: v[r * 4:(r + 1) * 4] for k, v in batch.items()}
+        torch.testing.assert_close(res[r][False], _losses_of(model, local, 5 + r), atol=1e-5, rtol=1e-5)

@@ -164,3 +164,308 @@ def test_flat_views_are_aligned_for_vector_loads():
     for p in ema.module.parameters():
         assert p.data_ptr() % 64 == 0
     ema.update(model)
+
+
+# --------------------------------------------------------------------------- ZeroEMA (fake ZeRO-3 parameters)
+
+import copy  # noqa: E402
+import types  # noqa: E402
+
+from conftest import fake_z3  # noqa: E402
+
+from vlfast.nn import ZeroEMA  # noqa: E402
+
+
+class _Tied(nn.Module):
+    """Linear, BatchNorm (with a non-persistent buffer), a weight tied to the first layer's, a shared module."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.bn.register_buffer("scratch", torch.randn(6), persistent=False)
+        self.dec = nn.Linear(4, 6, bias=False)
+        self.dec.weight = self.enc.weight  # tied
+        self.head = nn.Linear(6, 2)
+        self.head2 = self.head  # the same module under two names
+        self.bn(torch.randn(5, 6))
+
+
+def _z3_twin(dtype=torch.float32, model=None):
+    """A plain model and a copy whose parameters are fake ZeRO-3 ones (world 1) with the same values."""
+    plain = model if model is not None else _Tied()
+    z3 = copy.deepcopy(plain)
+    fakes = {}
+    for mod in z3.modules():
+        for leaf, p in list(mod._parameters.items()):
+            if p is not None:
+                if id(p) not in fakes:
+                    fakes[id(p)] = fake_z3(p.detach(), 0, 1, dtype)
+                mod._parameters[leaf] = fakes[id(p)]
+    return plain, z3
+
+
+def _z3_model(dtype=torch.float32):
+    return _z3_twin(dtype)
+
+
+def _perturb_z3(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.ds_tensor.add_(torch.randn_like(p.ds_tensor, dtype=torch.float32).to(p.ds_tensor.dtype))
+        for b in model.buffers():
+            b.add_(torch.rand_like(b) if b.is_floating_point() else torch.ones_like(b))
+
+
+def _full_of(p):
+    return p.ds_tensor.float()[:p.ds_numel].view(tuple(p.ds_shape))
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, ema):
+        super().__init__()
+        self.lin = nn.Linear(2, 3)
+        self.ema = ema
+
+
+def test_zero_ema_state_dict_nests_with_prefix_and_destination():
+    plain, z3 = _z3_model()
+    ema = EMA(z3, decay=0.5)
+    assert isinstance(ema, ZeroEMA)
+    _perturb_z3(z3)
+    ema.update(z3)
+    flat = ema.state_dict()
+    sd = _Wrapper(ema).state_dict()
+    assert {k for k in sd if k.startswith("ema.")} == {"ema." + k for k in flat}
+    assert "lin.weight" in sd
+    for k, v in flat.items():
+        assert torch.equal(sd["ema." + k], v) and not sd["ema." + k].requires_grad
+    dest = {"other": 1}
+    out = ema.state_dict(destination=dest, prefix="x.", keep_vars=True)
+    assert out is dest and dest["other"] == 1 and set(dest) == {"other"} | {"x." + k for k in flat}
+    # load through a wrapper, into a ZeroEMA that holds something else
+    _, z3b = _z3_model()
+    w2 = _Wrapper(EMA(z3b, decay=0.5))
+    assert w2.ema._avg[0].data_ptr() != ema._avg[0].data_ptr()
+    w2.load_state_dict(sd)
+    assert all(torch.equal(v, flat[k]) for k, v in w2.ema.state_dict().items())
+    # strictness goes through nn.Module: missing / unexpected keys under the EMA's prefix
+    bad = dict(sd)
+    bad.pop("ema.module.enc.weight")
+    bad["ema.module.nope"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*ema.module.enc.weight"):
+        w2.load_state_dict(bad)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*ema.module.nope"):
+        w2.load_state_dict(bad)
+    res = w2.load_state_dict(bad, strict=False)
+    assert "ema.module.enc.weight" in res.missing_keys and "ema.module.nope" in res.unexpected_keys
+    shape = dict(sd)
+    shape["ema.module.head.weight"] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match="size mismatch for ema.module.head.weight"):
+        w2.load_state_dict(shape)
+    # nn.EMA nested the same way loads from / into the ZeroEMA's wrapper
+    wp = _Wrapper(EMA(plain, decay=0.5))
+    assert set(wp.state_dict()) == set(sd)
+    wp.load_state_dict(sd)
+    w2.load_state_dict(wp.state_dict())
+    for k, v in sd.items():
+        assert torch.equal(wp.state_dict()[k].to(v.dtype), v)
+        assert torch.equal(w2.state_dict()[k], v)
+
+
+def test_zero_ema_keys_match_nn_ema_without_non_persistent_buffers():
+    plain, z3 = _z3_model()
+    ema, ref = EMA(z3, decay=0.5), EMA(plain, decay=0.5)
+    assert "module.bn.scratch" not in ref.state_dict()  # nn.Module drops non-persistent buffers
+    assert list(ema.state_dict()) == list(ref.state_dict())  # same keys, same order (tied and shared names too)
+    assert "module.dec.weight" in ema.state_dict() and "module.head2.bias" in ema.state_dict()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ema.state_dict()[k], v.to(ema.state_dict()[k].dtype))
+    ref.load_state_dict(ema.state_dict())
+    ema.load_state_dict(ref.state_dict())
+    # the non-persistent buffer is still averaged (and restored by copy_to)
+    i = len(ema._param_names) + ema._avg_buffer_names.index("bn.scratch")
+    before = ema._avg[i].clone()
+    _perturb_z3(z3)
+    ema.update(z3)
+    torch.testing.assert_close(ema._avg[i], 0.5 * before + 0.5 * z3.bn.scratch)
+
+
+def test_zero_ema_to_and_double_move_the_average():
+    _, z3 = _z3_model(torch.bfloat16)
+    ema = EMA(z3, decay=0.5)
+    assert all(t.dtype == torch.float32 for t in ema._avg)
+    ints = [t for t in ema._copies if not t.is_floating_point()]
+    assert ints  # num_batches_tracked
+    assert ema.double() is ema
+    assert all(t.dtype == torch.float64 for t in ema._avg)
+    assert all(t.dtype == torch.int64 for t in ints) and all(t.dtype == torch.int64 for t in ema._copies)
+    _perturb_z3(z3)
+    ema.update(z3)  # float64 average of bf16 shards
+    assert all(v.dtype in (torch.float64, torch.int64) for v in ema.state_dict().values())
+    ema.to(torch.float32)
+    assert all(t.dtype == torch.float32 for t in ema._avg)
+    ema.to("meta")
+    assert all(t.device.type == "meta" for t in ema._avg + ema._copies)
+
+
+def test_zero_ema_full_state_dict_gathers_one_parameter_at_a_time(monkeypatch):
+    import vlfast.nn.ema as E
+
+    _, z3 = _z3_model()
+    ema = EMA(z3, decay=0.5)
+    _perturb_z3(z3)
+    ema.update(z3)
+    ref = ema.state_dict()
+    calls = []
+    gather = E._gather_full
+    monkeypatch.setattr(E, "_gather_full", lambda p, shard: calls.append(p) or gather(p, shard))
+    full = ema.full_state_dict()
+    assert list(full) == list(ref) and all(torch.equal(full[k], v) and full[k].device.type == "cpu"
+                                           for k, v in ref.items())
+    n = len(list(z3.parameters()))  # the tied weight is gathered once
+    assert len(calls) == n
+    monkeypatch.setattr(ZeroEMA, "_rank", staticmethod(lambda: 1))
+    calls.clear()
+    assert ema.full_state_dict() == {}  # rank 1 keeps nothing ...
+    assert len(calls) == n  # ... but takes part in every gather
+    assert list(ema.full_state_dict(rank0_only=False)) == list(ref)
+
+
+class _FakeEngine:
+    def __init__(self, rank=0, world=1):
+        self.rank, self.world_size = rank, world
+
+    def barrier(self):
+        pass
+
+    def save(self, path):
+        pass
+
+    def load(self, path):
+        pass
+
+
+def test_save_checkpoint_gathers_zero_ema_on_rank0_only(tmp_path, monkeypatch):
+    from vlfast.training import checkpoint as ckpt
+
+    plain, z3 = _z3_model()
+    ema = EMA(z3, decay=0.5)
+    _perturb_z3(z3)
+    ema.update(z3)
+    ref = ema.state_dict()
+
+    def boom(*a, **k):
+        raise AssertionError("state_dict() gathers the whole EMA on every rank")
+
+    monkeypatch.setattr(ZeroEMA, "state_dict", boom)
+    path = ckpt.save_checkpoint(str(tmp_path), 3, _FakeEngine(), {}, ema=ema)
+    saved = torch.load(f"{path}/ema.pt", map_location="cpu")
+    assert list(saved) == list(ref) and all(torch.equal(saved[k], v) for k, v in ref.items())
+    # rank 1 of 2 takes part in the gathers and keeps nothing; plain EMA: no state_dict on rank 1
+    used = []
+    monkeypatch.setattr(ZeroEMA, "full_state_dict", lambda self, **kw: used.append(kw) or {})
+    ckpt.save_checkpoint(str(tmp_path / "r1"), 3, _FakeEngine(rank=1, world=2), {}, ema=ema)
+    assert used and used[0].get("rank0_only", True)
+    plain_ema = EMA(plain, decay=0.5)
+    monkeypatch.setattr(EMA, "state_dict", boom)
+    ckpt.save_checkpoint(str(tmp_path / "r1"), 4, _FakeEngine(rank=1, world=2), {}, ema=plain_ema)
+    # load: ema.pt is memory-mapped
+    monkeypatch.undo()
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **kw: loads.append((str(f), kw)) or real_load(f, *a, **kw))
+    _, z3b = _z3_model()
+    emab = EMA(z3b, decay=0.5)
+    ckpt.load_checkpoint(path, _FakeEngine(), emab)
+    assert any(f.endswith("ema.pt") and kw.get("mmap") and kw.get("map_location") == "cpu" for f, kw in loads)
+    assert all(torch.equal(v, ref[k]) for k, v in emab.state_dict().items())
+
+
+def test_zero_ema_refuses_quantized_and_hpz_shards():
+    from vlfast.nn.ema import _check_plain_shards
+
+    _, z3 = _z3_model()
+    z3.head.weight.ds_tensor.ds_quant_scale = torch.ones(1)  # ZeRO++ zero_quantized_nontrainable_weights
+    with pytest.raises(ValueError, match=r"'head.weight'.*zero_quantized_nontrainable_weights"):
+        EMA(z3)
+    _, z3 = _z3_model()
+    for p in z3.parameters():
+        p.ds_secondary_tensor = None  # what DeepSpeed sets without hpZ
+    ema = EMA(z3, decay=0.5)
+    ema.copy_to(z3)
+    z3.enc.bias.ds_secondary_tensor = z3.enc.bias.ds_tensor.clone()  # hpZ: gathers read this
+    ema = EMA(z3, decay=0.5)  # reading the primary shards is fine
+    ema.update(z3)
+    with pytest.raises(ValueError, match=r"'enc.bias'.*zero_hpz_partition_size"):
+        ema.copy_to(z3)
+    with pytest.raises(ValueError, match=r"'enc.bias'.*zero_hpz_partition_size"):
+        with ema.swapped_into(z3):
+            pass
+    with pytest.raises(ValueError, match=r"update: ZeRO-3 parameter #1.*zero_hpz_partition_size"):
+        _check_plain_shards([z3.enc.weight, z3.enc.bias], "update")
+    _check_plain_shards([z3.enc.bias], "read", write=False)
+
+
+def test_ema_subclass_refuses_partitioned_model():
+    class MyEMA(EMA):
+        pass
+
+    class MyZeroEMA(ZeroEMA):
+        pass
+
+    _, z3 = _z3_model()
+    with pytest.raises(TypeError, match=r"MyEMA.*partitioned.*EMA\(model\).*ZeroEMA"):
+        MyEMA(z3)
+    assert type(MyZeroEMA(z3)) is MyZeroEMA
+    assert type(EMA(z3)) is ZeroEMA
+    assert type(MyEMA(_model())) is MyEMA
+
+
+def test_zero_ema_swapped_into_restores_the_model():
+    _, z3 = _z3_model(torch.bfloat16)
+    ema = EMA(z3, decay=0.5)
+    _perturb_z3(z3)
+    ema.update(z3)
+    # a persistent parameter resident in full (its data is the gather of the shards)
+    res = z3.head.bias
+    res.ds_status = types.SimpleNamespace(name="AVAILABLE")
+    res.data = _full_of(res).to(res.dtype)
+    shards = {n: p.ds_tensor.clone() for n, p in z3.named_parameters()}
+    buffers = {n: b.clone() for n, b in z3.named_buffers()}
+    resident = res.data.clone()
+    avg = {k[len("module."):]: v for k, v in ema.state_dict().items()}
+
+    def check_average():
+        for n, p in z3.named_parameters():
+            assert torch.equal(p.ds_tensor, avg[n].reshape(-1).to(p.dtype)), n
+        assert torch.equal(res.data, avg["head.bias"].to(res.dtype))
+        for n, b in z3.named_buffers():
+            if n != "bn.scratch":
+                assert torch.equal(b, avg[n].to(b.dtype)), n
+
+    def check_restored():
+        for n, p in z3.named_parameters():
+            assert torch.equal(p.ds_tensor, shards[n]), n  # exact (the bf16 originals, not a round trip)
+        assert torch.equal(res.data, resident)
+        for n, b in z3.named_buffers():
+            assert torch.equal(b, buffers[n]), n
+
+    with ema.swapped_into(z3) as m:
+        assert m is z3
+        check_average()
+    check_restored()
+    with pytest.raises(KeyError):
+        with ema.swapped_into(z3):
+            check_average()
+            raise KeyError("evaluation failed")
+    check_restored()
+    # a parameter gathered during the block (e.g. prefetched) is re-gathered from the restored shard
+    late = z3.enc.weight
+    with ema.swapped_into(z3):
+        late.ds_status = types.SimpleNamespace(name="AVAILABLE")
+        late.data = _full_of(late).to(late.dtype)
+        assert torch.equal(late.data, avg["enc.weight"].to(late.dtype))
+    assert torch.equal(late.data, shards["enc.weight"].view(late.data.shape))
+    check_restored()
+    assert "optimizer" in ZeroEMA.copy_to.__doc__ and "swapped_into" in ZeroEMA.copy_to.__doc__

@@ -111,6 +111,14 @@ def test_zero_stages_match_single_process(tmp_path, model):
     common = ("--model", model, "--steps", "5", "--batch-size", "8", "--lr", "1e-3", "--ema", "0.9")
     runs = {"single": ()}
     runs.update({f"zero{z}": ("--nproc", "2", "--zero", str(z)) for z in (0, 1, 2, 3)})
+    if model == "albef_micro":
+        # ZeRO-3 tuned for memory: nothing persistent or kept, small prefetch buckets; the momentum
+        # parameters are being prefetched when the forward starts (the update must come first)
+        cfg = tmp_path / "prefetch.json"
+        cfg.write_text(json.dumps({"zero_optimization": {
+            "stage": "auto", "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+            "stage3_max_live_parameters": 1e9, "stage3_prefetch_bucket_size": 2000}}))
+        runs["zero3_prefetch"] = ("--nproc", "2", "--zero", "3", "--deepspeed-config", str(cfg))
     losses = {}
     for name, extra in runs.items():
         out = str(tmp_path / name)
@@ -319,3 +327,97 @@ def test_csv_data_two_ranks_match_single_process(tmp_path):
         assert (a["skipped_images"], a["data_position"]) == (b["skipped_images"], b["data_position"])
         assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"]), (a, b)
     assert recs["zero0"][-1]["skipped_images"] == 2
+
+
+# --------------------------------------------------------------------------- SIGKILL on 2 ranks
+
+def test_zero3_kill_and_resume_matches_uninterrupted(tmp_path):
+    """Launcher and both ranks killed with SIGKILL once a checkpoint exists (a half-written
+    checkpoint folder left as well); the resumed run logs the uninterrupted run's losses."""
+    import signal
+    import socket
+    import time
+
+    from vlfast.distributed.zero import remove_cpu_shm_segments
+
+    common = ("--model", "albef_micro", "--batch-size", "8", "--nproc", "2", "--zero", "3", "--save-every", "2",
+              "--ema", "0.9", "--lr", "1e-3")
+    b = str(tmp_path / "b")
+    latest = os.path.join(b, "checkpoints", "latest")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "vlfast", "train", "--no-progress", "--threads", "1", *common, "--steps", "1000000",
+           "--out", b]
+    p = subprocess.Popen(cmd, env=dict(ENV, MASTER_PORT=port), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not os.path.exists(latest):
+            assert p.poll() is None, "the run exited early"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher and its ranks: a crashed node
+        p.wait()
+        time.sleep(0.5)
+        remove_cpu_shm_segments(port, range(2))  # nobody was left to remove them
+    with open(latest) as f:
+        saved = int(f.read().strip().split("_")[1])
+    assert saved >= 2 and saved % 2 == 0
+    os.makedirs(os.path.join(b, "checkpoints", f".tmp-step_{saved + 2}-dist", "deepspeed"))  # a torn write
+
+    total = saved + 3
+    a = str(tmp_path / "a")
+    r = _run(*common, "--steps", str(total), "--out", a)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = _run(*common, "--steps", str(total), "--out", b, "--resume")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "removed partial checkpoint" in r.stderr
+    ref, got = _losses(a), _losses(b)
+    assert len(ref) == len(got) == total
+    assert got == ref, [(i + 1, x, y) for i, (x, y) in enumerate(zip(got, ref)) if x != y]
+
+
+# --------------------------------------------------------------------------- fp32 masters follow outside writes
+
+@pytest.mark.parametrize("zero3", [False, True])
+def test_momentum_master_reseeded_after_outside_write(zero3):
+    """A master must not revert momentum weights written by load_state_dict / a checkpoint load."""
+    from vlfast.nn import MomentumEncoder
+
+    online = torch.nn.Linear(4, 3).bfloat16()
+    enc = MomentumEncoder(online, 0.9)
+    if zero3:  # one rank: the shard is the whole (padded) tensor
+        for mod in (enc.module, online):
+            for n, p in list(mod.named_parameters()):
+                mod._parameters[n] = _fake_z3(p.detach().float(), 0, 1, torch.bfloat16)
+
+    def weight(mod):
+        p = mod.weight
+        return (p.ds_tensor[:p.ds_numel].view(p.ds_shape) if zero3 else p.detach()).float()
+
+    enc.update(online)
+    assert enc.master_state() is not None
+    with torch.no_grad():  # an outside write: in place on the weights DeepSpeed/torch would write
+        if zero3:
+            enc.module.weight.ds_tensor.fill_(5.0)
+        else:
+            enc.module.weight.copy_(torch.full_like(enc.module.weight, 5.0))
+    enc.update(online)
+    expect = 0.9 * 5.0 + 0.1 * weight(online)
+    torch.testing.assert_close(weight(enc.module), expect.bfloat16().float(), atol=0, rtol=0)
+
+
+def test_zero3_momentum_update_refuses_zeropp_shards():
+    from vlfast.distributed.zero import zero3_momentum_update_
+
+    online = _fake_z3(torch.randn(6), 0, 1, torch.float32)
+    mom = _fake_z3(torch.randn(6), 0, 1, torch.float32)
+    mom.ds_secondary_tensor = torch.zeros(6)  # ZeRO++ hpZ: gathers read this, not ds_tensor
+    with pytest.raises(ValueError, match="hpZ"):
+        zero3_momentum_update_([mom], [online], 0.9)
+    mom.ds_secondary_tensor = None
+    mom.ds_tensor.ds_quant_scale = torch.ones(1)  # ZeRO++ quantized frozen weights
+    with pytest.raises(ValueError, match="quantized"):
+        zero3_momentum_update_([mom], [online], 0.9)

@@ -306,3 +306,110 @@ def test_register_external_parameters():
 
     with pytest.raises(TypeError, match="nn.Parameter"):
         register_external_parameters(Bad())
+
+
+# --------------------------------------------------------------------------- exports, ZeroEMA on 2 ranks
+
+def test_distributed_reexports():
+    import vlfast.distributed as D
+    import vlfast.distributed.zero as Z
+    from vlfast.nn import EMA, ZeroEMA
+
+    assert D.register_external_parameters is Z.register_external_parameters
+    assert D.remove_cpu_shm_segments is Z.remove_cpu_shm_segments
+    assert {"register_external_parameters", "remove_cpu_shm_segments"} <= set(D.__all__)
+    assert Z.ZeroEMA is ZeroEMA
+    assert "vlfast.nn.ZeroEMA" in EMA.__doc__ and ":class:`vlfast.distributed.zero.ZeroEMA`" not in EMA.__doc__
+
+
+WORKER_EMA = textwrap.dedent(r'''
+    import os, sys, torch, deepspeed
+    from vlfast.distributed.zero import deepspeed_config
+    from vlfast.nn import EMA, ZeroEMA
+    out_path = sys.argv[1]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    net.register_buffer("scratch", torch.zeros(3), persistent=False)
+    cfg = deepspeed_config(3, "fp32", batch_size=4, world_size=world, lr=1e-2,
+                           user_config={"zero_optimization": {"stage3_param_persistence_threshold": 16}})
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=cfg)
+    model = engine.module
+    ema = EMA(model, decay=0.5)
+    assert isinstance(ema, ZeroEMA)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4 * world, 32, generator=g) for _ in range(4)]
+
+    def step(x):
+        engine.backward(engine(x[rank * 4:(rank + 1) * 4]).pow(2).mean())
+        engine.step()
+
+    for i, x in enumerate(xs[:3], 1):
+        step(x)
+        ema.update(model, i)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, e):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.ema = e
+
+    nested = Wrap(ema).state_dict()  # collective
+    full = ema.full_state_dict()  # collective; tensors on rank 0 only, on the CPU
+    if rank != 0:
+        assert full == {}, list(full)
+    ema2 = EMA(model, decay=0.5)
+    Wrap(ema2).load_state_dict(nested)
+    roundtrip = ema2.state_dict()
+    ps = list(model.parameters())
+
+    def gathered():
+        with deepspeed.zero.GatheredParameters(ps):
+            return [p.data.clone() for p in ps]
+
+    before = gathered()
+    x = xs[0][rank * 4:(rank + 1) * 4]
+    with torch.no_grad():
+        out_train = engine(x)
+        with ema.swapped_into(model):
+            out_ema = engine(x)
+            out_ema2 = engine(x)  # resident / prefetched copies hold the average too
+        out_after = engine(x)
+    after = gathered()
+    step(xs[3])  # training goes on from the restored weights
+    res = dict(nested=nested, full=full, roundtrip=roundtrip, before=before, after=after, x=x,
+               out_train=out_train, out_ema=out_ema, out_ema2=out_ema2, out_after=out_after,
+               trained=gathered())
+    if rank == 0:
+        torch.save(res, out_path)
+    torch.distributed.barrier()
+    from vlfast.distributed.zero import remove_cpu_shm_segments
+    remove_cpu_shm_segments(os.environ["MASTER_PORT"], [rank])
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
+''')
+
+
+def test_zero3_ema_state_dict_and_swap_two_ranks(tmp_path, monkeypatch):
+    monkeypatch.setitem(globals(), "WORKER", WORKER_EMA)
+    res = _run_ranks(tmp_path)
+    names = ("0.weight", "0.bias", "2.weight", "2.bias")
+    assert set(res["nested"]) == {"lin.weight", "lin.bias"} | {f"ema.module.{k}" for k in names}  # no "scratch"
+    assert list(res["full"]) == [f"module.{k}" for k in names]
+    for k in names:
+        v = res["nested"][f"ema.module.{k}"]
+        assert res["full"][f"module.{k}"].device.type == "cpu"
+        assert torch.equal(res["full"][f"module.{k}"], v) and torch.equal(res["roundtrip"][f"module.{k}"], v)
+    for a, b in zip(res["after"], res["before"]):
+        assert torch.equal(a, b)  # the training weights are back, exactly
+    assert torch.equal(res["out_after"], res["out_train"])
+    ref = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    ref.load_state_dict({k: res["full"][f"module.{k}"] for k in names})
+    with torch.no_grad():
+        want = ref(res["x"])
+    torch.testing.assert_close(res["out_ema"], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res["out_ema2"], want, atol=1e-5, rtol=1e-5)
+    assert (res["out_ema"] - res["out_train"]).abs().max() > 1e-3
+    assert any((a - b).abs().max() > 0 for a, b in zip(res["trained"], res["after"]))

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_sum_no_grad"]
+__all__ = ["world_info", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_sum_no_grad", "broadcast_from_rank0"]
 
 
 def _initialized() -> bool:
@@ -155,5 +155,25 @@ def all_reduce_sum_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
         dev = x.device if _is_nccl(group, x.device) else torch.device("cpu")
         buf = out.to(dev)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        out = buf.to(x.device)
+    return out
+
+
+def broadcast_from_rank0(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Rank 0's ``x`` (of ``group``) on every rank, as a new tensor (``x`` is untouched).
+
+    For values every rank must share, e.g. a seed drawn on rank 0.  Without an initialized
+    process group, or with one rank, returns ``x.detach().clone()``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    out = x.detach().clone()
+    if world_info(group)[1] > 1:
+        dev = x.device if _is_nccl(group, x.device) else torch.device("cpu")
+        if dev.type == "cpu" and _is_nccl(group, torch.device("cuda")) and torch.cuda.is_available():
+            dev = torch.device("cuda", torch.cuda.current_device())  # NCCL needs CUDA tensors
+        buf = out.to(dev)
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast(buf, src=src, group=group)
         out = buf.to(x.device)
     return out

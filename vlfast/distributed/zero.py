@@ -48,6 +48,7 @@ __all__ = [
     "ZeroEMA",
     "attach_zero_momentum",
     "register_external_parameters",
+    "hoist_momentum_updates",
     "remove_cpu_shm_segments",
     "is_zero3_param",
 ]
@@ -268,6 +269,47 @@ def _gather_full(p, shard: torch.Tensor) -> torch.Tensor:
     return flat[:p.ds_numel].view(tuple(p.ds_shape)).clone()
 
 
+def _check_plain_shards(params, what: str, *, write: bool = True) -> None:
+    """Refuse ZeRO-3 parameters whose local shard ``p.ds_tensor`` is not a plain copy of their weights.
+
+    ``params``: parameters, or ``(name, parameter)`` pairs (bare parameters are named ``#<index>``);
+    plain (unpartitioned) ones are skipped.  ``what`` starts the message.  Raises a ValueError
+    naming the parameter and the DeepSpeed option for
+
+    * ZeRO++ quantized weights (``zero_quantized_nontrainable_weights``): a frozen parameter's
+      ``ds_tensor`` holds int8 codes (scales in ``ds_tensor.ds_quant_scale``), not weights;
+    * with ``write`` (the caller writes ``ds_tensor``): ZeRO++ hierarchical partitioning (hpZ,
+      ``zero_hpz_partition_size > 1``), where DeepSpeed gathers the parameter from its secondary
+      partition ``p.ds_secondary_tensor``, which a write into ``ds_tensor`` leaves stale.
+    """
+    for i, item in enumerate(params):
+        name, p = (repr(item[0]), item[1]) if isinstance(item, tuple) else (f"#{i}", item)
+        if not is_zero3_param(p):
+            continue
+        if hasattr(p.ds_tensor, "ds_quant_scale"):
+            raise ValueError(
+                f"{what}: ZeRO-3 parameter {name} is stored quantized (ZeRO++ zero_quantized_nontrainable_weights: "
+                "its shard ds_tensor holds int8 codes, not weights); disable zero_quantized_nontrainable_weights")
+        if write and getattr(p, "ds_secondary_tensor", None) is not None:
+            raise ValueError(
+                f"{what}: ZeRO-3 parameter {name} has a ZeRO++ hpZ secondary partition (zero_hpz_partition_size > 1): "
+                "DeepSpeed gathers it from ds_secondary_tensor, which writing its shard ds_tensor would leave "
+                "stale; set zero_hpz_partition_size to 1")
+
+
+def _stamp(master: torch.Tensor, key: torch.Tensor) -> None:
+    """Remember which weights ``master`` was last written to (storage and version counter)."""
+    master._vlfast_written = (key.data_ptr(), key._version)
+
+
+def _fresh(master: torch.Tensor, key: torch.Tensor) -> bool:
+    """False when the weights were replaced or written in place (``load_state_dict``, a checkpoint
+    load, a pretrained copy) since ``master`` was copied into them: the master is then stale and
+    is re-created from the weights.  A master without a record (just loaded) is trusted."""
+    written = getattr(master, "_vlfast_written", None)
+    return written is None or written == (key.data_ptr(), key._version)
+
+
 def _check_lists(momentum_params, online_params):
     momentum_params, online_params = list(momentum_params), list(online_params)
     if len(momentum_params) != len(online_params):
@@ -293,12 +335,16 @@ def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_param
     * Plain parameters: their data is updated.
 
     ``master``: the fp32 master copies returned by the previous call (``None`` on the
-    first call: created from the current momentum weights).  Entries are ``None`` for
+    first call: created from the current momentum weights).  A master whose weights were
+    written by something else since (``load_state_dict``, a checkpoint load: detected by
+    their storage and version counter) is re-created from them.  Entries are ``None`` for
     fp32/fp64 momentum tensors, which are updated in place directly.  All updates are
     one :func:`vlfast.ops.ema_update_` call.  Returns the (new) master list.
     """
     m = _check_decay(m)
     mom, onl = _check_lists(momentum_params, online_params)
+    _check_plain_shards(mom, "zero3_momentum_update_")
+    _check_plain_shards(onl, "zero3_momentum_update_", write=False)
     if master is None:
         master = [None] * len(mom)
     elif len(master) != len(mom):
@@ -316,10 +362,10 @@ def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_param
             if tuple(p.shape) != tuple(q.shape):
                 raise ValueError(f"parameter {i}: shape {tuple(p.shape)} vs online {tuple(q.shape)}")
             if low:
-                if master[i] is None or master[i].shape != p.shape:
+                if master[i] is None or master[i].shape != p.shape or not _fresh(master[i], p):
                     master[i] = p.data.float()
                 targets.append(master[i])
-                post.append((p.data, master[i]))
+                post.append((p.data, master[i], p))
             else:
                 master[i] = None
                 targets.append(p.data)
@@ -337,13 +383,12 @@ def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_param
                 q_flat = _gather_full(q, q.ds_tensor).view(-1)
             flat = p.data.view(-1)
             if low:
-                mst = master[i]
+                mst = master[i] if master[i] is not None and _fresh(master[i], p.ds_tensor) else None
                 if mst is None or mst.numel() != full_n:
-                    new = flat.float()
-                    if mst is not None and mst.numel() == shard_n:  # shard master -> keep our exact slice
-                        start = _partition_rank(p) * shard_n
-                        n = max(0, min(shard_n, full_n - start))
-                        new[start:start + n] = mst[:n]
+                    if mst is not None and mst.numel() == shard_n:  # shard masters -> full: every rank's
+                        new = _gather_full(p, mst).reshape(-1)
+                    else:
+                        new = flat.float()
                     master[i] = mst = new
                 targets.append(mst)
             else:
@@ -353,7 +398,7 @@ def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_param
             post.append(("full", p, master[i]))
         else:
             if low:
-                mst = master[i]
+                mst = master[i] if master[i] is not None and _fresh(master[i], p.ds_tensor) else None
                 if mst is not None and mst.numel() != shard_n:
                     if mst.numel() == full_n:  # was resident in full; keep the master's slice
                         mst = _shard_slice(p, mst)
@@ -363,7 +408,7 @@ def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_param
                     mst = p.ds_tensor.float()
                 master[i] = mst
                 targets.append(mst)
-                post.append((p.ds_tensor, mst))
+                post.append((p.ds_tensor, mst, p.ds_tensor))
             else:
                 master[i] = None
                 targets.append(p.ds_tensor)
@@ -371,14 +416,17 @@ def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_param
     if targets:
         ema_update_(targets, sources, m, backend=backend)
     for item in post:
-        if item[0] == "full":
+        if isinstance(item[0], str):
             _, p, mst = item
             if mst is not None:
                 p.data.copy_(mst.view(p.data.shape))
             p.ds_tensor.copy_(_shard_slice(p, p.data.reshape(-1)))
+            if mst is not None:
+                _stamp(mst, p.ds_tensor)
         else:
-            dst, src = item
+            dst, src, key = item
             dst.copy_(src.view(dst.shape))
+            _stamp(src, key)
     return master
 
 
@@ -469,6 +517,35 @@ def register_external_parameters(model: nn.Module) -> int:
             deepspeed.zero.register_external_parameter(user, param)
             n += 1
     return n
+
+
+def hoist_momentum_updates(model: nn.Module):
+    """Run ``model``'s momentum update in a pre-forward hook that precedes ZeRO-3's own.
+
+    vlfast's MoCo v3 and ALBEF update their momentum encoders inside ``forward`` (as the
+    papers' code does).  Under ZeRO-3 that is too late once DeepSpeed has a parameter trace:
+    its root pre-forward hook has already started asynchronous all-gathers (prefetches) of
+    the momentum parameters from their *old* shards, and the momentum forward would use
+    weights one update behind (and on CUDA the gather would race with the shard update).
+    This registers ``model.momentum_update(*args, **kwargs)`` (the forward's arguments) as
+    a forward pre-hook with ``prepend=True`` and sets ``model._momentum_hoisted`` so the
+    forward skips its own update.  The online weights do not change between the optimizer
+    step and the next forward, so the result is the same as the in-forward update.
+    Returns the hook handle (``handle.remove()`` and ``model._momentum_hoisted = False`` undo it).
+
+    Raises:
+        TypeError: ``model`` has no ``momentum_update`` method.
+    """
+    update = getattr(model, "momentum_update", None)
+    if not callable(update):
+        raise TypeError(f"{type(model).__name__} has no momentum_update(*forward_args) method to hoist")
+
+    def hook(module, args, kwargs):
+        with torch.no_grad():
+            module.momentum_update(*args, **kwargs)
+
+    model._momentum_hoisted = True
+    return model.register_forward_pre_hook(hook, prepend=True, with_kwargs=True)
 
 
 def _param_signature(module: nn.Module):

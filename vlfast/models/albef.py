@@ -25,22 +25,25 @@ Follows salesforce/ALBEF ``models/model_pretrain.py``:
 * ITM with hard negatives (``itm_head`` Linear(768 -> 2)) and MLM with momentum distillation.
 
 ``forward(images, input_ids, attention_mask, alpha=0.4, idx=None)`` returns
-``{"loss": itc + itm + mlm, "itc", "itm", "mlm"}``.  Random draws (ITM negatives with
-``torch.multinomial``, then the MLM mask: Bernoulli 15 %, 80/10/10) come from the global
-RNG in a fixed order, so eager and fused runs agree under the same ``torch.manual_seed``
-(with dropout 0: ``albef_micro``; ``albef_base`` keeps BERT's dropout 0.1, whose fused
-and eager kernels draw differently).
+``{"loss": itc + itm + mlm, "itc", "itm", "mlm"}``.  Random draws (ITM hard negatives, drawn
+with the Gumbel-max trick from the same softmax weights as ALBEF's ``torch.multinomial``,
+and the MLM mask: 15 %, then 80/10/10) are counter-based: one seed per forward from the
+global CPU RNG, and each draw a hash of (seed, stream, row in the global batch, column).
+So eager and fused runs agree under the same ``torch.manual_seed`` (with dropout 0:
+``albef_micro``; ``albef_base`` keeps BERT's dropout 0.1, whose fused and eager kernels
+draw differently), and a sample's draws do not depend on how the batch is split.
 
 Data-parallel training (``global_batch=True``, the default): the ITC's in-batch keys are
-gathered from every rank (:class:`vlfast.nn.ITCLoss` ``gather=True``), ITM hard negatives are
-sampled from the global batch (every rank draws the same global weight matrices and keeps its
-rows; the negatives' embeddings are gathered with their gradients, as BLIP's
-``all_gather_with_grad``), MLM masks are drawn for the global batch and sliced, and the MLM
-loss is normalized by the global number of masked tokens.  With the ranks' RNGs seeded alike,
-a step on W ranks then computes what one process computes on the global batch (the mean of
-the per-rank losses equals the single-process loss, and averaged gradients equal its
-gradients).  ``global_batch=False`` keeps ALBEF's per-GPU semantics (local in-batch keys and
-negatives; the same in one process).
+gathered from every rank (:class:`vlfast.nn.ITCLoss` ``gather=True``); ITM hard negatives
+of the local rows are sampled from the global batch (the negatives' embeddings are gathered
+with their gradients, as BLIP's ``all_gather_with_grad``); the per-forward seed is rank 0's
+(broadcast); the MLM loss is normalized by the global number of masked tokens.  Without
+dropout a step on W ranks then computes what one process computes on the global batch (the
+mean of the per-rank losses equals the single-process loss, and averaged gradients equal
+its gradients); every forward is collective, so all ranks must call it.  This departs from
+ALBEF's per-GPU recipe on purpose (training does not change with the number of GPUs);
+``global_batch=False`` keeps ALBEF's per-GPU semantics (local in-batch keys and negatives,
+local normalization, no collectives except the queue's gather).
 
 Special token ids default to :class:`~vlfast.models.tokenizer.ByteTokenizer`'s
 (PAD 0, CLS 1, SEP 2, MASK 3); for ``bert-base-uncased`` ids pass ``pad_token_id=0,
@@ -53,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed.gather import all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad, world_info
+from ..distributed.gather import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad,
+                                  broadcast_from_rank0, world_info)
 from ..nn.attention import Attention, CrossAttention
 from ..nn.contrastive import ITCLoss, _check_alpha
 from ..nn.ema import MomentumEncoder
@@ -247,6 +251,51 @@ class AlbefBert(nn.Module):
         return self.cls(self.fuse(self.encode_text(input_ids, key_padding_mask), key_padding_mask, image_embeds))
 
 
+# ------------------------------------------------------------------------------------------ random draws
+# Counter-based draws (MLM masks, ITM hard negatives): the uniform of (seed, stream, global row,
+# column) is a hash, so a sample's draws depend on its row in the global batch only.
+_S_MLM, _S_MASK80, _S_RAND50, _S_WORDS, _S_NEG_IMAGE, _S_NEG_TEXT = range(1, 7)
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """``(x * c) mod 2**32`` for ``x`` in [0, 2**32) (int or int64 tensor) without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    """A 32-bit integer mix (bias-optimized ``lowbias32``) of ``x`` in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _counter_uniform(seed: int, stream: int, rows: torch.Tensor, ncols: int) -> torch.Tensor:
+    """(len(rows), ncols) float32 uniforms in (0, 1), a hash of (seed, stream, row, column)."""
+    base = _hash32((_hash32(seed & _M32) ^ _hash32((stream * 0x9E3779B9) & _M32)) & _M32)
+    r = _hash32((rows.long() ^ base) & _M32)
+    c = _hash32((torch.arange(ncols, device=rows.device, dtype=torch.long) + 0x632BE5AB) & _M32)
+    h = _hash32(_hash32((r[:, None] ^ c[None, :]) & _M32) ^ (base >> 3))
+    return ((h >> 8).float() + 0.5) * (2.0 ** -24)
+
+
+def _sample_rows(weights: torch.Tensor, seed: int, stream: int, rows: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``weights`` (R, C), drawn with probability proportional to the weights
+    (Gumbel-max on counter-based uniforms of the global ``rows``)."""
+    u = _counter_uniform(seed, stream, rows, weights.shape[1])
+    return (weights.log() - (-u.log()).log()).argmax(1)
+
+
+def _draw_seed(shared: bool = False) -> int:
+    """A 31-bit seed from the global CPU RNG; ``shared``: rank 0's, broadcast to every rank."""
+    seed = torch.randint(0, 2 ** 31 - 1, (1,))
+    if shared:
+        seed = broadcast_from_rank0(seed)
+    return int(seed)
+
+
 # ------------------------------------------------------------------------------------------ ITC
 class AlbefITC(ITCLoss):
     """:class:`vlfast.nn.ITCLoss` with a ``fused`` flag: False runs ALBEF's eager formula
@@ -382,37 +431,43 @@ class ALBEF(nn.Module):
         if self.itc.queue_size % B:
             raise ValueError(f"the batch size ({B}) must divide queue_size ({self.itc.queue_size})")
 
-    def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, rank: int = 0,
-                    world_size: int = 1):
+    def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, seed: Optional[int] = None,
+                    row_offset: int = 0):
         """BERT masking (ALBEF's ``mask``): each real, non-special token is chosen with probability
         ``mlm_probability``; chosen ones become [MASK] (80 %), a random id (10 %) or stay (10 %).
-        Returns ``(masked_ids, labels)`` with labels -100 where not chosen.  Draws, in order,
-        from the global RNG of ``input_ids``' device: bernoulli, bernoulli(0.8), bernoulli(0.5), randint.
+        Returns ``(masked_ids, labels)`` with labels -100 where not chosen.
 
-        With ``world_size`` W > 1 every draw is made for the global batch (W * B, L) and rank
-        ``rank`` keeps rows ``[rank * B, (rank + 1) * B)``: the masks of a sample do not depend
-        on the number of ranks (the ranks' RNGs must be in the same state, as after one seed)."""
+        The draws are counter-based (:func:`_counter_uniform`): the uniforms of token ``j`` of
+        row ``i`` are a hash of ``(seed, stream, row_offset + i, j)``, so a sample's mask depends
+        on its row in the global batch, not on how the batch is split across ranks.
+        ``seed`` (a 31-bit int) defaults to one draw from the global CPU RNG."""
+        if seed is None:
+            seed = _draw_seed()
         dev = input_ids.device
         ids = input_ids.clone()
         labels = input_ids.clone()
-        B = ids.shape[0]
-        shape = (world_size * B,) + tuple(ids.shape[1:])
-        rows = slice(rank * B, (rank + 1) * B)
+        rows = torch.arange(row_offset, row_offset + ids.shape[0], device=dev)
+        L = ids.shape[1]
 
-        def draw(p):
-            return torch.bernoulli(torch.full(shape, p, device=dev))[rows].bool()
+        def uniform(stream):
+            return _counter_uniform(seed, stream, rows, L)
 
-        masked = draw(self.mlm_probability)
+        masked = uniform(_S_MLM) < self.mlm_probability
         special = ((ids == self.pad_token_id) | (ids == self.cls_token_id) | (ids == self.sep_token_id)
                    | (ids == self.mask_token_id) | (attention_mask == 0))
         masked &= ~special
         labels[~masked] = -100
-        replaced = draw(0.8) & masked
+        replaced = (uniform(_S_MASK80) < 0.8) & masked
         ids[replaced] = self.mask_token_id
-        rand = draw(0.5) & masked & ~replaced
-        words = torch.randint(self.vocab_size, shape, dtype=torch.long, device=dev)[rows]
+        rand = (uniform(_S_RAND50) < 0.5) & masked & ~replaced
+        words = (uniform(_S_WORDS) * self.vocab_size).long().clamp_(max=self.vocab_size - 1)
         ids[rand] = words[rand]
         return ids, labels
+
+    def momentum_update(self, *args, **kwargs) -> None:
+        """ALBEF's ``_momentum_update`` of the four momentum encoders (the forward's arguments are
+        ignored; see :func:`vlfast.distributed.zero.hoist_momentum_updates`)."""
+        self._momentum_update()
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -431,7 +486,8 @@ class ALBEF(nn.Module):
         text_embeds = self.text_encoder.encode_text(input_ids, pad)
         text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
         with torch.no_grad():
-            self._momentum_update()
+            if not getattr(self, "_momentum_hoisted", False):  # else done by a pre-forward hook
+                self._momentum_update()
             image_embeds_m = self.visual_encoder_m.module.forward_features(images)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
             text_embeds_m = self.text_encoder_m.module.encode_text(input_ids, pad)
@@ -439,24 +495,30 @@ class ALBEF(nn.Module):
         loss_itc = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha=float(alpha), idx=idx)
 
         # ---- ITM with hard negatives
-        rank, world = world_info() if self.global_batch else (0, 1)
+        # global batch: local rows against every rank's columns (BLIP); the draws are counter-based
+        # on the global row, so they do not depend on the number of ranks
+        gb = self.global_batch and world_info()[1] > 1
+        rank = world_info()[0] if gb else 0
+        seed = _draw_seed(shared=gb)
+        row_ids = torch.arange(rank * B, (rank + 1) * B, device=images.device)
         output_pos = self.text_encoder.fuse(text_embeds, pad, image_embeds)
         with torch.no_grad():
             temp = self.itc.temp  # clamped by the ITC
             # ALBEF: softmax(sim_i2t[:, :bs]), sim_i2t = image_feat @ [text_feat_m, queue].T / temp
-            # (global batch: every rank draws the same global matrices and keeps its rows)
-            img_f, txt_f, img_fm, txt_fm = (all_gather_no_grad(t) for t in (image_feat, text_feat, image_feat_m,
-                                                                           text_feat_m))
-            weights_i2t = F.softmax((img_f @ txt_fm.t() / temp).float(), dim=1)
-            weights_t2i = F.softmax((txt_f @ img_fm.t() / temp).float(), dim=1)
-            weights_i2t.fill_diagonal_(0)
-            weights_t2i.fill_diagonal_(0)
-        rows = slice(rank * B, (rank + 1) * B)
-        neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)[rows]  # a negative image for each text
-        neg_text = torch.multinomial(weights_i2t, 1).squeeze(1)[rows]   # a negative text for each image
-        # negatives of other ranks come with their gradients (BLIP's all_gather_with_grad)
-        text_embeds_w, image_embeds_w = all_gather_with_grad(text_embeds), all_gather_with_grad(image_embeds)
-        pad_w = all_gather_no_grad(pad.to(torch.uint8)).bool()
+            img_fm, txt_fm = ((all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m)) if gb
+                              else (image_feat_m, text_feat_m))
+            weights_i2t = F.softmax((image_feat @ txt_fm.t() / temp).float(), dim=1)
+            weights_t2i = F.softmax((text_feat @ img_fm.t() / temp).float(), dim=1)
+            diag = (torch.arange(B, device=images.device), row_ids)
+            weights_i2t[diag] = 0
+            weights_t2i[diag] = 0
+        neg_image = _sample_rows(weights_t2i, seed, _S_NEG_IMAGE, row_ids)  # a negative image for each text
+        neg_text = _sample_rows(weights_i2t, seed, _S_NEG_TEXT, row_ids)    # a negative text for each image
+        if gb:  # negatives of other ranks come with their gradients (BLIP's all_gather_with_grad)
+            text_embeds_w, image_embeds_w = all_gather_with_grad(text_embeds), all_gather_with_grad(image_embeds)
+            pad_w = all_gather_no_grad(pad.to(torch.uint8)).bool()
+        else:
+            text_embeds_w, image_embeds_w, pad_w = text_embeds, image_embeds, pad
         text_embeds_all = torch.cat([text_embeds, text_embeds_w[neg_text]], 0)
         pad_all = torch.cat([pad, pad_w[neg_text]], 0)
         image_embeds_all = torch.cat([image_embeds_w[neg_image], image_embeds], 0)
@@ -467,14 +529,17 @@ class ALBEF(nn.Module):
         loss_itm = F.cross_entropy(vl_output.float(), itm_labels)
 
         # ---- MLM with momentum distillation
-        masked_ids, labels = self.mask_tokens(input_ids, attention_mask, rank=rank, world_size=world)
+        masked_ids, labels = self.mask_tokens(input_ids, attention_mask, seed=seed, row_offset=rank * B)
         with torch.no_grad():
             logits_m = self.text_encoder_m.module(masked_ids, pad, image_embeds_m)
         logits = self.text_encoder(masked_ids, pad, image_embeds)
         sel = labels != -100
         # global batch: the token mean over all ranks' masked tokens (each rank's share times W,
         # so that the ranks' mean -- what data-parallel gradient averaging takes -- is that mean)
-        n_masked = all_reduce_sum_no_grad(sel.sum()).clamp(min=1) / world
+        if gb:
+            n_masked = all_reduce_sum_no_grad(sel.sum()).clamp(min=1) / world_info()[1]
+        else:
+            n_masked = sel.sum().clamp(min=1)
         logp = F.log_softmax(logits.float(), dim=-1)
         ce = F.nll_loss(logp.view(-1, self.vocab_size), labels.view(-1), ignore_index=-100, reduction="sum")
         soft = -(logp * F.softmax(logits_m.float(), dim=-1)).sum(-1)

@@ -182,12 +182,18 @@ class MoCoV3(nn.Module):
                              f"{tuple(x1.shape)} and {tuple(x2.shape)}")
         q1 = self.predictor(self.base_encoder(x1))
         q2 = self.predictor(self.base_encoder(x2))
-        if self.training or m is not None:
-            self.momentum_encoder.update(self.base_encoder, self.momentum if m is None else m)
+        if not getattr(self, "_momentum_hoisted", False):  # else done by a pre-forward hook
+            self.momentum_update(x1, x2, m)
         k1 = self.momentum_encoder(x1)
         k2 = self.momentum_encoder(x2)
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)
         return {"loss": loss}
+
+    def momentum_update(self, x1=None, x2=None, m: Optional[float] = None) -> None:
+        """The forward's momentum update (in training mode, or when ``m`` is given), taking the
+        forward's arguments (see :func:`vlfast.distributed.zero.hoist_momentum_updates`)."""
+        if self.training or m is not None:
+            self.momentum_encoder.update(self.base_encoder, self.momentum if m is None else m)
 
     def synthetic_batch(self, batch_size: int, *, device=None,
                         generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:

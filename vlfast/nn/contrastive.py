@@ -297,6 +297,18 @@ class ITCLoss(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_load_state_dict_pre_hook(_transpose_layout_hook(("image_queue", "text_queue"), "idx_queue"))
 
+    def __deepcopy__(self, memo):
+        # copy.deepcopy of a module holding it (EMA, MomentumEncoder): a torch.distributed
+        # ProcessGroup cannot be deep-copied, so the copy shares ``group``; the rest is copied
+        # as nn.Module's default deepcopy would
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key == "group" else copy.deepcopy(value, memo)
+        return new
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, queue_size={self.queue_size}, alpha={self.alpha}"
 

@@ -88,6 +88,10 @@ def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, ema=No
     part (``engine.save``) into one shared ``.tmp-step_N-dist`` directory; after a barrier
     rank 0 writes the trainer state and renames the directory into place, then a final
     barrier.  The trainer state (RNG) is rank 0's.
+
+    ``ema``: a :class:`vlfast.nn.EMA`, written by rank 0 to ``ema.pt``; a
+    :class:`vlfast.nn.ZeroEMA` (ZeRO-3) is gathered with ``full_state_dict()`` (every rank
+    takes part, one parameter at a time; only rank 0 keeps the tensors, on the CPU).
     """
     root = ckpt_root(out_dir)
     name = f"step_{step}"
@@ -106,8 +110,12 @@ def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, ema=No
     if world > 1:
         barrier()
     final = os.path.join(root, name)
-    # every rank: a ZeRO-3 EMA's state_dict gathers the shards (collective)
-    ema_state = ema.state_dict() if ema is not None else None
+    ema_state = None
+    if ema is not None and callable(getattr(ema, "full_state_dict", None)):
+        # ZeroEMA: collective (every rank), tensors kept on rank 0 only
+        ema_state = ema.full_state_dict(rank0_only=True, cpu=True)
+    elif ema is not None and rank == 0:
+        ema_state = ema.state_dict()
     if rank != 0:
         barrier()  # rank 0 renames
         return final
@@ -160,5 +168,11 @@ def load_checkpoint(path: str, engine, ema=None) -> dict:
     if ema is not None:
         ema_path = os.path.join(path, "ema.pt")
         if os.path.isfile(ema_path):
-            ema.load_state_dict(torch.load(ema_path, map_location="cpu", weights_only=False))
+            # memory-mapped: a ZeroEMA copies just this rank's slices out of it
+            try:
+                ema_state = torch.load(ema_path, map_location="cpu", weights_only=False, mmap=True)
+            except RuntimeError:  # a legacy (not zip) file cannot be memory-mapped
+                ema_state = torch.load(ema_path, map_location="cpu", weights_only=False)
+            ema.load_state_dict(ema_state)
+            del ema_state
     return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)

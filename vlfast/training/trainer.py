@@ -9,7 +9,7 @@
   on ``W`` ranks sees the same samples as the single-process run; the logged loss is the
   mean over the ranks, and only rank 0 writes ``metrics.jsonl``.
 * ``--nproc N`` (single node): the process re-launches itself as ``N`` ranks
-  (``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR=127.0.0.1/MASTER_PORT``; ``DS_ACCELERATOR=cpu``
+  (``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR=127.0.0.1/MASTER_PORT``, the port ``$MASTER_PORT`` when set, else a free one; ``DS_ACCELERATOR=cpu``
   without CUDA), waits, and exits non-zero when a rank fails.
 * Multi-node: DeepSpeed's own launcher, unchanged; each rank reads ``RANK``,
   ``WORLD_SIZE`` and ``LOCAL_RANK`` from its environment::
@@ -220,9 +220,11 @@ class DeepSpeedEngine(Engine):
         self.zero_stage = zero_stage
         params = [p for p in model.parameters() if p.requires_grad]
         if zero_stage == 3:
-            from vlfast.distributed.zero import register_external_parameters
+            from vlfast.distributed.zero import hoist_momentum_updates, register_external_parameters
 
             register_external_parameters(model)
+            if callable(getattr(model, "momentum_update", None)):
+                hoist_momentum_updates(model)  # before ZeRO-3 prefetches the momentum weights
         with _patched_broadcast():
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                                                     config=cfg)
@@ -262,18 +264,14 @@ class DeepSpeedEngine(Engine):
         """DeepSpeed checkpoint (``<dir>/deepspeed``, per-rank shards) plus the full weights in
         ``<dir>/model.pt`` (gathered under ZeRO-3), as :class:`TorchEngine` writes them."""
         self.model.save_checkpoint(directory, tag=self.TAG)
+        if self.world_size > 1:  # every rank has its own random stream
+            torch.save(ckpt.rng_state(), os.path.join(directory, f"rng_rank{self.rank}.pt"))
         masters = _momentum_masters(self.module)
         if masters:  # fp32 masters of bf16 / ZeRO-3-shard momentum weights: per-rank state
             torch.save(masters, os.path.join(directory, f"momentum_masters_rank{self.rank}.pt"))
-        gather = contextlib.nullcontext()
-        if self.zero_stage == 3:
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
-        with gather:
-            if self.rank == 0:
-                sd = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-                torch.save(sd, os.path.join(directory, "model.pt"))
+        sd = _full_state_dict(self.module, keep=self.rank == 0)  # every rank (collective under ZeRO-3)
+        if self.rank == 0:
+            torch.save(sd, os.path.join(directory, "model.pt"))
 
     def load(self, directory):
         path, _ = self.model.load_checkpoint(directory, tag=self.TAG, load_optimizer_states=True,
@@ -281,14 +279,43 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise TrainError(f"no DeepSpeed checkpoint in {directory}")
         masters_path = os.path.join(directory, f"momentum_masters_rank{self.rank}.pt")
+        encoders = dict(_momentum_encoders(self.module))
+        masters = {}
         if os.path.isfile(masters_path):
-            masters = torch.load(masters_path, map_location=self.device, weights_only=False)
-            encoders = dict(_momentum_encoders(self.module))
-            for name, state in masters.items():
-                if name not in encoders:
-                    raise TrainError(f"checkpoint {directory} has momentum masters for {name!r}, which this "
-                                     "model does not have")
-                encoders[name].load_master_state(state)
+            masters = torch.load(masters_path, map_location="cpu", weights_only=False)
+        for name in masters:
+            if name not in encoders:
+                raise TrainError(f"checkpoint {directory} has momentum masters for {name!r}, which this "
+                                 "model does not have")
+        for name, enc in encoders.items():  # none saved (fp32 weights): re-created from the loaded weights
+            state = masters.get(name)
+            if state is not None:  # on the device of the weights they average
+                ref = [getattr(p, "ds_tensor", p) for p in enc.module.parameters()]
+                state = [None if t is None else t.to(r.device) for t, r in zip(state, ref)]
+            enc.load_master_state(state)
+
+
+def _full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict:
+    """``module.state_dict()`` with full tensors on the CPU (``keep=False``: ``{}``, this rank only
+    takes part in the gathers); ZeRO-3 parameters are rebuilt one at a time from every rank's
+    shard by a plain all_gather (collective).  Unlike ``GatheredParameters`` this leaves
+    DeepSpeed's parameter status alone: re-partitioning resident (persistent) parameters there
+    after a checkpoint load broke ZeRO-3's recorded fetch trace ("tracing error") at the next step."""
+    from vlfast.distributed.zero import _gather_full, is_zero3_param
+
+    out, done = {}, {}
+    for k, v in module.state_dict(keep_vars=True).items():
+        if is_zero3_param(v):
+            if id(v) not in done:  # tied weights: one gather
+                full = _gather_full(v, v.ds_tensor)
+                done[id(v)] = full.cpu() if keep else None
+                del full
+            t = done[id(v)]
+        else:
+            t = v.detach().cpu().clone() if keep else None
+        if keep:
+            out[k] = t
+    return out
 
 
 def _momentum_encoders(module: torch.nn.Module):
@@ -360,7 +387,7 @@ def _launch(nproc: int, argv: List[str]) -> int:
     """Run ``nproc`` ranks of this command as subprocesses; the first failing rank's code (or 0)."""
     import subprocess
 
-    port = str(_free_port())
+    port = os.environ.get("MASTER_PORT") or str(_free_port())  # a fixed port when the user sets one
     procs = []
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
@@ -576,6 +603,10 @@ def run(args, parser) -> int:
         # after the engine: under ZeRO-3 the parameters are partitioned by now and EMA(model)
         # is a ZeroEMA averaging each rank's shards (fp32)
         ema = EMA(model, decay=args.ema)
+    # each rank its own random stream (dropout, MAE masks, ...: samples of different ranks must not
+    # share draws); rank 0's is the single process's.  Draws that must agree across ranks (ALBEF's
+    # global-batch draws) use a seed broadcast from rank 0.
+    _seed_all(args.seed + rank)
 
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -598,7 +629,10 @@ def run(args, parser) -> int:
                 raise TrainError(f"checkpoint {path} is for model {saved_model!r}, not {args.model!r}")
             start = int(state["step"])
             data.load_state_dict(state["data"])
-            ckpt.set_rng_state(state["rng"])
+            ckpt.set_rng_state(state["rng"])  # rank 0's; the other ranks' are saved by DeepSpeedEngine
+            rank_rng = os.path.join(path, f"rng_rank{rank}.pt")
+            if world > 1 and os.path.isfile(rank_rng):
+                ckpt.set_rng_state(torch.load(rank_rng, map_location="cpu", weights_only=False))
             if main_rank:
                 _truncate_metrics(metrics_path, start)
                 print(f"vlfast train: resumed from {path} (step {start})", file=sys.stderr)
@@ -671,13 +705,19 @@ def run(args, parser) -> int:
               f"checkpoint {os.path.join(ckpt.ckpt_root(args.out), f'step_{total_steps}')}", file=sys.stderr)
     engine.barrier()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if device.type == "cpu":  # DeepSpeed leaves its CPU all-reduce segment in /dev/shm
-            from vlfast.distributed.zero import remove_cpu_shm_segments
-
-            remove_cpu_shm_segments(os.environ.get("MASTER_PORT", ""), [rank], os.environ.get("MASTER_ADDR", ""))
+        _release_cpu_shm()
         # ranks leave together; an unsynchronized exit can abort a peer's gloo threads
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _release_cpu_shm() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment (DeepSpeed leaves it in /dev/shm)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not torch.cuda.is_available():
+        from vlfast.distributed.zero import remove_cpu_shm_segments
+
+        remove_cpu_shm_segments(os.environ.get("MASTER_PORT", ""), [torch.distributed.get_rank()],
+                                os.environ.get("MASTER_ADDR", ""))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -703,6 +743,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
+    finally:  # a failed distributed run (a clean one has released it and left the group)
+        _release_cpu_shm()
 
 
 if __name__ == "__main__":
