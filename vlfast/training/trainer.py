@@ -447,24 +447,23 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, ">= 0")
 
 
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {s!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
+def _float_where(ok, what: str):
+    """argparse type: a float for which ``ok(v)`` holds (``what`` words the error)."""
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+        return v
+
+    return parse
 
 
-def _decay(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {s!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
-    return v
+_positive_float = _float_where(lambda v: v > 0 and math.isfinite(v), "a positive number")
+_decay = _float_where(lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
 
 def _zero_stage(s: str) -> int:
