@@ -13,7 +13,7 @@ import torch
 
 from vlfast import _native
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 PAIRS = list(itertools.product(DTYPES, DTYPES))
 SIZES = [1, 17, 1023, 100003]
