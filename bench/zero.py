@@ -52,7 +52,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from vlfast.comm import free_port
 from vlfast.distributed.zero import remove_cpu_shm_segments
 
 from .harness import Case, Measured, SelfTimed, Target, register
@@ -103,12 +103,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _world_size(device: torch.device) -> int:
@@ -192,7 +186,7 @@ def _run_procs(cmds: Sequence[tuple[list[str], dict[str, str]]], logdir: Path, w
 def _launch_ranks(cmd: list[str], device: torch.device, world: int, threads: int, logdir: Path, what: str,
                   timeout: float = TIMEOUT_S) -> list[str]:
     """Run ``cmd`` as ``world`` local ranks (the environment of ``vlfast train --nproc``); their stdouts."""
-    port = str(_free_port())
+    port = str(free_port())
     cmds = []
     for rank in range(world):
         env = _child_env(device, threads)

@@ -100,7 +100,7 @@ void ema_update_cuda(const std::vector<std::uintptr_t>& ema_addrs,
 template <typename T>
 T* as_ptr(std::uintptr_t a) { return reinterpret_cast<T*>(a); }
 
-void mask_rank_cpu(std::uintptr_t keys_addr, int keys_dtype, int64_t B, int64_t L,
+void random_masking_rank_cpu(std::uintptr_t keys_addr, int keys_dtype, int64_t B, int64_t L,
                    int64_t len_keep, std::uintptr_t ids_restore_addr, std::uintptr_t ids_keep_addr,
                    std::uintptr_t mask_addr, int mask_dtype) {
   vlfast_mask_rank_cpu(as_ptr<const void>(keys_addr), keys_dtype, B, L, len_keep,
@@ -108,7 +108,7 @@ void mask_rank_cpu(std::uintptr_t keys_addr, int keys_dtype, int64_t B, int64_t 
                        as_ptr<void>(mask_addr), mask_dtype);
 }
 
-void gather_rows_cpu(std::uintptr_t src_addr, int dtype, int64_t B, int64_t L, int64_t D,
+void random_masking_gather_cpu(std::uintptr_t src_addr, int dtype, int64_t B, int64_t L, int64_t D,
                      int64_t s_b, int64_t s_l, int64_t s_d, std::uintptr_t idx_addr, int64_t K,
                      std::uintptr_t pos_addr, int64_t pos_s_l, int64_t pos_s_d,
                      std::uintptr_t out_addr) {
@@ -117,7 +117,7 @@ void gather_rows_cpu(std::uintptr_t src_addr, int dtype, int64_t B, int64_t L, i
                          pos_s_l, pos_s_d, as_ptr<void>(out_addr));
 }
 
-void unshuffle_rows_cpu(std::uintptr_t src_addr, int dtype, int64_t B, int64_t K, int64_t D,
+void unshuffle_tokens_cpu(std::uintptr_t src_addr, int dtype, int64_t B, int64_t K, int64_t D,
                         int64_t s_b, int64_t s_k, int64_t s_d, std::uintptr_t ids_restore_addr,
                         int64_t L, std::uintptr_t fill_addr, int64_t fill_s_d,
                         std::uintptr_t out_addr) {
@@ -177,7 +177,7 @@ PYBIND11_MODULE(_C, m) {
         "CUDA multi-tensor EMA update on the given cudaStream_t (as int; 0 = legacy default "
         "stream). Asynchronous with respect to the host.");
 #endif
-  m.def("mask_rank_cpu", &mask_rank_cpu, py::arg("keys_addr"), py::arg("keys_dtype"),
+  m.def("random_masking_rank_cpu", &random_masking_rank_cpu, py::arg("keys_addr"), py::arg("keys_dtype"),
         py::arg("B"), py::arg("L"), py::arg("len_keep"), py::arg("ids_restore_addr"),
         py::arg("ids_keep_addr"), py::arg("mask_addr"), py::arg("mask_dtype"),
         py::call_guard<py::gil_scoped_release>(),
@@ -187,7 +187,7 @@ PYBIND11_MODULE(_C, m) {
         "(int64 (B, L), the ranks), ids_keep (int64 (B, len_keep), positions of ranks "
         "< len_keep in rank order) and mask ((B, L), dtype code mask_dtype; 0 = kept, 1 = "
         "masked). ValueError unless 0 <= len_keep <= L.");
-  m.def("gather_rows_cpu", &gather_rows_cpu, py::arg("src_addr"), py::arg("dtype"), py::arg("B"),
+  m.def("random_masking_gather_cpu", &random_masking_gather_cpu, py::arg("src_addr"), py::arg("dtype"), py::arg("B"),
         py::arg("L"), py::arg("D"), py::arg("s_b"), py::arg("s_l"), py::arg("s_d"),
         py::arg("idx_addr"), py::arg("K"), py::arg("pos_addr"), py::arg("pos_s_l"),
         py::arg("pos_s_d"), py::arg("out_addr"), py::call_guard<py::gil_scoped_release>(),
@@ -197,7 +197,7 @@ PYBIND11_MODULE(_C, m) {
         "(B, K, D). The add is computed in float32 (float64 for float64) and rounded once; "
         "without pos the copy is bit-exact. IndexError for idx outside [0, L) (checked before "
         "writing).");
-  m.def("unshuffle_rows_cpu", &unshuffle_rows_cpu, py::arg("src_addr"), py::arg("dtype"),
+  m.def("unshuffle_tokens_cpu", &unshuffle_tokens_cpu, py::arg("src_addr"), py::arg("dtype"),
         py::arg("B"), py::arg("K"), py::arg("D"), py::arg("s_b"), py::arg("s_k"), py::arg("s_d"),
         py::arg("ids_restore_addr"), py::arg("L"), py::arg("fill_addr"), py::arg("fill_s_d"),
         py::arg("out_addr"), py::call_guard<py::gil_scoped_release>(),
@@ -205,7 +205,7 @@ PYBIND11_MODULE(_C, m) {
         "r = ids_restore[b, j] (contiguous int64 (B, L)). src is (B, K, D) with element "
         "strides (s_b, s_k, s_d); fill is (D,) of src's dtype with stride fill_s_d; out is "
         "contiguous (B, L, D). Bit-exact copies (MAE decoder unshuffle / backward of "
-        "gather_rows_cpu). IndexError for ids_restore outside [0, L) (checked before writing).");
+        "random_masking_gather_cpu). IndexError for ids_restore outside [0, L) (checked before writing).");
   m.def("has_cuda", []() {
 #if defined(VLFAST_WITH_CUDA)
     return true;

@@ -1,8 +1,8 @@
 // CPU kernels for MAE random masking (see masking.h).
 //
-// mask_rank:      per row, sort (key, index) pairs -> ranks, kept ids, mask.
-// gather_rows:    out[b, r] = src[b, idx[b, r]] (+ pos[idx[b, r]]).
-// unshuffle_rows: out[b, j] = src[b, ids_restore[b, j]] or a fill row.
+// random_masking_rank:      per row, sort (key, index) pairs -> ranks, kept ids, mask.
+// random_masking_gather:    out[b, r] = src[b, idx[b, r]] (+ pos[idx[b, r]]).
+// unshuffle_tokens: out[b, j] = src[b, ids_restore[b, j]] or a fill row.
 //
 // All arguments (including every index value) are checked before any output
 // is written; errors are thrown on the calling thread, never inside an OpenMP
@@ -94,7 +94,7 @@ int thread_num() {
 #endif
 }
 
-// ------------------------------------------------------------------ mask_rank
+// ------------------------------------------------------------------ random_masking_rank
 // Order-preserving integer image of a key: NaN (any sign/payload) -> max,
 // -0.0 == +0.0, otherwise monotone in the value. Sorting (key, index) pairs
 // lexicographically is then exactly a stable argsort with NaNs last.
@@ -260,7 +260,7 @@ void unshuffle_impl(const void* src_p, int64_t B, int64_t K, int64_t D, int64_t 
 void vlfast_mask_rank_cpu(const void* keys, int keys_dtype, int64_t B, int64_t L,
                           int64_t len_keep, int64_t* ids_restore, int64_t* ids_keep,
                           void* mask, int mask_dtype) {
-  static const char* fn = "mask_rank_cpu";
+  static const char* fn = "random_masking_rank_cpu";
   check_dtype(fn, "keys", keys_dtype);
   check_dtype(fn, "mask", mask_dtype);
   check_nonneg(fn, "B", B);
@@ -287,7 +287,7 @@ void vlfast_gather_rows_cpu(const void* src, int dtype, int64_t B, int64_t L, in
                             int64_t s_b, int64_t s_l, int64_t s_d, const int64_t* idx,
                             int64_t K, const void* pos, int64_t pos_s_l, int64_t pos_s_d,
                             void* out) {
-  static const char* fn = "gather_rows_cpu";
+  static const char* fn = "random_masking_gather_cpu";
   check_dtype(fn, "src", dtype);
   check_nonneg(fn, "B", B);
   check_nonneg(fn, "L", L);
@@ -318,7 +318,7 @@ void vlfast_unshuffle_rows_cpu(const void* src, int dtype, int64_t B, int64_t K,
                                int64_t s_b, int64_t s_k, int64_t s_d,
                                const int64_t* ids_restore, int64_t L, const void* fill,
                                int64_t fill_s_d, void* out) {
-  static const char* fn = "unshuffle_rows_cpu";
+  static const char* fn = "unshuffle_tokens_cpu";
   check_dtype(fn, "src", dtype);
   check_nonneg(fn, "B", B);
   check_nonneg(fn, "K", K);

@@ -1,7 +1,81 @@
-"""Device helpers shared by vlfast's Triton kernels."""
+"""Helpers, constants and tile tables shared by vlfast's Triton kernels (one place for each).
 
+* ``interpret()``: True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``, read
+  at every launch; this is ``vlfast._backend.triton_interpret``).
+* Constants: ``LOG2E`` and ``LN2`` are host floats; ``LOG2E_C`` and ``LN2_C`` are the same values
+  as ``tl.constexpr``, the only kind of global a ``@triton.jit`` function may read.  Kernels use
+  base-2 exponentials: ``exp(x) = exp2(x * LOG2E)``, ``log(x) = log2(x) * LN2``.
+* dtypes: ``TL_DTYPES`` (torch -> tl), ``compute_type`` (fp32 math unless a side is fp64),
+  ``dtype_class`` (the ``dtype`` column of the tile tables), and the two constexprs of ``mma``:
+  ``dot_precision`` (``DOT_PREC``) and ``upcast_dot`` (``UPCAST``).
+* Device helpers: ``mma`` (``tl.dot`` with fp32 accumulation) and ``round_to`` (output rounding).
+* Tiles: ``TileTable`` (one per kernel module, registered by name), ``INTERPRETER_TILES`` (the
+  interpreter's tiles of every table, chosen here and nowhere else) and ``override_tiles``
+  (a context manager for tests and tuning).  ``vlfast.kernels.tile_tables()`` lists the tables.
+"""
+
+import contextlib
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
 import triton
 import triton.language as tl
+
+from vlfast._backend import triton_interpret as interpret
+
+# ----------------------------------------------------------------------------- constants
+LOG2E = 1.4426950408889634     # log2(e)
+LN2 = 0.6931471805599453       # ln(2) = 1 / log2(e)
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
+
+# ----------------------------------------------------------------------------- dtypes
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+def compute_type(*dtypes: torch.dtype):
+    """The ``tl`` type elementwise kernels compute in: fp64 when any side is fp64, else fp32."""
+    return TL_DTYPES[torch.float64 if torch.float64 in dtypes else torch.float32]
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """The ``dtype`` key of the tile tables: ``"fp32"``, ``"fp16/bf16"`` (2-byte) or ``"fp64"``."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "fp16/bf16"
+    if dtype == torch.float32:
+        return "fp32"
+    if dtype == torch.float64:
+        return "fp64"
+    raise TypeError(f"no tile class for dtype {dtype}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``DOT_PREC`` of ``mma``: IEEE fp32 dots for fp32 inputs (no TF32); fp16/bf16 use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """``UPCAST`` of ``mma``: bf16 in the interpreter, whose ``tl.dot`` multiplies bf16's raw uint16 storage."""
+    return dtype == torch.bfloat16 and interpret()
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b (+ acc)`` with fp32 accumulation (``acc`` may be None).
+
+    UPCAST (bf16 in the interpreter only, see ``upcast_dot``) widens the operands first, which
+    gives the same products as the GPU's bf16 MMA (bf16 x bf16 is exact in fp32).
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -20,3 +94,159 @@ def round_to(x, OUT_BF16: tl.constexpr, out_ty: tl.constexpr):
         return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(out_ty)
+
+
+# ----------------------------------------------------------------------------- tile tables
+# The interpreter's tiles, for every table (the one place they are chosen).  The interpreter runs
+# each program in numpy, so small tiles keep the tests fast; they are not a GPU choice.  An entry
+# replaces those values of the row that the GPU would use.
+INTERPRETER_TILES: Dict[str, Dict[str, Dict[str, int]]] = {
+    "attention": {
+        "fwd": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "bwd_preprocess": dict(BLOCK_M=16),
+        "bwd_kv": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "bwd_q": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        "dropout_mask": dict(BLOCK_M=32, BLOCK_N=64),
+    },
+    "contrastive": {
+        "fwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, num_warps=4, num_stages=1),
+        "bwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, BLOCK_DO=64, num_warps=4, num_stages=1),
+    },
+}
+
+_TABLES: Dict[str, "TileTable"] = {}
+_OVERRIDES: Dict[Tuple[str, str], Dict[str, int]] = {}
+
+
+class TileTable:
+    """The tile choices of one kernel module, as data (one table per module, registered by name).
+
+    ``rows`` are tuples over ``columns``; the first ``len(keys)`` columns are the keys:
+
+    * ``kind``: which launch; ``kernels`` maps every kind to the ``@triton.jit`` kernels it sizes;
+    * ``dtype``: ``dtype_class`` of the inputs (``"fp32"``, ``"fp16/bf16"``, ``"fp64"``) or ``"any"``;
+    * the table's own keys: a ``max_<NAME>`` cell matches a query ``NAME`` that is <= the cell, any
+      other key cell a query equal to it; a ``None`` cell matches every query.
+
+    The first matching row wins.  The remaining columns are tile values (``BLOCK_*`` constexprs and
+    the ``num_warps`` / ``num_stages`` launch options); ``None`` means the kind does not use it
+    (Triton's default for a launch option).  ``lookup`` starts from that row, applies
+    ``INTERPRETER_TILES[name][kind]`` when the interpreter runs the kernels, then ``override_tiles``.
+    """
+
+    def __init__(self, name: str, doc: str, kernels: Mapping[str, Sequence[str]],
+                 keys: Sequence[str], values: Sequence[str], rows: Sequence[tuple]):
+        if tuple(keys[:2]) != ("kind", "dtype"):
+            raise ValueError(f"tile table {name}: the first keys must be kind and dtype, got {tuple(keys)}")
+        self.name = name
+        self.doc = doc
+        self.kernels = {kind: tuple(ks) for kind, ks in kernels.items()}
+        self.keys = tuple(keys)
+        self.values = tuple(values)
+        self.columns = self.keys + self.values
+        self.rows = tuple(tuple(r) for r in rows)
+        for r in self.rows:
+            if len(r) != len(self.columns):
+                raise ValueError(f"tile table {name}: row {r} does not have the columns {self.columns}")
+            if r[0] not in self.kernels:
+                raise ValueError(f"tile table {name}: row {r} has an unknown kind (kinds: {tuple(self.kernels)})")
+        missing = [k for k in self.kernels if not any(r[0] == k for r in self.rows)]
+        if missing:
+            raise ValueError(f"tile table {name}: no row for the kinds {missing}")
+        self.interpreter = {kind: dict(v) for kind, v in INTERPRETER_TILES.get(name, {}).items()}
+        for kind, vals in self.interpreter.items():
+            self._check_values(kind, vals)
+        _TABLES[name] = self
+
+    def _check_values(self, kind: str, vals: Mapping[str, int]) -> None:
+        if kind not in self.kernels:
+            raise ValueError(f"tile table {self.name} has no kind {kind!r} (kinds: {', '.join(self.kernels)})")
+        for col, v in vals.items():
+            if col not in self.values:
+                raise ValueError(f"tile table {self.name} has no tile value {col!r} (values: {', '.join(self.values)})")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{self.name}.{kind}.{col} must be a positive int, got {v!r}")
+            if col.startswith("BLOCK") and v & (v - 1):
+                raise ValueError(f"{self.name}.{kind}.{col} must be a power of two, got {v}")
+
+    def _matches(self, row: tuple, kind: str, dtype: str, query: Mapping[str, int]) -> bool:
+        if row[0] != kind or row[1] not in ("any", dtype):
+            return False
+        for key, cell in zip(self.keys[2:], row[2:len(self.keys)]):
+            if cell is None:
+                continue
+            if key.startswith("max_"):
+                if query[key[4:]] > cell:
+                    return False
+            elif query[key] != cell:
+                return False
+        return True
+
+    def query_names(self) -> Tuple[str, ...]:
+        """The keyword arguments ``lookup`` needs besides ``kind`` and ``dtype``."""
+        return tuple(k[4:] if k.startswith("max_") else k for k in self.keys[2:])
+
+    def lookup(self, kind: str, dtype: torch.dtype, **query) -> Dict[str, Optional[int]]:
+        """``{value column: tile}`` for launch ``kind`` on inputs of ``dtype`` (``query``: the other keys)."""
+        if kind not in self.kernels:
+            raise ValueError(f"tile table {self.name} has no kind {kind!r} (kinds: {', '.join(self.kernels)})")
+        need = self.query_names()
+        if set(query) != set(need):
+            raise TypeError(f"{self.name} tiles are looked up by kind, dtype and {', '.join(need) or 'nothing else'}, "
+                            f"got {', '.join(sorted(query)) or 'nothing else'}")
+        dc = dtype_class(dtype)
+        for row in self.rows:
+            if self._matches(row, kind, dc, query):
+                out = dict(zip(self.values, row[len(self.keys):]))
+                break
+        else:
+            raise ValueError(f"tile table {self.name}: no row for kind={kind}, dtype={dc}, {query}")
+        if interpret():
+            out.update(self.interpreter.get(kind, {}))
+        out.update(_OVERRIDES.get((self.name, kind), {}))
+        return out
+
+    def format(self) -> list:
+        """The table as aligned text lines (for ``vlfast info``)."""
+        cells = [list(self.columns)] + [["-" if c is None else str(c) for c in r] for r in self.rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+        for kind, vals in self.interpreter.items():
+            lines.append(f"interpreter {kind}: " + ", ".join(f"{k}={v}" for k, v in vals.items()))
+        return lines
+
+    def __repr__(self) -> str:
+        return f"TileTable({self.name!r}, kinds={tuple(self.kernels)}, {len(self.rows)} rows)"
+
+
+def registered_tables() -> Dict[str, TileTable]:
+    """The tile tables of the kernel modules imported so far, by name."""
+    return dict(_TABLES)
+
+
+@contextlib.contextmanager
+def override_tiles(table: str, **kinds: Mapping[str, int]):
+    """Force tile values of one table inside a ``with`` block (tests and tuning).
+
+    ``with override_tiles("attention", fwd=dict(BLOCK_M=64, BLOCK_N=32)): ...`` makes every lookup
+    of that kind return those values, on the GPU and in the interpreter alike.  Blocks nest (the
+    inner value wins) and are undone on exit.  ``table`` is a registered table (import its kernel
+    module first); unknown kinds or columns, and ``BLOCK_*`` values that are not powers of two,
+    raise ValueError.  A process-wide setting: not for concurrent threads.
+    """
+    if table not in _TABLES:
+        raise ValueError(f"unknown tile table {table!r} (registered: {', '.join(sorted(_TABLES)) or 'none'}; "
+                         f"import its vlfast.kernels module first)")
+    t = _TABLES[table]
+    for kind, vals in kinds.items():
+        if not isinstance(vals, Mapping):
+            raise TypeError(f"override_tiles: {kind}= must be a mapping of tile values, got {type(vals).__name__}")
+        t._check_values(kind, vals)
+    saved = {k: dict(v) for k, v in _OVERRIDES.items()}
+    try:
+        for kind, vals in kinds.items():
+            _OVERRIDES[(table, kind)] = {**_OVERRIDES.get((table, kind), {}), **vals}
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)

@@ -38,40 +38,97 @@ folds away when ``D`` is a power of two.  fp32 inputs use IEEE fp32 dots (no TF3
 Outputs are rounded with ``round_to`` (bf16 round-to-nearest-even also in the interpreter).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import round_to
+from vlfast import _validation as check
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+from ._common import LN2_C, LOG2E, LOG2E_C, TileTable, dot_precision, mma, round_to, upcast_dot
 
-# Optional override for tests / tuning:
-#   {"fwd": (BLOCK_M, BLOCK_N), "bwd_kv": (BLOCK_M, BLOCK_N), "bwd_q": (BLOCK_M, BLOCK_N)}
-# (any subset); the values must be powers of two >= 16.
-BLOCKS = None
-# Block size used for every kernel in the Triton CPU interpreter (speed of the tests only).
-INTERPRET_BLOCK = 16
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# ----------------------------------------------------------------------------- tiles
+TILES = TileTable(
+    "attention",
+    doc="Flash attention.  max_BLOCK_D: the padded head dim (max(16, next_pow2(D)), D <= 256) is at "
+        "most this.  fp16/bf16 rows were checked by compiling for sm_90a (ptxas -v) without a GPU: no "
+        "register spills except fwd D in (64, 128] (64 bytes), shared memory <= 100 KB.  Not yet timed "
+        "on a GPU: retune there (wider tiles, TMA descriptors) before relying on them.  bwd_preprocess: "
+        "BLOCK_M is then clamped to [16, 4096 // BLOCK_D]; dropout_mask: BLOCK_N to max(16, next_pow2(Nk)).",
+    kernels={
+        "fwd": ("_attn_fwd_kernel",),
+        "bwd_preprocess": ("_attn_bwd_preprocess_kernel",),
+        "bwd_kv": ("_attn_bwd_dkdv_kernel",),
+        "bwd_q": ("_attn_bwd_dq_kernel",),
+        "dropout_mask": ("_dropout_mask_kernel",),
+    },
+    keys=("kind", "dtype", "max_BLOCK_D"),
+    values=("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
+    rows=(
+        # kind            dtype        max_BLOCK_D  BLOCK_M  BLOCK_N  num_warps  num_stages
+        ("fwd",           "fp32",       64,          64,      64,      4,         2),
+        ("fwd",           "fp16/bf16",  64,          128,     64,      8,         3),
+        ("fwd",           "fp32",       128,         64,      32,      4,         2),
+        ("fwd",           "fp16/bf16",  128,         128,     32,      8,         3),
+        ("fwd",           "fp32",       256,         64,      16,      4,         2),
+        ("fwd",           "fp16/bf16",  256,         32,      32,      8,         2),
+        ("bwd_kv",        "fp32",       64,          32,      64,      4,         2),
+        ("bwd_kv",        "fp16/bf16",  64,          32,      128,     8,         3),
+        ("bwd_kv",        "fp32",       128,         32,      64,      8,         2),
+        ("bwd_kv",        "fp16/bf16",  128,         32,      32,      8,         3),
+        ("bwd_kv",        "fp32",       256,         16,      32,      8,         1),
+        ("bwd_kv",        "fp16/bf16",  256,         16,      32,      8,         2),
+        ("bwd_q",         "fp32",       64,          64,      32,      4,         2),
+        ("bwd_q",         "fp16/bf16",  64,          128,     32,      8,         3),
+        ("bwd_q",         "fp32",       128,         64,      32,      4,         2),
+        ("bwd_q",         "fp16/bf16",  128,         32,      32,      8,         3),
+        ("bwd_q",         "fp32",       256,         32,      16,      8,         1),
+        ("bwd_q",         "fp16/bf16",  256,         32,      32,      8,         2),
+        ("bwd_preprocess", "any",       None,        64,      None,    None,      None),
+        ("dropout_mask",  "any",        None,        16,      256,     None,      None),
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- device code
 @triton.jit
-def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b (+ acc)`` with fp32 accumulation.  UPCAST (bf16 in the interpreter only, whose
-    ``tl.dot`` multiplies the raw uint16 storage of bf16) widens the operands first, which
-    gives the same products (bf16 x bf16 is exact in fp32) as the GPU's bf16 MMA."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+def _visible_scores(s, offs_m, offs_n, row_ok, n_ok, bias_ptr, s_bm, s_bn, kpm_ptr, s_pn, Nq, Nk,
+                    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+                    TRANS: tl.constexpr):
+    """The visibility rule of every attention kernel, applied to one score tile (base 2).
+
+    ``s`` holds ``scale * log2(e) * <q_i, k_j>`` (fp32) for queries ``offs_m`` and keys ``offs_n``
+    (absolute indices), laid out ``[queries, keys]``, or ``[keys, queries]`` when ``TRANS``.
+    Returns ``s + log2(e) * bias_ij`` where query ``i`` sees key ``j``, ``-inf`` elsewhere.
+    Query ``i`` sees key ``j`` iff ``row_ok_i`` (the row exists and, in the backward, has a
+    finite lse), ``n_ok_j`` (``j < Nk``), key ``j`` is not padding (``kpm_ptr[j * s_pn] == 0``)
+    and, with ``CAUSAL``, ``j <= i + Nk - Nq`` (causal aligned to the bottom-right corner).
+    ``bias_ptr`` points at the bias element (offs_m[0], offs_n[0]) of this (b, h); ``s_bm`` /
+    ``s_bn`` are its query / key strides; ``kpm_ptr`` points at batch row b of the padding mask.
+    """
+    if TRANS:
+        both_ok = n_ok[:, None] & row_ok[None, :]
     else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+        both_ok = row_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        if TRANS:
+            bias_off = tl.arange(0, s.shape[0])[:, None] * s_bn + tl.arange(0, s.shape[1])[None, :] * s_bm
+        else:
+            bias_off = tl.arange(0, s.shape[0])[:, None] * s_bm + tl.arange(0, s.shape[1])[None, :] * s_bn
+        bias = tl.load(bias_ptr + bias_off, mask=both_ok, other=0.0)
+        s += bias.to(tl.float32) * LOG2E_C
+    key_ok = n_ok
+    if HAS_KPM:
+        pad = tl.load(kpm_ptr + offs_n.to(tl.int64) * s_pn, mask=n_ok, other=1)
+        key_ok = key_ok & (pad == 0)
+    if TRANS:
+        valid = key_ok[:, None] & row_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[:, None] <= offs_m[None, :] + (Nk - Nq))
+    else:
+        valid = row_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
+    return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
@@ -131,10 +188,8 @@ def _attn_fwd_kernel(
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
-    if HAS_BIAS:
-        bias_base = bias_ptr + b * s_bb + h * s_bh + start_m.to(tl.int64) * s_bm
-    if HAS_KPM:
-        kpm_base = kpm_ptr + b * s_pb
+    bias_base = bias_ptr + b * s_bb + h * s_bh + start_m.to(tl.int64) * s_bm   # unused without a bias
+    kpm_base = kpm_ptr + b * s_pb
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -149,19 +204,9 @@ def _attn_fwd_kernel(
         kv_off = tl.cast(start_n, tl.int64)
         k = tl.load(k_base + kv_off * s_kn + offs_n0[:, None] * s_kn + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(bias_base + tl.arange(0, BLOCK_M)[:, None] * s_bm
-                           + kv_off * s_bn + offs_n0[None, :] * s_bn,
-                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        valid = n_ok[None, :]
-        if HAS_KPM:
-            pad = tl.load(kpm_base + offs_n.to(tl.int64) * s_pn, mask=n_ok, other=1)
-            valid = valid & (pad == 0)[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
-        s = tl.where(valid, s, float("-inf"))
+        s = mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
+        s = _visible_scores(s, offs_m, offs_n, m_ok, n_ok, bias_base + kv_off * s_bn, s_bm, s_bn,
+                            kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -173,13 +218,13 @@ def _attn_fwd_kernel(
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + kv_off * s_vn + offs_n0[:, None] * s_vn + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = _mma(p.to(dtype), v, acc, DOT_PREC, UPCAST_DOT)
+        acc = mma(p.to(dtype), v, acc, DOT_PREC, UPCAST_DOT)
         m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (drop_scale / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2_C)
     row = bh.to(tl.int64) * Nq + offs_m
     tl.store(lse_ptr + row, lse, mask=m_ok)
     tl.store(out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],

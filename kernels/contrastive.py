@@ -332,7 +332,7 @@ def _vec(v, n, device):
     return v.reshape(n).to(device=device, dtype=torch.float32).contiguous()
 
 
-def lse_soft_forward(q, k, scale: float, sq=None, sk=None, soft_scale: float = 1.0):
+def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scale: float = 1.0):
     """``(lse, soft_dot, soft_lse)`` fp32 (Nq,); the soft ones are None without ``sq`` / ``sk``.
 
     ``lse_i = log sum_j exp(scale <q_i, k_j>)``; with soft targets
@@ -400,7 +400,7 @@ def _launch_bwd(a, b, sa, sb, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0
     return out, (part if partials else None)
 
 
-def lse_soft_backward(q, k, scale: float, lse, g_lse, sq=None, sk=None, soft_scale: float = 1.0,
+def contrastive_loss_lse_backward(q, k, scale: float, lse, g_lse, sq=None, sk=None, soft_scale: float = 1.0,
                       soft_lse=None, g_soft=None):
     """Gradients of ``sum_i g_lse_i lse_i + g_soft_i soft_dot_i`` (the soft target t constant).
 
@@ -433,7 +433,7 @@ def lse_soft_backward(q, k, scale: float, lse, g_lse, sq=None, sk=None, soft_sca
     return dq, dk, part[0].sum()
 
 
-def siglip_forward(x, y, scale: float, bias: float, pos_offset: int = 0):
+def siglip_rows_forward(x, y, scale: float, bias: float, pos_offset: int = 0):
     """Per-row SigLIP loss (fp32, (Nx,)): ``r_i = sum_j softplus(-z_ij (scale <x_i, y_j> + bias))``,
     ``z_ij = +1`` iff ``j == i + pos_offset`` else -1."""
     x, y = _check_pair(x, y, "x, y")
@@ -452,7 +452,7 @@ def siglip_forward(x, y, scale: float, bias: float, pos_offset: int = 0):
     return r
 
 
-def siglip_backward(x, y, scale: float, bias: float, g_row, pos_offset: int = 0):
+def siglip_rows_backward(x, y, scale: float, bias: float, g_row, pos_offset: int = 0):
     """Gradients of ``sum_i g_row_i r_i``: ``G_ij = -g_row_i z_ij sigmoid(-z_ij u_ij)``.
 
     Returns ``(dx, dy, dscale, dbias)``: ``dx = scale G @ y``, ``dy = scale G^T @ x`` (input

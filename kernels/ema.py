@@ -147,7 +147,7 @@ def _build_meta(ema, params, device):
     )
 
 
-def ema_update_multi_tensor(ema, params, decay: float) -> None:
+def ema_update_(ema, params, decay: float) -> None:
     """Launch the EMA kernel for one group of contiguous tensors.
 
     ``ema`` and ``params`` are lists of contiguous tensors on one device; all

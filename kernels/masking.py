@@ -110,7 +110,7 @@ def _block_d(D: int) -> int:
     return min(triton.next_power_of_2(max(D, 1)), 1024)
 
 
-def mask_rank(keys: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
+def random_masking_rank(keys: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
     """``(ids_restore, ids_keep, mask)`` for keys (B, L); see the module docstring."""
     B, L = keys.shape
     if keys.stride(1) != 1:
@@ -125,7 +125,7 @@ def mask_rank(keys: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
     return ids_restore, ids_keep, mask
 
 
-def gather_rows(src: torch.Tensor, idx: torch.Tensor, pos):
+def random_masking_gather(src: torch.Tensor, idx: torch.Tensor, pos):
     """``out[b, r] = src[b, idx[b, r]] (+ pos[idx[b, r]])``; src (B, L, D) any strides, idx (B, K) int64."""
     B, L, D = src.shape
     K = idx.shape[1]
@@ -145,7 +145,7 @@ def gather_rows(src: torch.Tensor, idx: torch.Tensor, pos):
     return out
 
 
-def unshuffle_rows(src: torch.Tensor, ids_restore: torch.Tensor, fill):
+def unshuffle_tokens(src: torch.Tensor, ids_restore: torch.Tensor, fill):
     """``out[b, j] = src[b, ids_restore[b, j]]`` if that is < K else ``fill`` (zeros when None)."""
     B, K, D = src.shape
     L = ids_restore.shape[1]

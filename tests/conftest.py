@@ -1,11 +1,23 @@
-"""Test set-up: run Triton kernels in the interpreter when there is no GPU.
+"""Test set-up: Triton in its interpreter without a GPU, markers, a fixed seed.
 
-``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` kernel is
-decorated, i.e. before ``vlfast.kernels`` modules are imported.
+``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` kernel is decorated,
+i.e. before ``vlfast`` (which imports ``vlfast.kernels``) is imported: this file is
+loaded before any test module.
+
+Helpers for tests live in :mod:`vlfast.testing` (import them from there, never from
+this file).
+
+Markers (registered here; an unregistered marker is an error, as with ``--strict-markers``):
+
+``slow``         single-process tests that take long (whole training runs, long sequences
+                 in the Triton interpreter); ``-m "not slow and not distributed"`` is the
+                 fast suite (``make test-fast``).
+``distributed``  tests that start several processes (gloo ranks, DeepSpeed, ``--nproc``,
+                 ``mp.spawn``, subprocess ranks).
+``gpu``          tests that need CUDA; skipped automatically without it.
 """
 
 import os
-import types
 
 import pytest
 import torch
@@ -13,36 +25,37 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MARKERS = {
+    "slow": "a long single-process test; deselect with -m 'not slow'",
+    "distributed": "starts several processes (gloo / DeepSpeed ranks, --nproc, mp.spawn, subprocess ranks)",
+    "gpu": "needs CUDA; skipped automatically when torch sees no GPU",
+}
+
+
+def pytest_configure(config):
+    for name, doc in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+def _registered_markers(config) -> set:
+    # lines are "name: doc" or "name(args): doc" (pytest's own format for the markers ini option)
+    return {line.split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")}
+
+
+def pytest_collection_modifyitems(config, items):
+    known = _registered_markers(config)
+    unknown = sorted({(m.name, item.nodeid) for item in items for m in item.iter_markers() if m.name not in known})
+    if unknown:
+        names = ", ".join(sorted({n for n, _ in unknown}))
+        raise pytest.UsageError(f"unregistered pytest markers: {names} (first use: {unknown[0][1]}); "
+                                f"register them in tests/conftest.py MARKERS")
+    if not torch.cuda.is_available():
+        skip_gpu = pytest.mark.skip(reason="needs CUDA (marker gpu): torch sees no GPU")
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(skip_gpu)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def cases_for(op: str):
-    """``(device, backend)`` parameters for ``op`` on every device here; unavailable ones skip with the reason."""
-    import vlfast  # noqa: F401
-    from vlfast._backend import _OPS
-
-    info = _OPS[op]
-    out = []
-    for device in DEVICES:
-        for b in info.backends:
-            reason = info.unavailable(b, torch.device(device))
-            marks = [pytest.mark.skip(reason=reason)] if reason else []
-            out.append(pytest.param(device, b, marks=marks, id=f"{device}-{b}"))
-    return out
-
-
-def fake_z3(full: torch.Tensor, rank: int, world: int, dtype):
-    """A stand-in for a ZeRO-3 parameter: empty data, the rank's padded flat shard in ds_tensor."""
-    size = -(-full.numel() // world)
-    flat = torch.zeros(size * world)
-    flat[:full.numel()] = full.reshape(-1)
-    p = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
-    p.ds_id, p.ds_numel, p.ds_shape, p.ds_persist = 0, full.numel(), full.shape, False
-    p.ds_status = types.SimpleNamespace(name="NOT_AVAILABLE")
-    p.ds_tensor = flat[rank * size:(rank + 1) * size].to(dtype).clone()
-    return p

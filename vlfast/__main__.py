@@ -1,5 +1,8 @@
+"""``python -m vlfast ...``: the ``vlfast`` command (:func:`vlfast.cli.main`)."""
+
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -134,45 +134,133 @@ def device_guard(device: torch.device):
 
 
 # ---------------------------------------------------------------- op registry
+DEFAULT_PART = "default"
+
+
 @dataclass
-class OpInfo:
-    """Dispatch description of one op: its preference order per device type."""
+class Op:
+    """One op's implementations, one per backend (and per part, for ops built of several steps).
+
+    Created by :func:`register_op`; each implementation is registered with the
+    :meth:`implement` decorator, next to its code::
+
+        OP = _backend.register_op("unshuffle_tokens", {"cuda": ("triton", "torch"), "cpu": ("native", "torch")},
+                                  native_devices=("cpu",))
+
+        @OP.implement("torch")
+        def _unshuffle_torch(src, ids_restore, fill): ...
+
+    An op built of several steps (``random_masking``: a selection step and a gather step)
+    registers each step under a ``part`` name; every backend of the op implements every part.
+    """
 
     name: str
-    preference: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
-    default: Tuple[str, ...] = ("torch",)
+    preference: Dict[str, Tuple[str, ...]]
     native_devices: Tuple[str, ...] = ("cpu", "cuda")
-    backends: Tuple[str, ...] = ("triton", "native", "torch")
+    impls: Dict[str, Dict[str, Callable]] = field(default_factory=dict)
+
+    @property
+    def backends(self) -> Tuple[str, ...]:
+        """The backends that implement this op, in :data:`BACKENDS` order."""
+        return tuple(b for b in BACKENDS if b in self.impls)
+
+    def implement(self, backend: str, part: str = DEFAULT_PART):
+        """Decorator: register ``fn`` as this op's ``backend`` implementation of ``part``."""
+        if backend not in BACKENDS:
+            raise ValueError(f"{self.name}: unknown backend {backend!r}; backends are {BACKENDS}")
+
+        def deco(fn: Callable) -> Callable:
+            parts = self.impls.setdefault(backend, {})
+            if part in parts:
+                raise ValueError(f"{self.name}: backend {backend!r} part {part!r} is registered twice")
+            parts[part] = fn
+            _cache.clear()
+            return fn
+
+        return deco
+
+    def impl(self, backend: str, part: str = DEFAULT_PART) -> Callable:
+        """The registered implementation (``backend`` as returned by :meth:`select`)."""
+        try:
+            return self.impls[backend][part]
+        except KeyError:
+            raise ValueError(f"{self.name} has no {backend!r} implementation of {part!r} "
+                             f"(backends: {', '.join(self.backends)})") from None
 
     def order(self, device: torch.device) -> Tuple[str, ...]:
-        return self.preference.get(device.type, self.default)
+        return tuple(b for b in self.preference.get(device.type, ("torch",)) if b in self.impls)
 
     def unavailable(self, backend: str, device: torch.device) -> Optional[str]:
-        if backend not in self.backends:
+        """Why ``backend`` cannot run this op on ``device`` (None when it can)."""
+        if backend not in self.impls:
             return f"{self.name} has no {backend!r} implementation (it has {', '.join(self.backends)})"
         if backend == "native" and device.type not in self.native_devices:
             return (f"vlfast._C has no {self.name} kernel for {device.type} tensors "
                     f"(native kernels: {', '.join(self.native_devices)})")
         return _CHECKS[backend](device)
 
+    def select(self, device: torch.device, backend: Optional[str] = None) -> str:
+        """The backend that runs this op on ``device`` (see the module docstring); cached."""
+        return select(self.name, device, backend)
 
-_OPS: Dict[str, OpInfo] = {}
+
+_OPS: Dict[str, Op] = {}
+# (op, device type, requested backend, VLFAST_BACKEND, TRITON_INTERPRET) -> chosen backend.  What the
+# checks read besides these (an installed extension, CUDA) does not change within a process.
+_cache: Dict[tuple, str] = {}
 
 
 def register_op(name: str, preference: Dict[str, Tuple[str, ...]],
-                native_devices: Tuple[str, ...] = ("cpu", "cuda"),
-                backends: Tuple[str, ...] = ("triton", "native", "torch")) -> OpInfo:
+                native_devices: Tuple[str, ...] = ("cpu", "cuda")) -> Op:
+    """Create the registry entry of op ``name``: its backend preference order per device type."""
+    if name in _OPS:
+        raise ValueError(f"op {name!r} is registered twice")
     for order in preference.values():
         for b in order:
             if b not in BACKENDS:
                 raise ValueError(f"unknown backend {b!r} in preference of {name}")
-    info = OpInfo(name, dict(preference), native_devices=tuple(native_devices), backends=tuple(backends))
-    _OPS[name] = info
-    return info
+    op = Op(name, dict(preference), native_devices=tuple(native_devices))
+    _OPS[name] = op
+    return op
 
 
-def _env_request(op: str) -> Optional[str]:
-    raw = os.environ.get(ENV_VAR, "").strip()
+def get_op(name: str) -> Op:
+    """The registry entry of op ``name`` (``KeyError`` names the registered ops)."""
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise KeyError(f"no vlfast op {name!r}; registered: {', '.join(sorted(_OPS))}") from None
+
+
+def registered_ops() -> Tuple[str, ...]:
+    return tuple(sorted(_OPS))
+
+
+def clear_cache() -> None:
+    """Forget cached selections (after changing what an availability check sees, e.g. in a test)."""
+    _cache.clear()
+
+
+def triton_launcher(module: str, name: str) -> Callable:
+    """An implementation that imports ``vlfast.kernels.<module>`` on first call and runs launcher ``name``
+    with the device of its first tensor argument (or of the first tensor of a leading list argument)
+    current: Triton launches on the current device and stream."""
+    def run(*args, **kwargs):
+        import importlib
+
+        fn = getattr(importlib.import_module(f"vlfast.kernels.{module}"), name)
+        first = args[0]
+        if isinstance(first, (list, tuple)):
+            first = first[0]
+        with device_guard(first.device):
+            return fn(*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = f"triton:{module}.{name}"
+    return run
+
+
+def _env_request(op: str, raw: str) -> Optional[str]:
+    raw = raw.strip()
     if not raw:
         return None
     if "=" not in raw:
@@ -185,11 +273,26 @@ def _env_request(op: str) -> Optional[str]:
 
 
 def select(op: str, device: torch.device, backend: Optional[str] = None) -> str:
-    """Return the backend that runs ``op`` on ``device`` (see the module docstring)."""
-    info = _OPS[op]
+    """Return the backend that runs ``op`` on ``device`` (see the module docstring).
+
+    The choice is cached per (op, device type, requested backend, ``VLFAST_BACKEND``,
+    ``TRITON_INTERPRET``), so the per-call cost is a dictionary lookup.
+    """
+    env = os.environ.get(ENV_VAR, "")
+    key = (op, device.type, backend, env, os.environ.get("TRITON_INTERPRET", ""))
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    chosen = _select_uncached(get_op(op), device, backend, env)
+    _cache[key] = chosen
+    return chosen
+
+
+def _select_uncached(info: Op, device: torch.device, backend: Optional[str], env: str) -> str:
+    op = info.name
     source = "backend="
     if backend is None:
-        backend = _env_request(op)
+        backend = _env_request(op, env)
         source = ENV_VAR
     if backend is None:
         backend = "auto"
@@ -217,11 +320,15 @@ def select(op: str, device: torch.device, backend: Optional[str] = None) -> str:
 def available_backends(op: str, device) -> Dict[str, Optional[str]]:
     """``{backend: None if it can run else the reason}`` for ``op`` on ``device``."""
     device = torch.device(device)
-    return {b: _OPS[op].unavailable(b, device) for b in _OPS[op].backends}
+    info = get_op(op)
+    return {b: info.unavailable(b, device) for b in info.backends}
 
 
 def backend_report(device="cpu"):
-    """One row per op: ``(op, auto-selected backend or error, {backend: reason-or-None})``."""
+    """One row per registered op: ``(op, auto-selected backend or error, {backend: reason-or-None})``.
+
+    The ops register themselves when :mod:`vlfast.ops` is imported (``vlfast.ops.backend_report``
+    does so first)."""
     device = torch.device(device)
     rows = []
     for name in sorted(_OPS):
@@ -231,3 +338,4 @@ def backend_report(device="cpu"):
             chosen = f"error: {exc}"
         rows.append((name, chosen, available_backends(name, device)))
     return rows
+

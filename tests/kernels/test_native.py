@@ -231,7 +231,7 @@ def test_native_loader_api():
 
 
 @needs_native
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.gpu
 def test_cuda_matches_cpu():
     if not C.has_cuda():
         pytest.skip("vlfast._C built without CUDA")

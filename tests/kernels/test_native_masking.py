@@ -1,5 +1,5 @@
-"""Tests of the native MAE masking kernels of vlfast._C (mask_rank_cpu,
-gather_rows_cpu, unshuffle_rows_cpu) against torch references."""
+"""Tests of the native MAE masking kernels of vlfast._C (random_masking_rank_cpu,
+random_masking_gather_cpu, unshuffle_tokens_cpu) against torch references."""
 from __future__ import annotations
 
 import pytest
@@ -44,7 +44,7 @@ def _mask_rank(keys: torch.Tensor, len_keep: int, mask_dtype=torch.float32):
     ids_restore = torch.full((B, L), -7, dtype=torch.int64)
     ids_keep = torch.full((B, len_keep), -7, dtype=torch.int64)
     mask = torch.full((B, L), 5.0, dtype=mask_dtype)
-    C.mask_rank_cpu(keys.data_ptr(), _code(keys.dtype), B, L, len_keep, ids_restore.data_ptr(),
+    C.random_masking_rank_cpu(keys.data_ptr(), _code(keys.dtype), B, L, len_keep, ids_restore.data_ptr(),
                     ids_keep.data_ptr(), mask.data_ptr(), _code(mask_dtype))
     return ids_restore, ids_keep, mask
 
@@ -56,7 +56,7 @@ def _gather(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None,
     if out is None:
         out = torch.empty((B, K, D), dtype=x.dtype)
     ps = pos.stride() if pos is not None else (0, 0)
-    C.gather_rows_cpu(x.data_ptr(), _code(x.dtype), B, L, D, *x.stride(), idx.data_ptr(), K,
+    C.random_masking_gather_cpu(x.data_ptr(), _code(x.dtype), B, L, D, *x.stride(), idx.data_ptr(), K,
                       0 if pos is None else pos.data_ptr(), ps[0], ps[1], out.data_ptr())
     return out
 
@@ -67,7 +67,7 @@ def _unshuffle(x: torch.Tensor, ids_restore: torch.Tensor, fill: torch.Tensor | 
     L = ids_restore.shape[1]
     if out is None:
         out = torch.empty((B, L, D), dtype=x.dtype)
-    C.unshuffle_rows_cpu(x.data_ptr(), _code(x.dtype), B, K, D, *x.stride(),
+    C.unshuffle_tokens_cpu(x.data_ptr(), _code(x.dtype), B, K, D, *x.stride(),
                          ids_restore.data_ptr(), L, 0 if fill is None else fill.data_ptr(),
                          0 if fill is None else fill.stride(0), out.data_ptr())
     return out
@@ -118,7 +118,7 @@ def _src(layout: str, B: int, L: int, D: int, dtype, gen):
 LAYOUTS = ["contig", "transposed", "sliced", "batch_major_T"]
 
 
-# ---------------------------------------------------------------- mask_rank
+# ---------------------------------------------------------------- random_masking_rank
 @pytest.mark.parametrize("kind", ["rand", "ties", "nan"])
 @pytest.mark.parametrize("kdt", DTYPES, ids=_name)
 @pytest.mark.parametrize("L", LS)
@@ -169,7 +169,7 @@ def test_mask_rank_bad_len_keep(len_keep):
     ids_keep = torch.full((2, 11), -7, dtype=torch.int64)
     mask = torch.full((2, 10), 5.0)
     with pytest.raises(ValueError, match="len_keep"):
-        C.mask_rank_cpu(keys.data_ptr(), 0, 2, 10, len_keep, ids_restore.data_ptr(),
+        C.random_masking_rank_cpu(keys.data_ptr(), 0, 2, 10, len_keep, ids_restore.data_ptr(),
                         ids_keep.data_ptr(), mask.data_ptr(), 0)
     assert (ids_restore == -7).all() and (ids_keep == -7).all() and (mask == 5.0).all()
 
@@ -180,17 +180,17 @@ def test_mask_rank_bad_dtype_codes():
     ids_keep = torch.empty((2, 3), dtype=torch.int64)
     mask = torch.empty((2, 10))
     with pytest.raises(ValueError, match="dtype"):
-        C.mask_rank_cpu(keys.data_ptr(), 4, 2, 10, 3, ids_restore.data_ptr(),
+        C.random_masking_rank_cpu(keys.data_ptr(), 4, 2, 10, 3, ids_restore.data_ptr(),
                         ids_keep.data_ptr(), mask.data_ptr(), 0)
     with pytest.raises(ValueError, match="dtype"):
-        C.mask_rank_cpu(keys.data_ptr(), 0, 2, 10, 3, ids_restore.data_ptr(),
+        C.random_masking_rank_cpu(keys.data_ptr(), 0, 2, 10, 3, ids_restore.data_ptr(),
                         ids_keep.data_ptr(), mask.data_ptr(), -1)
     with pytest.raises(ValueError, match="null"):
-        C.mask_rank_cpu(0, 0, 2, 10, 3, ids_restore.data_ptr(), ids_keep.data_ptr(),
+        C.random_masking_rank_cpu(0, 0, 2, 10, 3, ids_restore.data_ptr(), ids_keep.data_ptr(),
                         mask.data_ptr(), 0)
 
 
-# ---------------------------------------------------------------- gather_rows
+# ---------------------------------------------------------------- random_masking_gather
 def _ref_gather(x, idx, pos=None):
     D = x.shape[2]
     if pos is None:
@@ -274,23 +274,23 @@ def test_gather_rows_bad_args():
     idx = torch.zeros(2, 3, dtype=torch.int64)
     out = torch.empty(2, 3, 4)
     with pytest.raises(ValueError, match="dtype"):
-        C.gather_rows_cpu(x.data_ptr(), 9, 2, 10, 4, 40, 4, 1, idx.data_ptr(), 3, 0, 0, 0,
+        C.random_masking_gather_cpu(x.data_ptr(), 9, 2, 10, 4, 40, 4, 1, idx.data_ptr(), 3, 0, 0, 0,
                           out.data_ptr())
     with pytest.raises(ValueError, match="s_l"):
-        C.gather_rows_cpu(x.data_ptr(), 0, 2, 10, 4, 40, -4, 1, idx.data_ptr(), 3, 0, 0, 0,
+        C.random_masking_gather_cpu(x.data_ptr(), 0, 2, 10, 4, 40, -4, 1, idx.data_ptr(), 3, 0, 0, 0,
                           out.data_ptr())
     with pytest.raises(ValueError, match="null"):
-        C.gather_rows_cpu(x.data_ptr(), 0, 2, 10, 4, 40, 4, 1, 0, 3, 0, 0, 0, out.data_ptr())
+        C.random_masking_gather_cpu(x.data_ptr(), 0, 2, 10, 4, 40, 4, 1, 0, 3, 0, 0, 0, out.data_ptr())
     # L == 0 with K > 0: every index is out of range
     with pytest.raises((IndexError, ValueError)):
-        C.gather_rows_cpu(x.data_ptr(), 0, 2, 0, 4, 40, 4, 1, idx.data_ptr(), 3, 0, 0, 0,
+        C.random_masking_gather_cpu(x.data_ptr(), 0, 2, 0, 4, 40, 4, 1, idx.data_ptr(), 3, 0, 0, 0,
                           out.data_ptr())
     # empty outputs are fine (K == 0, D == 0)
     _gather(x, torch.zeros(2, 0, dtype=torch.int64))
     _gather(torch.randn(2, 10, 0), idx)
 
 
-# ---------------------------------------------------------------- unshuffle_rows
+# ---------------------------------------------------------------- unshuffle_tokens
 def _ref_unshuffle(x, ids_restore, fill):
     B, K, D = x.shape
     L = ids_restore.shape[1]
@@ -316,8 +316,8 @@ def test_unshuffle_rows_matches_torch(B, L, D, dt):
 
 @pytest.mark.parametrize("dt", DTYPES, ids=_name)
 def test_mae_roundtrip_and_backward(dt):
-    """mask_rank -> gather_rows (+pos) -> unshuffle_rows reproduces MAE, and
-    unshuffle_rows with zero fill is the backward of gather_rows."""
+    """random_masking_rank -> random_masking_gather (+pos) -> unshuffle_tokens reproduces MAE, and
+    unshuffle_tokens with zero fill is the backward of random_masking_gather."""
     gen = torch.Generator().manual_seed(11)
     B, L, D = 4, 196, 64
     len_keep = int(L * 0.25)
@@ -355,5 +355,5 @@ def test_unshuffle_rows_out_of_range(bad):
         _unshuffle(x, ids_restore, out=out)
     assert (out == 7.0).all()  # nothing written
     with pytest.raises(ValueError, match="dtype"):
-        C.unshuffle_rows_cpu(x.data_ptr(), 5, 2, 3, 4, 12, 4, 1, ids_restore.data_ptr(), 12, 0,
+        C.unshuffle_tokens_cpu(x.data_ptr(), 5, 2, 3, 4, 12, 4, 1, ids_restore.data_ptr(), 12, 0,
                              0, out.data_ptr())

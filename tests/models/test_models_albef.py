@@ -397,6 +397,7 @@ def _dp_worker(rank, world, port, path):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_global_batch_two_ranks(tmp_path):
     """2 gloo ranks of 4 samples: global_batch=True averages to one process's loss on all 8 (every
     term); global_batch=False is ALBEF's per-GPU model: each rank's loss is one process's on its 4."""

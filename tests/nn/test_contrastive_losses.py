@@ -8,7 +8,6 @@ spawns two gloo processes on CPU.
 
 import datetime
 import os
-import socket
 import time
 
 import pytest
@@ -22,9 +21,7 @@ from vlfast.nn.contrastive import ClipLoss, ITCLoss, MoCoQueueLoss, SigLipLoss
 from vlfast.ops.contrastive_losses import clip_loss, siglip_loss
 from vlfast.reference.contrastive import (albef_itc_reference, clip_loss_reference, contrastive_loss_reference,
                                           moco_loss_reference, siglip_loss_reference)
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+from vlfast.testing import DEVICES, assert_close, free_port
 
 
 def _unit(n, d, device="cpu", dtype=torch.float32):
@@ -37,7 +34,7 @@ def _leaves(*ts, double=False):
 
 
 def _close(a, b, dtype=torch.float32, what="", tol=None):
-    torch.testing.assert_close(a.double(), b.double(), **(tol or TOL[dtype]), msg=lambda m: f"{what}: {m}")
+    assert_close(a, b, dtype, msg=what, **(tol or {}))  # vlfast.testing's per-dtype tolerance unless tol
 
 
 # ---------------------------------------------------------------- CLIP / SigLIP
@@ -153,8 +150,8 @@ def test_moco_queue_loss_matches_moco_and_enqueues(device):
         qr = q.double().requires_grad_()
         ref = moco_loss_reference(qr, k.double(), before.double(), T)  # the queue *before* this batch
         ref.backward()
-        torch.testing.assert_close(loss.double(), ref, atol=2e-5, rtol=2e-5)
-        torch.testing.assert_close(qg.grad.double(), qr.grad, atol=2e-5, rtol=2e-5)
+        assert_close(loss, ref, msg="loss")
+        assert_close(qg.grad, qr.grad, msg="q grad")
         assert kg.grad is None  # k is detached, as in MoCo
         assert torch.equal(m.queue[ptr:ptr + N], k)
         keep = torch.ones(K, dtype=torch.bool, device=device)
@@ -319,12 +316,6 @@ def test_itc_state_dict_and_albef_layout():
 
 
 # ---------------------------------------------------------------- distributed (2 gloo processes)
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _grads_of(fn, *tensors):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     loss = fn(*leaves)
@@ -361,12 +352,10 @@ def _dist_checks(rank, world):
         got = averaged(_grads_of(local_fn, img, txt, scale, bias))
         want = _grads_of(global_fn, img.double(), txt.double(), scale.double(), bias.double())
         for g, w, what in zip(got, want, ("loss", "image grad", "text grad", "logit_scale grad", "logit_bias grad")):
-            torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=2e-5,
-                                       msg=lambda m: f"rank {rank} {name} {what}: {m}")
+            assert_close(g, w, msg=f"rank {rank} {name} {what}")
     # without gather: the local loss of the local rows only
     loc = clip_loss(img[rows], txt[rows], scale, gather=False)
-    torch.testing.assert_close(loc.double(), clip_loss_reference(img[rows].double(), txt[rows].double(), 7.0),
-                               atol=2e-5, rtol=2e-5)
+    assert_close(loc, clip_loss_reference(img[rows].double(), txt[rows].double(), 7.0), msg="local loss")
 
     # MoCo: the queue receives the keys of both ranks, in rank order
     torch.manual_seed(1)
@@ -374,8 +363,7 @@ def _dist_checks(rank, world):
     q, k = _unit(world * N, D), _unit(world * N, D)
     before = moco.queue.clone()
     loss = moco(q[rows], k[rows])
-    torch.testing.assert_close(loss.double(), moco_loss_reference(q[rows].double(), k[rows].double(),
-                                                                  before.double(), 0.2), atol=2e-5, rtol=2e-5)
+    assert_close(loss, moco_loss_reference(q[rows].double(), k[rows].double(), before.double(), 0.2), msg="MoCo loss")
     assert torch.equal(moco.queue[:world * N], k), f"rank {rank}: MoCo queue lacks the keys of every rank"
     assert torch.equal(moco.queue[world * N:], before[world * N:])
     assert int(moco.queue_ptr) == world * N
@@ -410,8 +398,7 @@ def _dist_checks(rank, world):
             ref.backward()
             for g, w, what in zip(got, (ref.detach(), xr.grad, yr.grad, tr.grad),
                                   ("loss", "image grad", "text grad", "temp grad")):
-                torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=2e-5,
-                                           msg=lambda m: f"rank {rank} ITC gather fused={fused} ids={ids}: {what}: {m}")
+                assert_close(g, w, msg=f"rank {rank} ITC gather fused={fused} ids={ids}: {what}")
             assert torch.equal(mod.image_queue[:world * N], im) and torch.equal(mod.text_queue[:world * N], tm)
 
     # unequal row counts across ranks: a clear ValueError on every rank
@@ -432,10 +419,11 @@ def _dist_worker(rank, world, port):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_distributed_gloo_two_ranks_match_single_process():
     world, deadline = 2, time.monotonic() + 150
-    ctx = mp.start_processes(_dist_worker, args=(world, _free_port()), nprocs=world, join=False,
+    ctx = mp.start_processes(_dist_worker, args=(world, free_port()), nprocs=world, join=False,
                              start_method="spawn")
     try:
         # join() raises ProcessRaisedException with the child's traceback when a child fails

@@ -171,9 +171,8 @@ def test_flat_views_are_aligned_for_vector_loads():
 import copy  # noqa: E402
 import types  # noqa: E402
 
-from conftest import fake_z3  # noqa: E402
-
-from vlfast.nn import ZeroEMA  # noqa: E402
+from vlfast.distributed import ZeroEMA, make_ema  # noqa: E402
+from vlfast.testing import fake_zero3_param  # noqa: E402
 
 
 class _Tied(nn.Module):
@@ -200,7 +199,7 @@ def _z3_twin(dtype=torch.float32, model=None):
         for leaf, p in list(mod._parameters.items()):
             if p is not None:
                 if id(p) not in fakes:
-                    fakes[id(p)] = fake_z3(p.detach(), 0, 1, dtype)
+                    fakes[id(p)] = fake_zero3_param(p.detach(), 0, 1, dtype)
                 mod._parameters[leaf] = fakes[id(p)]
     return plain, z3
 
@@ -230,7 +229,7 @@ class _Wrapper(nn.Module):
 
 def test_zero_ema_state_dict_nests_with_prefix_and_destination():
     plain, z3 = _z3_model()
-    ema = EMA(z3, decay=0.5)
+    ema = make_ema(z3, decay=0.5)
     assert isinstance(ema, ZeroEMA)
     _perturb_z3(z3)
     ema.update(z3)
@@ -245,7 +244,7 @@ def test_zero_ema_state_dict_nests_with_prefix_and_destination():
     assert out is dest and dest["other"] == 1 and set(dest) == {"other"} | {"x." + k for k in flat}
     # load through a wrapper, into a ZeroEMA that holds something else
     _, z3b = _z3_model()
-    w2 = _Wrapper(EMA(z3b, decay=0.5))
+    w2 = _Wrapper(make_ema(z3b, decay=0.5))
     assert w2.ema._avg[0].data_ptr() != ema._avg[0].data_ptr()
     w2.load_state_dict(sd)
     assert all(torch.equal(v, flat[k]) for k, v in w2.ema.state_dict().items())
@@ -275,7 +274,7 @@ def test_zero_ema_state_dict_nests_with_prefix_and_destination():
 
 def test_zero_ema_keys_match_nn_ema_without_non_persistent_buffers():
     plain, z3 = _z3_model()
-    ema, ref = EMA(z3, decay=0.5), EMA(plain, decay=0.5)
+    ema, ref = make_ema(z3, decay=0.5), EMA(plain, decay=0.5)
     assert "module.bn.scratch" not in ref.state_dict()  # nn.Module drops non-persistent buffers
     assert list(ema.state_dict()) == list(ref.state_dict())  # same keys, same order (tied and shared names too)
     assert "module.dec.weight" in ema.state_dict() and "module.head2.bias" in ema.state_dict()
@@ -293,7 +292,7 @@ def test_zero_ema_keys_match_nn_ema_without_non_persistent_buffers():
 
 def test_zero_ema_to_and_double_move_the_average():
     _, z3 = _z3_model(torch.bfloat16)
-    ema = EMA(z3, decay=0.5)
+    ema = make_ema(z3, decay=0.5)
     assert all(t.dtype == torch.float32 for t in ema._avg)
     ints = [t for t in ema._copies if not t.is_floating_point()]
     assert ints  # num_batches_tracked
@@ -310,16 +309,16 @@ def test_zero_ema_to_and_double_move_the_average():
 
 
 def test_zero_ema_full_state_dict_gathers_one_parameter_at_a_time(monkeypatch):
-    import vlfast.nn.ema as E
+    import vlfast.distributed.zero_ema as E
 
     _, z3 = _z3_model()
-    ema = EMA(z3, decay=0.5)
+    ema = make_ema(z3, decay=0.5)
     _perturb_z3(z3)
     ema.update(z3)
     ref = ema.state_dict()
     calls = []
-    gather = E._gather_full
-    monkeypatch.setattr(E, "_gather_full", lambda p, shard: calls.append(p) or gather(p, shard))
+    gather = E.gather_full
+    monkeypatch.setattr(E, "gather_full", lambda p, shard: calls.append(p) or gather(p, shard))
     full = ema.full_state_dict()
     assert list(full) == list(ref) and all(torch.equal(full[k], v) and full[k].device.type == "cpu"
                                            for k, v in ref.items())
@@ -350,7 +349,7 @@ def test_save_checkpoint_gathers_zero_ema_on_rank0_only(tmp_path, monkeypatch):
     from vlfast.training import checkpoint as ckpt
 
     plain, z3 = _z3_model()
-    ema = EMA(z3, decay=0.5)
+    ema = make_ema(z3, decay=0.5)
     _perturb_z3(z3)
     ema.update(z3)
     ref = ema.state_dict()
@@ -376,26 +375,26 @@ def test_save_checkpoint_gathers_zero_ema_on_rank0_only(tmp_path, monkeypatch):
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda f, *a, **kw: loads.append((str(f), kw)) or real_load(f, *a, **kw))
     _, z3b = _z3_model()
-    emab = EMA(z3b, decay=0.5)
+    emab = make_ema(z3b, decay=0.5)
     ckpt.load_checkpoint(path, _FakeEngine(), emab)
     assert any(f.endswith("ema.pt") and kw.get("mmap") and kw.get("map_location") == "cpu" for f, kw in loads)
     assert all(torch.equal(v, ref[k]) for k, v in emab.state_dict().items())
 
 
 def test_zero_ema_refuses_quantized_and_hpz_shards():
-    from vlfast.nn.ema import _check_plain_shards
+    from vlfast.sharding import check_plain_shards
 
     _, z3 = _z3_model()
     z3.head.weight.ds_tensor.ds_quant_scale = torch.ones(1)  # ZeRO++ zero_quantized_nontrainable_weights
     with pytest.raises(ValueError, match=r"'head.weight'.*zero_quantized_nontrainable_weights"):
-        EMA(z3)
+        make_ema(z3)
     _, z3 = _z3_model()
     for p in z3.parameters():
         p.ds_secondary_tensor = None  # what DeepSpeed sets without hpZ
-    ema = EMA(z3, decay=0.5)
+    ema = make_ema(z3, decay=0.5)
     ema.copy_to(z3)
     z3.enc.bias.ds_secondary_tensor = z3.enc.bias.ds_tensor.clone()  # hpZ: gathers read this
-    ema = EMA(z3, decay=0.5)  # reading the primary shards is fine
+    ema = make_ema(z3, decay=0.5)  # reading the primary shards is fine
     ema.update(z3)
     with pytest.raises(ValueError, match=r"'enc.bias'.*zero_hpz_partition_size"):
         ema.copy_to(z3)
@@ -403,8 +402,8 @@ def test_zero_ema_refuses_quantized_and_hpz_shards():
         with ema.swapped_into(z3):
             pass
     with pytest.raises(ValueError, match=r"update: ZeRO-3 parameter #1.*zero_hpz_partition_size"):
-        _check_plain_shards([z3.enc.weight, z3.enc.bias], "update")
-    _check_plain_shards([z3.enc.bias], "read", write=False)
+        check_plain_shards([z3.enc.weight, z3.enc.bias], "update")
+    check_plain_shards([z3.enc.bias], "read", write=False)
 
 
 def test_ema_subclass_refuses_partitioned_model():
@@ -415,16 +414,19 @@ def test_ema_subclass_refuses_partitioned_model():
         pass
 
     _, z3 = _z3_model()
-    with pytest.raises(TypeError, match=r"MyEMA.*partitioned.*EMA\(model\).*ZeroEMA"):
+    with pytest.raises(TypeError, match=r"MyEMA.*partitioned.*make_ema\(model.*ZeroEMA"):
         MyEMA(z3)
+    with pytest.raises(TypeError, match=r"EMA got a model.*partitioned.*vlfast.distributed.make_ema"):
+        EMA(z3)  # never silently another class
     assert type(MyZeroEMA(z3)) is MyZeroEMA
-    assert type(EMA(z3)) is ZeroEMA
+    assert type(make_ema(z3)) is ZeroEMA
+    assert type(make_ema(_model())) is EMA
     assert type(MyEMA(_model())) is MyEMA
 
 
 def test_zero_ema_swapped_into_restores_the_model():
     _, z3 = _z3_model(torch.bfloat16)
-    ema = EMA(z3, decay=0.5)
+    ema = make_ema(z3, decay=0.5)
     _perturb_z3(z3)
     ema.update(z3)
     # a persistent parameter resident in full (its data is the gather of the shards)

@@ -7,8 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlfast.ops import contrastive as C
 from vlfast.ops import contrastive_loss, siglip_rows
-
-from conftest import cases_for
+from vlfast.testing import cases_for
 
 CASES = cases_for("contrastive_loss")
 SIG_CASES = cases_for("siglip_loss")

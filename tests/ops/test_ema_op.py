@@ -9,8 +9,7 @@ import vlfast
 from vlfast import _backend
 from vlfast.ops import ema_update_
 from vlfast.reference import ema_update_reference_, moco_momentum_update_
-
-from conftest import cases_for
+from vlfast.testing import cases_for
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SIZES = [(1,), (17,), (197, 3), (1023,), (8193,), (5, 7, 11)]  # 8193 crosses a kernel chunk
@@ -220,12 +219,41 @@ def test_env_override(monkeypatch):
 def test_auto_fallback_logs_once(monkeypatch, caplog):
     monkeypatch.setitem(_backend._CHECKS, "native", lambda device: "pretend the extension is missing")
     monkeypatch.setattr(_backend, "_logged", set())
+    monkeypatch.setattr(_backend, "_cache", {})  # a fresh selection cache, dropped after the test
     monkeypatch.delenv("VLFAST_BACKEND", raising=False)
     with caplog.at_level(logging.WARNING, logger="vlfast"):
         for _ in range(3):
             assert _backend.select("ema_update_", torch.device("cpu")) == "torch"
     msgs = [r.getMessage() for r in caplog.records if "pretend the extension is missing" in r.getMessage()]
     assert len(msgs) == 1 and "'torch'" in msgs[0]
+
+
+def test_selection_is_cached_per_environment(monkeypatch):
+    cpu = torch.device("cpu")
+    calls = []
+    real = _backend._CHECKS["native"]
+    monkeypatch.setitem(_backend._CHECKS, "native", lambda device: calls.append(device) or real(device))
+    monkeypatch.setattr(_backend, "_cache", {})
+    monkeypatch.delenv("VLFAST_BACKEND", raising=False)
+    for _ in range(5):
+        assert _backend.select("ema_update_", cpu) == "native"
+    assert len(calls) == 1  # checked once, then a dictionary lookup
+    monkeypatch.setenv("VLFAST_BACKEND", "ema_update_=torch")  # a new environment is a new key
+    assert _backend.select("ema_update_", cpu) == "torch"
+    monkeypatch.delenv("VLFAST_BACKEND")
+    assert _backend.select("ema_update_", cpu) == "native" and len(calls) == 1
+
+
+def test_registry_rejects_duplicates_and_unknown_backends():
+    op = _backend.get_op("ema_update_")
+    with pytest.raises(ValueError, match="registered twice"):
+        op.implement("torch")(lambda *a: None)
+    with pytest.raises(ValueError, match="unknown backend"):
+        op.implement("cuda")
+    with pytest.raises(ValueError, match="registered twice"):
+        _backend.register_op("ema_update_", {"cpu": ("torch",)})
+    with pytest.raises(KeyError, match="registered: .*attention"):
+        _backend.get_op("no_such_op")
 
 
 def test_auto_picks_native_on_cpu(monkeypatch):

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from vlfast.ops.mask_generators import block_masking, tube_masking
-
-from conftest import DEVICES
+from vlfast.testing import DEVICES
 
 RATIOS = [0.0, 0.1, 0.4, 0.5, 0.75, 0.9, 0.99]
 GRIDS = [1, (1, 7), 14, (14, 7), 16, 32]

@@ -5,8 +5,7 @@ import torch
 
 from vlfast.ops import random_masking, unshuffle_tokens
 from vlfast.reference import random_masking_reference, unshuffle_tokens_reference
-
-from conftest import cases_for
+from vlfast.testing import cases_for
 
 CASES = cases_for("random_masking")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -183,9 +182,9 @@ def test_compile_and_opcheck():
     ids_restore = torch.stack([torch.randperm(L) for _ in range(B)])
     ids_keep = torch.argsort(ids_restore, 1)[:, :4].contiguous()
     for backend in ("torch", "native"):
-        torch.library.opcheck(torch.ops.vlfast.mask_rank.default, (noise, 4, torch.float32, backend))
-        torch.library.opcheck(torch.ops.vlfast.masked_gather.default, (x, ids_keep, ids_restore, pos[0], backend))
-        torch.library.opcheck(torch.ops.vlfast.unshuffle_rows.default,
+        torch.library.opcheck(torch.ops.vlfast.random_masking_rank.default, (noise, 4, torch.float32, backend))
+        torch.library.opcheck(torch.ops.vlfast.random_masking_gather.default, (x, ids_keep, ids_restore, pos[0], backend))
+        torch.library.opcheck(torch.ops.vlfast.unshuffle_tokens.default,
                               (torch.randn(B, 4, D, requires_grad=True), ids_restore, tok, backend))
 
 

@@ -10,6 +10,7 @@ import tarfile
 import time
 
 import pytest
+from PIL import Image  # installed by the Makefile: a missing one fails, never skips
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -124,13 +125,10 @@ def test_resume_ignores_partial_tmp_checkpoint(tmp_path):
 
 
 def _png(path, color, size=(40, 24)):
-    from PIL import Image
-
     Image.new("RGB", size, color).save(path)
 
 
 def test_csv_data_skips_bad_images(tmp_path):
-    pytest.importorskip("PIL")
     d = tmp_path / "data"
     d.mkdir()
     rows = []
@@ -156,7 +154,6 @@ def test_csv_data_skips_bad_images(tmp_path):
 
 
 def test_csv_data_image_only_model_epochs(tmp_path):
-    pytest.importorskip("PIL")
     d = tmp_path / "data"
     d.mkdir()
     with open(d / "data.csv", "w") as f:
@@ -172,9 +169,6 @@ def test_csv_data_image_only_model_epochs(tmp_path):
 
 
 def test_wds_data(tmp_path):
-    pytest.importorskip("PIL")
-    from PIL import Image
-
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tf:
         for i in range(4):

@@ -6,15 +6,11 @@ import os
 import subprocess
 import sys
 
+import deepspeed  # noqa: F401  (installed by the Makefile: a missing or broken one fails, never skips)
 import pytest
 import torch
 
-from conftest import fake_z3 as _fake_z3
-
-try:
-    import deepspeed  # noqa: F401
-except Exception as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(f"deepspeed is not importable ({type(exc).__name__}: {exc})", allow_module_level=True)
+from vlfast.testing import fake_zero3_param, free_port
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -46,7 +42,7 @@ def test_momentum_encoder_updates_zero3_shards(dtype):
     # partition both networks as ZeRO-3 would (rank 1 of 2)
     for mod, src in ((enc.module, base), (online, target)):
         for n, _ in list(mod.named_parameters()):
-            mod._parameters[n] = _fake_z3(src[n], 1, 2, dtype)
+            mod._parameters[n] = fake_zero3_param(src[n], 1, 2, dtype)
     for _ in range(3):
         enc.update(online)
     assert enc._zero_master is not None and "_zero_master" not in enc.state_dict()
@@ -101,6 +97,7 @@ def _rel_diff(a, b, init):
     return diff, moved
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("model", ["clip_micro", "albef_micro"])
 def test_zero_stages_match_single_process(tmp_path, model):
     """5 steps on 2 ranks under ZeRO 0, 1, 2 and 3 == one process on the same global batch: per-step
@@ -166,6 +163,7 @@ def _momentum_weights(path):
     return {n: p.detach().clone() for n, p in model.momentum_encoder.named_parameters()}
 
 
+@pytest.mark.distributed
 def test_moco_zero3_momentum_matches_replicated(tmp_path):
     """ZeRO-3's shard-local momentum update == the replicated (ZeRO-0) one on the same 2 ranks
     (MoCo's BatchNorm heads use per-rank batch statistics, so both differ from one process)."""
@@ -209,6 +207,7 @@ def test_bad_zero_args(tmp_path, args, match):
     assert len([x for x in r.stderr.splitlines() if "error:" in x]) == 1
 
 
+@pytest.mark.distributed
 def test_zero3_resume_matches_uninterrupted(tmp_path):
     out = str(tmp_path / "r")
     common = ("--model", "clip_micro", "--batch-size", "8", "--nproc", "2", "--zero", "3", "--out", out)
@@ -248,6 +247,7 @@ def _full_masters(ckpt, model):
     return out
 
 
+@pytest.mark.distributed
 def test_bf16_zero3_momentum_masters(tmp_path):
     """bf16 weights under ZeRO-3: losses track the single-process bf16-autocast run, and the momentum
     encoders' fp32 master shards (saved per rank) carry the update that bf16 weights would round away
@@ -277,6 +277,7 @@ def test_bf16_zero3_momentum_masters(tmp_path):
     assert (d_zero - d_single).norm() < 0.25 * d_single.norm(), ((d_zero - d_single).norm(), d_single.norm())
 
 
+@pytest.mark.distributed
 def test_bf16_zero3_resume_matches_uninterrupted(tmp_path):
     """Resume restores the per-rank fp32 momentum masters (and DeepSpeed's bf16 optimizer state)."""
     common = ("--model", "albef_micro", "--batch-size", "8", "--precision", "bf16", "--lr", "1e-3", "--nproc", "2",
@@ -296,10 +297,10 @@ def test_bf16_zero3_resume_matches_uninterrupted(tmp_path):
 
 # --------------------------------------------------------------------------- real data on 2 ranks
 
+@pytest.mark.distributed
 def test_csv_data_two_ranks_match_single_process(tmp_path):
     """Each rank decodes only its rows; bad images found by either rank are skipped by both, so the
     batches (and the skipped count and data position at every step) equal one process's."""
-    pytest.importorskip("PIL")
     from test_train_cli import _png
 
     d = tmp_path / "data"
@@ -331,11 +332,11 @@ def test_csv_data_two_ranks_match_single_process(tmp_path):
 
 # --------------------------------------------------------------------------- SIGKILL on 2 ranks
 
+@pytest.mark.distributed
 def test_zero3_kill_and_resume_matches_uninterrupted(tmp_path):
     """Launcher and both ranks killed with SIGKILL once a checkpoint exists (a half-written
     checkpoint folder left as well); the resumed run logs the uninterrupted run's losses."""
     import signal
-    import socket
     import time
 
     from vlfast.distributed.zero import remove_cpu_shm_segments
@@ -344,9 +345,7 @@ def test_zero3_kill_and_resume_matches_uninterrupted(tmp_path):
               "--ema", "0.9", "--lr", "1e-3")
     b = str(tmp_path / "b")
     latest = os.path.join(b, "checkpoints", "latest")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     cmd = [sys.executable, "-m", "vlfast", "train", "--no-progress", "--threads", "1", *common, "--steps", "1000000",
            "--out", b]
     p = subprocess.Popen(cmd, env=dict(ENV, MASTER_PORT=port), stdout=subprocess.DEVNULL,
@@ -391,7 +390,7 @@ def test_momentum_master_reseeded_after_outside_write(zero3):
     if zero3:  # one rank: the shard is the whole (padded) tensor
         for mod in (enc.module, online):
             for n, p in list(mod.named_parameters()):
-                mod._parameters[n] = _fake_z3(p.detach().float(), 0, 1, torch.bfloat16)
+                mod._parameters[n] = fake_zero3_param(p.detach().float(), 0, 1, torch.bfloat16)
 
     def weight(mod):
         p = mod.weight
@@ -412,8 +411,8 @@ def test_momentum_master_reseeded_after_outside_write(zero3):
 def test_zero3_momentum_update_refuses_zeropp_shards():
     from vlfast.distributed.zero import zero3_momentum_update_
 
-    online = _fake_z3(torch.randn(6), 0, 1, torch.float32)
-    mom = _fake_z3(torch.randn(6), 0, 1, torch.float32)
+    online = fake_zero3_param(torch.randn(6), 0, 1, torch.float32)
+    mom = fake_zero3_param(torch.randn(6), 0, 1, torch.float32)
     mom.ds_secondary_tensor = torch.zeros(6)  # ZeRO++ hpZ: gathers read this, not ds_tensor
     with pytest.raises(ValueError, match="hpZ"):
         zero3_momentum_update_([mom], [online], 0.9)

@@ -1,12 +1,10 @@
-"""DeepSpeed integration: config builder and shard-local momentum/EMA updates under ZeRO.
+"""DeepSpeed integration: config builder, momentum-encoder hooks and shard-local momentum/EMA updates.
 
-Under ZeRO-3 every parameter is partitioned: ``param.data`` is empty and each rank
-holds a flat slice ``param.ds_tensor`` (``param.ds_numel`` elements in all, padded so
-that the ranks' slices have equal length).  A momentum (MoCo/ALBEF/BYOL) or EMA
-update is elementwise, and the momentum network and the online network are
-partitioned the same way, so each rank can update its own slices directly:
-:func:`zero3_momentum_update_` does that in one fused :func:`vlfast.ops.ema_update_`
-call, with no all-gather and no broadcast.  The baseline it replaces,
+The shard primitives (:func:`vlfast.sharding.zero3_momentum_update_` and friends) sit
+below :mod:`vlfast.nn`; this module composes them with DeepSpeed and vlfast's modules.
+Under ZeRO-3 each rank updates its own momentum-encoder slices directly
+(:func:`zero3_momentum_update_`, one fused :func:`vlfast.ops.ema_update_` call, with no
+all-gather and no broadcast).  The baseline it replaces,
 :func:`gathered_momentum_update_` (DeepSpeedExamples' ``moving_average``), gathers
 every parameter pair in full on every rank.
 
@@ -38,14 +36,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..ops.ema import _check_decay, ema_update_
+from .. import _validation as check
+from ..nn.ema import MomentumEncoder
+from ..sharding import check_pairs, is_zero3_param, zero3_momentum_update_
 
 __all__ = [
     "deepspeed_config",
     "zero3_momentum_update_",
     "gathered_momentum_update_",
     "ZeroMomentum",
-    "ZeroEMA",
     "attach_zero_momentum",
     "register_external_parameters",
     "hoist_momentum_updates",
@@ -54,7 +53,6 @@ __all__ = [
 ]
 
 _PRECISIONS = ("fp32", "bf16", "fp16")
-_HIGH = (torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- config
@@ -83,14 +81,6 @@ def _on_cpu() -> bool:
     if acc is not None:
         return acc == "cpu"
     return not torch.cuda.is_available()
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return value
 
 
 def deepspeed_config(zero_stage: int, precision: str = "fp32", batch_size: Optional[int] = None,
@@ -132,9 +122,9 @@ def deepspeed_config(zero_stage: int, precision: str = "fp32", batch_size: Optio
         raise ValueError("precision 'fp16' is not supported by DeepSpeed on CPU; use 'bf16' or 'fp32'")
     if batch_size is None:
         raise ValueError("batch_size (micro batch per rank) is required")
-    batch_size = _positive_int("batch_size", batch_size)
-    grad_accum = _positive_int("grad_accum", grad_accum)
-    world_size = _positive_int("world_size", _default_world_size() if world_size is None else world_size)
+    batch_size = check.positive_int("batch_size", batch_size)
+    grad_accum = check.positive_int("grad_accum", grad_accum)
+    world_size = check.positive_int("world_size", _default_world_size() if world_size is None else world_size)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
     if weight_decay < 0:
@@ -185,7 +175,7 @@ def deepspeed_config(zero_stage: int, precision: str = "fp32", batch_size: Optio
                                           "gradient_accumulation_steps"))
     for name, v in (("train_batch_size", tbs), ("train_micro_batch_size_per_gpu", mbs),
                     ("gradient_accumulation_steps", ga)):
-        _positive_int(f"user config's {name}", v)
+        check.positive_int(f"user config's {name}", v)
     if tbs != mbs * ga * world_size:
         raise ValueError(
             f"user config's batch sizes are inconsistent: train_batch_size={tbs} != "
@@ -225,211 +215,6 @@ def remove_cpu_shm_segments(port, ranks: Sequence[int], addr: str = "127.0.0.1")
     return removed
 
 
-# --------------------------------------------------------------------------- ZeRO-3 helpers
-
-def is_zero3_param(p: torch.Tensor) -> bool:
-    """Whether ``p`` is a DeepSpeed ZeRO-3 partitioned parameter."""
-    return hasattr(p, "ds_id") and hasattr(p, "ds_tensor")
-
-
-def _available(p) -> bool:
-    status = getattr(p, "ds_status", None)
-    return status is not None and status.name == "AVAILABLE"
-
-
-def _partition_rank(p) -> int:
-    group = getattr(p, "ds_process_group", None)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(group=group)
-    return 0
-
-
-def _shard_slice(p, full_flat: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a flat full tensor in ``p.ds_tensor``'s layout (zero padding)."""
-    size = p.ds_tensor.numel()
-    start = _partition_rank(p) * size
-    out = torch.zeros(size, dtype=full_flat.dtype, device=full_flat.device)
-    n = max(0, min(size, full_flat.numel() - start))
-    if n:
-        out[:n] = full_flat[start:start + n]
-    return out
-
-
-def _gather_full(p, shard: torch.Tensor) -> torch.Tensor:
-    """The full tensor (``p.ds_shape``) from every rank's ``shard`` (``p.ds_tensor``'s layout)."""
-    from .gather import world_info
-
-    group = getattr(p, "ds_process_group", None)
-    world = world_info(group)[1]
-    flat = shard.reshape(-1)
-    if world > 1:
-        parts = [torch.empty_like(flat) for _ in range(world)]
-        torch.distributed.all_gather(parts, flat.contiguous(), group=group)
-        flat = torch.cat(parts)
-    return flat[:p.ds_numel].view(tuple(p.ds_shape)).clone()
-
-
-def _check_plain_shards(params, what: str, *, write: bool = True) -> None:
-    """Refuse ZeRO-3 parameters whose local shard ``p.ds_tensor`` is not a plain copy of their weights.
-
-    ``params``: parameters, or ``(name, parameter)`` pairs (bare parameters are named ``#<index>``);
-    plain (unpartitioned) ones are skipped.  ``what`` starts the message.  Raises a ValueError
-    naming the parameter and the DeepSpeed option for
-
-    * ZeRO++ quantized weights (``zero_quantized_nontrainable_weights``): a frozen parameter's
-      ``ds_tensor`` holds int8 codes (scales in ``ds_tensor.ds_quant_scale``), not weights;
-    * with ``write`` (the caller writes ``ds_tensor``): ZeRO++ hierarchical partitioning (hpZ,
-      ``zero_hpz_partition_size > 1``), where DeepSpeed gathers the parameter from its secondary
-      partition ``p.ds_secondary_tensor``, which a write into ``ds_tensor`` leaves stale.
-    """
-    for i, item in enumerate(params):
-        name, p = (repr(item[0]), item[1]) if isinstance(item, tuple) else (f"#{i}", item)
-        if not is_zero3_param(p):
-            continue
-        if hasattr(p.ds_tensor, "ds_quant_scale"):
-            raise ValueError(
-                f"{what}: ZeRO-3 parameter {name} is stored quantized (ZeRO++ zero_quantized_nontrainable_weights: "
-                "its shard ds_tensor holds int8 codes, not weights); disable zero_quantized_nontrainable_weights")
-        if write and getattr(p, "ds_secondary_tensor", None) is not None:
-            raise ValueError(
-                f"{what}: ZeRO-3 parameter {name} has a ZeRO++ hpZ secondary partition (zero_hpz_partition_size > 1): "
-                "DeepSpeed gathers it from ds_secondary_tensor, which writing its shard ds_tensor would leave "
-                "stale; set zero_hpz_partition_size to 1")
-
-
-def _stamp(master: torch.Tensor, key: torch.Tensor) -> None:
-    """Remember which weights ``master`` was last written to (storage and version counter)."""
-    master._vlfast_written = (key.data_ptr(), key._version)
-
-
-def _fresh(master: torch.Tensor, key: torch.Tensor) -> bool:
-    """False when the weights were replaced or written in place (``load_state_dict``, a checkpoint
-    load, a pretrained copy) since ``master`` was copied into them: the master is then stale and
-    is re-created from the weights.  A master without a record (just loaded) is trusted."""
-    written = getattr(master, "_vlfast_written", None)
-    return written is None or written == (key.data_ptr(), key._version)
-
-
-def _check_lists(momentum_params, online_params):
-    momentum_params, online_params = list(momentum_params), list(online_params)
-    if len(momentum_params) != len(online_params):
-        raise ValueError(f"{len(momentum_params)} momentum parameters but {len(online_params)} online ones")
-    return momentum_params, online_params
-
-
-@torch.no_grad()
-def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_params: Sequence[torch.Tensor],
-                           m: float, *, master: Optional[List[Optional[torch.Tensor]]] = None,
-                           backend: Optional[str] = None) -> List[Optional[torch.Tensor]]:
-    """``momentum <- m * momentum + (1 - m) * online`` on each rank's local shards.
-
-    ``momentum_params``/``online_params``: parallel sequences of parameters, either all
-    ZeRO-3 partitioned (same partitioning: the same shapes and process group) or all
-    plain (ZeRO 0-2 / no DeepSpeed: replicated, updated whole).
-
-    * Partitioned: ``ds_tensor`` (the local flat shard) of each momentum parameter is
-      averaged with the online parameter's ``ds_tensor``; no communication.
-    * Persistent ZeRO-3 parameters (``ds_persist``, below
-      ``stage3_param_persistence_threshold``) whose full data is resident are updated
-      whole (the data is replicated on every rank) and their shard is refreshed from it.
-    * Plain parameters: their data is updated.
-
-    ``master``: the fp32 master copies returned by the previous call (``None`` on the
-    first call: created from the current momentum weights).  A master whose weights were
-    written by something else since (``load_state_dict``, a checkpoint load: detected by
-    their storage and version counter) is re-created from them.  Entries are ``None`` for
-    fp32/fp64 momentum tensors, which are updated in place directly.  All updates are
-    one :func:`vlfast.ops.ema_update_` call.  Returns the (new) master list.
-    """
-    m = _check_decay(m)
-    mom, onl = _check_lists(momentum_params, online_params)
-    _check_plain_shards(mom, "zero3_momentum_update_")
-    _check_plain_shards(onl, "zero3_momentum_update_", write=False)
-    if master is None:
-        master = [None] * len(mom)
-    elif len(master) != len(mom):
-        raise ValueError(f"master has {len(master)} entries for {len(mom)} parameters")
-    else:
-        master = list(master)
-
-    targets, sources, post = [], [], []
-    for i, (p, q) in enumerate(zip(mom, onl)):
-        z3p, z3q = is_zero3_param(p), is_zero3_param(q)
-        if z3p != z3q:
-            raise ValueError(f"parameter {i}: one of the pair is ZeRO-3 partitioned and the other is not")
-        low = p.dtype not in _HIGH
-        if not z3p:
-            if tuple(p.shape) != tuple(q.shape):
-                raise ValueError(f"parameter {i}: shape {tuple(p.shape)} vs online {tuple(q.shape)}")
-            if low:
-                if master[i] is None or master[i].shape != p.shape or not _fresh(master[i], p):
-                    master[i] = p.data.float()
-                targets.append(master[i])
-                post.append((p.data, master[i], p))
-            else:
-                master[i] = None
-                targets.append(p.data)
-            sources.append(q.data)
-            continue
-        if tuple(p.ds_shape) != tuple(q.ds_shape) or p.ds_tensor.numel() != q.ds_tensor.numel():
-            raise ValueError(f"parameter {i}: momentum and online parameters are partitioned differently "
-                             f"({tuple(p.ds_shape)}/{p.ds_tensor.numel()} vs {tuple(q.ds_shape)}/{q.ds_tensor.numel()})")
-        shard_n, full_n = p.ds_tensor.numel(), p.ds_numel
-        full = bool(getattr(p, "ds_persist", False)) and _available(p) and p.data.numel() == full_n
-        if full:
-            if _available(q) and q.data.numel() == full_n:
-                q_flat = q.data.view(-1)
-            else:  # e.g. re-partitioned by a checkpoint load and not used yet: gather it (it is small)
-                q_flat = _gather_full(q, q.ds_tensor).view(-1)
-            flat = p.data.view(-1)
-            if low:
-                mst = master[i] if master[i] is not None and _fresh(master[i], p.ds_tensor) else None
-                if mst is None or mst.numel() != full_n:
-                    if mst is not None and mst.numel() == shard_n:  # shard masters -> full: every rank's
-                        new = _gather_full(p, mst).reshape(-1)
-                    else:
-                        new = flat.float()
-                    master[i] = mst = new
-                targets.append(mst)
-            else:
-                master[i] = None
-                targets.append(flat)
-            sources.append(q_flat)
-            post.append(("full", p, master[i]))
-        else:
-            if low:
-                mst = master[i] if master[i] is not None and _fresh(master[i], p.ds_tensor) else None
-                if mst is not None and mst.numel() != shard_n:
-                    if mst.numel() == full_n:  # was resident in full; keep the master's slice
-                        mst = _shard_slice(p, mst)
-                    else:
-                        mst = None
-                if mst is None:
-                    mst = p.ds_tensor.float()
-                master[i] = mst
-                targets.append(mst)
-                post.append((p.ds_tensor, mst, p.ds_tensor))
-            else:
-                master[i] = None
-                targets.append(p.ds_tensor)
-            sources.append(q.ds_tensor)
-    if targets:
-        ema_update_(targets, sources, m, backend=backend)
-    for item in post:
-        if isinstance(item[0], str):
-            _, p, mst = item
-            if mst is not None:
-                p.data.copy_(mst.view(p.data.shape))
-            p.ds_tensor.copy_(_shard_slice(p, p.data.reshape(-1)))
-            if mst is not None:
-                _stamp(mst, p.ds_tensor)
-        else:
-            dst, src, key = item
-            dst.copy_(src.view(dst.shape))
-            _stamp(src, key)
-    return master
-
-
 @torch.no_grad()
 def gathered_momentum_update_(momentum_params: Sequence[torch.Tensor], online_params: Sequence[torch.Tensor],
                               m: float) -> None:
@@ -442,8 +227,8 @@ def gathered_momentum_update_(momentum_params: Sequence[torch.Tensor], online_pa
     """
     import deepspeed
 
-    m = _check_decay(m)
-    mom, onl = _check_lists(momentum_params, online_params)
+    m = check.decay(m)
+    mom, onl = check_pairs(momentum_params, online_params)
     for p, q in zip(mom, onl):
         if not is_zero3_param(p):
             p.data.copy_(torch.lerp(q.data.to(p.dtype), p.data, m))
@@ -567,7 +352,6 @@ def attach_zero_momentum(model: nn.Module, *, pairs: Optional[Mapping[str, str]]
     Raises:
         ValueError: an online network cannot be found unambiguously.
     """
-    from ..nn.ema import MomentumEncoder
 
     modules = dict(model.named_modules())
     out = []
@@ -593,11 +377,3 @@ def attach_zero_momentum(model: nn.Module, *, pairs: Optional[Mapping[str, str]]
                              f"(candidates: {candidates}); pass pairs={{{name!r}: 'online_name'}}")
         out.append(ZeroMomentum(mod.module, modules[candidates[0]], backend=backend))
     return out
-
-
-def __getattr__(name):  # ZeroEMA lives with EMA (vlfast.nn imports this module)
-    if name == "ZeroEMA":
-        from ..nn.ema import ZeroEMA
-
-        return ZeroEMA
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed.gather import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad,
+from ..comm import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad,
                                   broadcast_from_rank0, world_info)
 from ..nn.attention import Attention, CrossAttention
 from ..nn.contrastive import ITCLoss, _check_alpha

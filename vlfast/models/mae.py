@@ -28,7 +28,8 @@ from torch import nn
 
 from . import register_model
 from ..nn.masking import RandomMasking
-from ..ops.masking import _check_ratio, unshuffle_tokens
+from .._validation import mask_ratio as _check_ratio
+from ..ops.masking import unshuffle_tokens
 from ..reference.masking import unshuffle_tokens_reference
 from .layers import Block, PatchEmbed
 from .vit import synthetic_images

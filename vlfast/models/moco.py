@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_model
-from ..distributed import all_gather_no_grad
-from ..distributed.gather import world_info
+from ..comm import all_gather_no_grad
+from ..comm import world_info
 from ..nn.ema import MomentumEncoder
 from ..ops.contrastive import contrastive_loss
 from .vit import ViT, synthetic_images

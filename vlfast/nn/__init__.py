@@ -2,8 +2,8 @@
 
 from .attention import Attention, CrossAttention, MultiheadAttention
 from .contrastive import ClipLoss, ITCLoss, MoCoQueueLoss, SigLipLoss
-from .ema import EMA, MomentumEncoder, ZeroEMA
+from .ema import EMA, MomentumEncoder
 from .masking import RandomMasking
 
-__all__ = ["EMA", "ZeroEMA", "MomentumEncoder", "RandomMasking", "Attention", "CrossAttention", "MultiheadAttention",
+__all__ = ["EMA", "MomentumEncoder", "RandomMasking", "Attention", "CrossAttention", "MultiheadAttention",
            "ClipLoss", "SigLipLoss", "MoCoQueueLoss", "ITCLoss"]

@@ -1,54 +1,28 @@
-"""Contrastive loss modules: open_clip's ``ClipLoss`` / ``SigLipLoss``, MoCo's queue loss, ALBEF/BLIP's ITC.
+"""Contrastive loss modules: open_clip's ``ClipLoss`` / ``SigLipLoss``, MoCo's queue loss, ALBEF/BLIP's ITC,
+and :class:`ContrastiveLoss`, the module form of :func:`vlfast.ops.contrastive_loss`.
 
-All of them run on the memory-linear primitives of :mod:`vlfast.ops.contrastive`: no
-module ever materializes the (batch x keys) logit matrix, its softmax or its gradient,
-so the queue size (65536 in MoCo / ALBEF / BLIP) and the global batch (CLIP, SigLIP)
-only cost O((N + K) D) memory.
+With ``fused=True`` (the default) they run on the memory-linear primitives of
+:mod:`vlfast.ops.contrastive`: no module ever materializes the (batch x keys) logit matrix,
+its softmax or its gradient, so the queue size (65536 in MoCo / ALBEF / BLIP) and the
+global batch (CLIP, SigLIP) only cost O((N + K) D) memory.  With ``fused=False`` (see
+:func:`vlfast.models.set_fused`) each runs the papers' eager formula from
+:mod:`vlfast.reference.contrastive` on the same inputs, gathers, queues and enqueues: the
+baseline that materializes the logits.
 """
 
-import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .. import _backend
-from ..distributed.gather import all_gather_no_grad, world_info
-from ..ops.contrastive import OP as _CONTRASTIVE_OP
-from ..ops.contrastive import _check_features, contrastive_loss
+from .. import _validation as check
+from ..comm import all_gather_no_grad, all_gather_with_grad, world_info
+from ..ops.contrastive import contrastive_loss
 from ..ops.contrastive_losses import clip_loss, siglip_loss
+from ..reference.contrastive import (albef_itc_reference, clip_loss_reference, contrastive_loss_reference,
+                                     moco_loss_reference, siglip_loss_reference)
 
-__all__ = ["ClipLoss", "SigLipLoss", "MoCoQueueLoss", "ITCLoss"]
-
-
-def _check_bool(name, v):
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return v
-
-
-def _check_pos_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return int(v)
-
-
-def _check_pos_float(name, v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
-    if not v > 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    return float(v)
-
-
-def _check_alpha(v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"alpha must be a float in [0, 1], got {type(v).__name__}")
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {v}")
-    return float(v)
+__all__ = ["ContrastiveLoss", "ClipLoss", "SigLipLoss", "MoCoQueueLoss", "ITCLoss"]
 
 
 def _random_unit(rows: int, dim: int) -> torch.Tensor:
@@ -88,8 +62,73 @@ def _check_divides(batch: int, K: int, what: str):
                          f"_dequeue_and_enqueue; choose queue_size = k * batch")
 
 
+class ContrastiveLoss(nn.Module):
+    r"""InfoNCE / cross-entropy of queries against keys (van den Oord et al., 2018, arXiv:1807.03748):
+    the module form of :func:`vlfast.ops.contrastive_loss`.
+
+    .. math::
+        s_{ij} = \tau \langle q_i, k_j\rangle, \qquad
+        \mathrm{loss}_i = -\textstyle\sum_j t_{ij} \log\mathrm{softmax}(s_i)_j,
+
+    hard targets ``t_i`` one-hot at query i's positive key (default key i), smoothed by
+    ``label_smoothing``, optionally mixed with soft targets (momentum distillation, see
+    :func:`vlfast.ops.contrastive_loss`).  MoCo v3's ``contrastive_loss`` (Chen et al., 2021,
+    arXiv:2104.02057) is ``ContrastiveLoss()(q, k, 1 / T) * 2 T`` on normalized features.
+
+    ``forward(query, keys, logit_scale, positives=None, soft_query=None, soft_keys=None, alpha=0.0)``:
+    query (Nq, D) and keys (Nk, D) fp32 / fp16 / bf16 of one dtype; logit_scale a float or
+    0-dim tensor (gets a gradient when it requires one); ``positives`` None, a LongTensor
+    (Nq,) of key indices or a pair ``(query_ids, key_ids)``.  Returns the ``reduction`` of the
+    per-query losses.
+
+    Args:
+        label_smoothing: epsilon in [0, 1).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: backend of the op (``None`` = automatic).
+        fused: True: :func:`vlfast.ops.contrastive_loss` (tile-wise, fp32 result, never stores
+            the Nq x Nk logits); False: :func:`vlfast.reference.contrastive_loss_reference`
+            (materialized logits, computed in the features' dtype).
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean", *, backend: Optional[str] = None,
+                 fused: bool = True):
+        super().__init__()
+        self.label_smoothing = check.unit_interval("label_smoothing", label_smoothing, hi_open=True)
+        self.reduction = check.choice("reduction", reduction, ("mean", "sum", "none"))
+        self.backend = backend
+        #: False runs the eager formula of vlfast.reference; see ``vlfast.models.set_fused``
+        self.fused = check.flag("fused", fused)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, logit_scale, positives=None,
+                soft_query: Optional[torch.Tensor] = None, soft_keys: Optional[torch.Tensor] = None,
+                alpha: float = 0.0) -> torch.Tensor:
+        kw = dict(positives=positives, soft_query=soft_query, soft_keys=soft_keys, alpha=alpha,
+                  label_smoothing=self.label_smoothing, reduction=self.reduction)
+        if self.fused:
+            return contrastive_loss(query, keys, logit_scale, backend=self.backend, **kw)
+        query = check.features("query", query)
+        keys = check.features("keys", keys, query.shape[1])
+        tau = check.scalar_tensor("logit_scale", logit_scale, query.device)
+        return contrastive_loss_reference(query, keys, tau, **kw)
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, fused={self.fused}"
+
+
+def _gather_pairs(image_features, text_features, gather: bool, group, images_too: bool = True):
+    """Eager data parallelism (open_clip's ``gather_features(gather_with_grad=True)``): every rank's
+    texts (and images), gathered with their gradients, and this rank's offset; ``{}`` on one process."""
+    rank, world = world_info(group) if gather else (0, 1)
+    if world == 1:
+        return {}
+    keys = dict(text_keys=all_gather_with_grad(text_features, group), offset=rank * image_features.shape[0])
+    if images_too:
+        keys["image_keys"] = all_gather_with_grad(image_features, group)
+    return keys
+
+
 class ClipLoss(nn.Module):
-    r"""CLIP's symmetric InfoNCE (Radford et al., 2021), a drop-in for open_clip's ``ClipLoss``.
+    r"""CLIP's symmetric InfoNCE (Radford et al., 2021, arXiv:2103.00020), a drop-in for open_clip's ``ClipLoss``.
 
     ``loss = (CE(logit_scale * img @ txt.T, arange) + CE(logit_scale * txt @ img.T, arange)) / 2``,
     see :func:`vlfast.ops.contrastive_losses.clip_loss`.  When ``torch.distributed`` is
@@ -101,29 +140,39 @@ class ClipLoss(nn.Module):
         gather: all-gather features across ranks when distributed.
         group: process group (default: the world group).
         backend: backend of the contrastive op (``None`` = automatic).
+        fused: True: :func:`vlfast.ops.clip_loss` (0-dim fp32, never forms the N x N logits);
+            False: open_clip's eager formula :func:`vlfast.reference.clip_loss_reference`
+            (the logits materialized, in the features' dtype; gathered the same way).
     """
 
-    def __init__(self, gather: bool = True, group=None, backend: Optional[str] = None):
+    def __init__(self, gather: bool = True, group=None, backend: Optional[str] = None, *, fused: bool = True):
         super().__init__()
-        self.gather = _check_bool("gather", gather)
+        self.gather = check.flag("gather", gather)
         self.group = group
         self.backend = backend
+        #: False runs the eager formula of vlfast.reference; see ``vlfast.models.set_fused``
+        self.fused = check.flag("fused", fused)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None,
                 output_dict: bool = False):
         """Loss of image_features (N, D) and text_features (N, D) (normalized) at ``logit_scale``.
 
         ``logit_bias`` (open_clip's optional shift of every logit) leaves a softmax
-        cross-entropy unchanged, so it is accepted and ignored.  Returns the 0-dim fp32
-        loss, or ``{"contrastive_loss": loss}`` when ``output_dict``.
+        cross-entropy unchanged, so it is accepted and ignored.  Returns the 0-dim loss, or
+        ``{"contrastive_loss": loss}`` when ``output_dict``.
         """
-        loss = clip_loss(image_features, text_features, logit_scale, gather=self.gather, group=self.group,
-                         backend=self.backend)
+        if self.fused:
+            loss = clip_loss(image_features, text_features, logit_scale, gather=self.gather, group=self.group,
+                             backend=self.backend)
+        else:
+            img, txt = check.feature_pair(image_features, text_features)
+            tau = check.scalar_tensor("logit_scale", logit_scale, img.device)
+            loss = clip_loss_reference(img, txt, tau, **_gather_pairs(img, txt, self.gather, self.group))
         return {"contrastive_loss": loss} if output_dict else loss
 
 
 class SigLipLoss(nn.Module):
-    r"""SigLIP's pairwise sigmoid loss (Zhai et al., 2023), a drop-in for open_clip's ``SigLipLoss``.
+    r"""SigLIP's pairwise sigmoid loss (Zhai et al., 2023, arXiv:2303.15343), a drop-in for open_clip's ``SigLipLoss``.
 
     ``loss = -sum_ij log sigmoid(z_ij (logit_scale * x_i . y_j + logit_bias)) / N`` with
     ``z = 2 I - 1``; see :func:`vlfast.ops.contrastive_losses.siglip_loss` (the data-parallel
@@ -134,36 +183,51 @@ class SigLipLoss(nn.Module):
         gather: all-gather texts across ranks when distributed.
         group: process group (default: the world group).
         backend: backend of the SigLIP op (``None`` = automatic).
+        fused: True: :func:`vlfast.ops.siglip_loss` (row tiles, never the N x N logits);
+            False: :func:`vlfast.reference.siglip_loss_reference` (materialized logits).
     """
 
-    def __init__(self, gather: bool = True, group=None, backend: Optional[str] = None):
+    def __init__(self, gather: bool = True, group=None, backend: Optional[str] = None, *, fused: bool = True):
         super().__init__()
-        self.gather = _check_bool("gather", gather)
+        self.gather = check.flag("gather", gather)
         self.group = group
         self.backend = backend
+        #: False runs the eager formula of vlfast.reference; see ``vlfast.models.set_fused``
+        self.fused = check.flag("fused", fused)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
         """Loss of image_features (N, D), text_features (N, D); returns the loss or ``{"contrastive_loss": loss}``."""
-        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, gather=self.gather,
-                           group=self.group, backend=self.backend)
+        if self.fused:
+            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, gather=self.gather,
+                               group=self.group, backend=self.backend)
+        else:
+            img, txt = check.feature_pair(image_features, text_features)
+            scale = check.scalar_tensor("logit_scale", logit_scale, img.device)
+            bias = check.scalar_tensor("logit_bias", logit_bias, img.device)
+            loss = siglip_loss_reference(img, txt, scale, bias,
+                                         **_gather_pairs(img, txt, self.gather, self.group, images_too=False))
         return {"contrastive_loss": loss} if output_dict else loss
 
 
 class MoCoQueueLoss(nn.Module):
-    r"""MoCo's InfoNCE against a queue of negative keys (He et al., 2020; MoCo v2: Chen et al., 2020).
+    r"""MoCo's InfoNCE against a queue of negative keys (He et al., 2020, arXiv:1911.05722; MoCo v2:
+    Chen et al., 2020, arXiv:2003.04297).
 
     For normalized queries ``q`` (N, dim) and momentum keys ``k`` (N, dim), with the queue
     ``Q`` (K, dim) *as it was before this batch* and temperature T, MoCo computes
-    ``CE(cat([q.k, q @ Q.T], 1) / T, 0)``.  Here, without building the (N, K + 1) logits:
+    ``CE(cat([q.k, q @ Q.T], 1) / T, 0)`` (:func:`vlfast.reference.moco_loss_reference`).
+    Here (``fused=True``), without building the (N, K + 1) logits:
 
     .. math::
         s_i = \langle q_i, k_i\rangle / T, \qquad
         \mathrm{loss}_i = \mathrm{logaddexp}\big(s_i, \mathrm{LSE}_j \langle q_i, Q_j\rangle / T\big) - s_i,
 
-    the log-sum-exp over the queue by the tiled primitive ``vlfast::lse_soft``.  The loss
-    is the mean over i; gradients flow into ``q`` only (``k`` is detached and the queue is
-    a buffer, as in MoCo).  Afterwards the keys -- all-gathered across ranks when
+    the log-sum-exp over the queue from :func:`vlfast.ops.contrastive_loss` (per-query losses
+    against the queue with query i's positive at queue row i are ``LSE_i - <q_i, Q_i> / T``;
+    adding ``<q_i, Q_i> / T`` back leaves the LSE).  The loss is the mean over i (0-dim fp32;
+    ``fused=False``: in q's dtype); gradients flow into ``q`` only (``k`` is detached and the
+    queue is a buffer, as in MoCo).  Afterwards the keys -- all-gathered across ranks when
     ``torch.distributed`` is initialized (MoCo's ``concat_all_gather``) -- are written to the
     ring buffer at ``queue_ptr``; the (global) batch size must divide ``queue_size``.
 
@@ -177,20 +241,24 @@ class MoCoQueueLoss(nn.Module):
         queue_size: K, the number of queued negatives (MoCo: 65536).
         temperature: T (MoCo v1: 0.07, v2: 0.2).
         backend: backend of the contrastive op (``None`` = automatic).
+        fused: True: the tiled op; False: MoCo's eager logits (the baseline).
     """
 
-    def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2, backend: Optional[str] = None):
+    def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2, backend: Optional[str] = None,
+                 *, fused: bool = True):
         super().__init__()
-        self.dim = _check_pos_int("dim", dim)
-        self.queue_size = _check_pos_int("queue_size", queue_size)
-        self.temperature = _check_pos_float("temperature", temperature)
+        self.dim = check.positive_int("dim", dim)
+        self.queue_size = check.positive_int("queue_size", queue_size)
+        self.temperature = check.positive_real("temperature", temperature)
         self.backend = backend
+        #: False runs the eager formula of vlfast.reference; see ``vlfast.models.set_fused``
+        self.fused = check.flag("fused", fused)
         self.register_buffer("queue", _random_unit(self.queue_size, self.dim))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_load_state_dict_pre_hook(_transpose_layout_hook(("queue",)))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, queue_size={self.queue_size}, temperature={self.temperature}"
+        return f"dim={self.dim}, queue_size={self.queue_size}, temperature={self.temperature}, fused={self.fused}"
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
@@ -199,15 +267,15 @@ class MoCoQueueLoss(nn.Module):
 
         Raises ``ValueError`` when the gathered B does not divide ``queue_size``.
         """
-        keys = _check_features("keys", keys, self.dim)
+        keys = check.features("keys", keys, self.dim)
         keys = all_gather_no_grad(keys)
         _check_divides(keys.shape[0], self.queue_size, "global batch size")
         _enqueue_(self.queue, self.queue_ptr, keys)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Loss (0-dim fp32) of queries ``q`` (N, dim) and keys ``k`` (N, dim), then enqueue ``k``."""
-        q = _check_features("q", q, self.dim)
-        k = _check_features("k", k, self.dim).detach()
+        """Loss of queries ``q`` (N, dim) and keys ``k`` (N, dim), then enqueue ``k``."""
+        q = check.features("q", q, self.dim)
+        k = check.features("k", k, self.dim).detach()
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"k must have as many rows as q, got {k.shape[0]} and {q.shape[0]}")
         if k.device != q.device:
@@ -216,14 +284,18 @@ class MoCoQueueLoss(nn.Module):
             raise ValueError(f"q is on {q.device} but the queue is on {self.queue.device}; move the module")
         keys_all = all_gather_no_grad(k)
         _check_divides(keys_all.shape[0], self.queue_size, "global batch size")
-        inv_t = 1.0 / self.temperature
-        name = _backend.select(_CONTRASTIVE_OP, q.device, self.backend)
-        scale = torch.tensor(inv_t, dtype=torch.float32, device=q.device)
         # a copy: the backward needs the queue of this batch, which the enqueue below overwrites
         queue = self.queue.detach().to(q.dtype, copy=True)
-        lse_neg = torch.ops.vlfast.lse_soft(q, queue, scale, None, None, 1.0, name)[0]
-        s_pos = (q.float() * k.float()).sum(1) * inv_t
-        loss = (torch.logaddexp(s_pos, lse_neg) - s_pos).mean()
+        if self.fused:
+            inv_t = 1.0 / self.temperature
+            n = q.shape[0]  # <= queue_size, which the global batch divides
+            qf = q.float()
+            lse_neg = (contrastive_loss(q, queue, inv_t, reduction="none", backend=self.backend)
+                       + (qf * queue[:n].float()).sum(1) * inv_t)
+            s_pos = (qf * k.float()).sum(1) * inv_t
+            loss = (torch.logaddexp(s_pos, lse_neg) - s_pos).mean()
+        else:
+            loss = moco_loss_reference(q, k, queue, self.temperature)
         with torch.no_grad():
             _enqueue_(self.queue, self.queue_ptr, keys_all)
         return loss
@@ -252,6 +324,9 @@ class ITCLoss(nn.Module):
 
     After the loss, the momentum features (and ``idx``) -- all-gathered across ranks when
     distributed -- are enqueued at ``queue_ptr``; the global batch must divide ``queue_size``.
+With ``fused=False`` the loss is ALBEF's eager formula
+(:func:`vlfast.reference.albef_itc_reference`, materializing the (N, N + K) similarities, in
+the features' dtype) with the same temperature clamp, gathers, queues and enqueue.
 
     ``gather=False`` (ALBEF / BLIP): the in-batch keys are this rank's momentum features.
     ``gather=True``: they are every rank's (all-gathered, no gradient needed: keys are
@@ -274,22 +349,23 @@ class ITCLoss(nn.Module):
         backend: backend of the contrastive op (``None`` = automatic).
         gather: in-batch keys from every rank of ``group`` (see above); default False.
         group: process group of the gathers (default: the world group).
+        fused: True: :func:`vlfast.ops.contrastive_loss` (0-dim fp32); False: the eager formula.
     """
 
     TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
     def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.07, alpha: float = 0.4,
-                 backend: Optional[str] = None, *, gather: bool = False, group=None):
+                 backend: Optional[str] = None, *, gather: bool = False, group=None, fused: bool = True):
         super().__init__()
-        if not isinstance(gather, bool):
-            raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
-        self.gather = gather
+        self.gather = check.flag("gather", gather)
         self.group = group
-        self.dim = _check_pos_int("dim", dim)
-        self.queue_size = _check_pos_int("queue_size", queue_size)
-        temperature = _check_pos_float("temperature", temperature)
-        self.alpha = _check_alpha(alpha)
+        self.dim = check.positive_int("dim", dim)
+        self.queue_size = check.positive_int("queue_size", queue_size)
+        temperature = check.positive_real("temperature", temperature)
+        self.alpha = check.unit_interval("alpha", alpha)
         self.backend = backend
+        #: False runs ALBEF's eager formula (vlfast.reference); see ``vlfast.models.set_fused``
+        self.fused = check.flag("fused", fused)
         self.temp = nn.Parameter(torch.tensor(temperature, dtype=torch.float32))
         self.register_buffer("image_queue", _random_unit(self.queue_size, self.dim))
         self.register_buffer("text_queue", _random_unit(self.queue_size, self.dim))
@@ -310,7 +386,7 @@ class ITCLoss(nn.Module):
         return new
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, queue_size={self.queue_size}, alpha={self.alpha}"
+        return f"dim={self.dim}, queue_size={self.queue_size}, alpha={self.alpha}, fused={self.fused}"
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
@@ -320,8 +396,8 @@ class ITCLoss(nn.Module):
         ALBEF / BLIP's ``_dequeue_and_enqueue``; without ``idx`` the id slots are reset to -100.
         Raises ``ValueError`` when the gathered B does not divide ``queue_size``.
         """
-        img = all_gather_no_grad(_check_features("image_feat_m", image_feat_m, self.dim), self.group)
-        txt = all_gather_no_grad(_check_features("text_feat_m", text_feat_m, self.dim), self.group)
+        img = all_gather_no_grad(check.features("image_feat_m", image_feat_m, self.dim), self.group)
+        txt = all_gather_no_grad(check.features("text_feat_m", text_feat_m, self.dim), self.group)
         ids = None if idx is None else all_gather_no_grad(idx.reshape(-1).long(), self.group)
         _check_divides(img.shape[0], self.queue_size, "global batch size")
         self._write(img, txt, ids)
@@ -360,12 +436,12 @@ class ITCLoss(nn.Module):
             alpha: distillation weight for this call (default: ``self.alpha``).
             idx: optional (N,) or (N, 1) integer image ids (BLIP retrieval positives).
         """
-        image_feat = _check_features("image_feat", image_feat, self.dim)
+        image_feat = check.features("image_feat", image_feat, self.dim)
         dtype, device = image_feat.dtype, image_feat.device
         n = image_feat.shape[0]
         feats = {}
         for name, t in (("text_feat", text_feat), ("image_feat_m", image_feat_m), ("text_feat_m", text_feat_m)):
-            t = _check_features(name, t, self.dim)
+            t = check.features(name, t, self.dim)
             if t.shape[0] != n:
                 raise ValueError(f"{name} must have N = {n} rows like image_feat, got {t.shape[0]}")
             if t.device != device:
@@ -377,14 +453,29 @@ class ITCLoss(nn.Module):
         if self.image_queue.device != device:
             raise ValueError(f"image_feat is on {device} but the queues are on {self.image_queue.device}; "
                              f"move the module")
-        a = self.alpha if alpha is None else _check_alpha(alpha)
+        a = self.alpha if alpha is None else check.unit_interval("alpha", alpha)
         idx = self._check_idx(idx, n, device)
 
         img_all, txt_all, ids_all, offset = self._gathered_keys(image_feat_m, text_feat_m, idx)
         with torch.no_grad():
             self.temp.clamp_(self.TEMP_MIN, self.TEMP_MAX)
-        logit_scale = 1.0 / self.temp
+        if self.fused:
+            loss = self._fused_loss(image_feat, text_feat, image_feat_m, text_feat_m, a, idx,
+                                    img_all, txt_all, ids_all, offset)
+        else:
+            keys = dict(image_keys_m=img_all, text_keys_m=txt_all, idx_keys=ids_all, offset=offset) \
+                if self.gather else {}
+            loss = albef_itc_reference(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                                       self.text_queue, self.temp, a, idx=idx,
+                                       idx_queue=None if idx is None else self.idx_queue, **keys)
+        with torch.no_grad():
+            self._write(img_all, txt_all, ids_all)
+        return loss
 
+    def _fused_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, a, idx, img_all, txt_all, ids_all,
+                    offset):
+        dtype, device, n = image_feat.dtype, image_feat.device, image_feat.shape[0]
+        logit_scale = 1.0 / self.temp
         if self.gather:
             in_img, in_txt, in_ids = img_all, txt_all, ids_all
         else:
@@ -404,11 +495,7 @@ class ITCLoss(nn.Module):
         t2i = contrastive_loss(text_feat, image_keys, logit_scale, positives=positives,
                                soft_query=text_feat_m.to(dtype) if soft else None,
                                soft_keys=image_keys if soft else None, alpha=a, backend=self.backend)
-        loss = 0.5 * (i2t + t2i)
-
-        with torch.no_grad():
-            self._write(img_all, txt_all, ids_all)
-        return loss
+        return 0.5 * (i2t + t2i)
 
     @torch.no_grad()
     def _gathered_keys(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: Optional[torch.Tensor]):

@@ -5,7 +5,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.masking import _check_ratio, random_masking
+from .._validation import mask_ratio as _check_ratio
+from ..ops.masking import random_masking
 from ..reference.masking import random_masking_reference
 
 

@@ -12,17 +12,17 @@ bottom-right causal masking and dropout whose mask the backward regenerates.
 
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import _backend
+from .. import _validation as check
 from ..reference.attention import attention_keep_mask
 
-OP = "attention"
-_backend.register_op(OP, {"cuda": ("triton", "xformers", "torch"), "cpu": ("torch",)},
-                     native_devices=(), backends=("triton", "torch", "xformers"))
+OP = _backend.register_op("attention", {"cuda": ("triton", "xformers", "torch"), "cpu": ("torch",)},
+                          native_devices=())
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -69,18 +69,22 @@ def _validate(q, k, v, key_padding_mask, attn_bias, causal, dropout_p, scale):
         if attn_bias.dim() > 4 or any(s not in (1, f) for s, f in zip(attn_bias.shape[::-1], full[::-1])):
             raise ValueError(f"attn_bias of shape {tuple(attn_bias.shape)} does not broadcast to "
                              f"(B, H, Nq, Nk) = {full}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+    check.flag("causal", causal)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a positive finite number or None, got {type(scale).__name__}")
+        if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return B, H, Nq, Nk, D
 
 
 # ------------------------------------------------------------------ torch backend
-def _attention_torch(q, k, v, key_padding_mask, bias, causal, dropout_p, scale):
+@OP.implement("torch")
+def _attention_torch(q, k, v, key_padding_mask, bias, causal, dropout_p, scale, seed=0, deterministic=False):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if key_padding_mask is None and bias is None and (not causal or Nq == Nk):
@@ -100,7 +104,8 @@ def _attention_torch(q, k, v, key_padding_mask, bias, causal, dropout_p, scale):
 
 
 # ------------------------------------------------------------------ xformers backend (optional)
-def _attention_xformers(q, k, v, key_padding_mask, bias, causal, dropout_p, scale):
+@OP.implement("xformers")
+def _attention_xformers(q, k, v, key_padding_mask, bias, causal, dropout_p, scale, seed=0, deterministic=False):
     import xformers.ops as xops
     from xformers.ops.fmha import attn_bias as xbias
 
@@ -125,54 +130,50 @@ def _attention_xformers(q, k, v, key_padding_mask, bias, causal, dropout_p, scal
 
 
 # ------------------------------------------------------------------ triton backend (torch.library ops)
-def _kernels():
-    from vlfast.kernels import attention as kernels
-
-    return kernels
+_attention_forward_kernel = _backend.triton_launcher("attention", "attention_forward")
+_attention_backward_kernel = _backend.triton_launcher("attention", "attention_backward")
 
 
-@torch.library.custom_op("vlfast::flash_attention", mutates_args=())
-def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+@torch.library.custom_op("vlfast::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
                deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     B, H, Nq, D = q.shape
     full_bias = None if bias is None else bias.expand(B, H, Nq, k.shape[2])
-    with _backend.device_guard(q.device):
-        return _kernels().attention_forward(q, k, v, key_padding_mask=key_padding_mask, bias=full_bias,
-                                            causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+    return _attention_forward_kernel(q, k, v, key_padding_mask=key_padding_mask, bias=full_bias,
+                                     causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
 
 
-@_flash_fwd.register_fake
+@_attention_op.register_fake
 def _(q, k, v, key_padding_mask, bias, causal, scale, dropout_p, seed, deterministic):
     B, H, Nq, D = q.shape
     return q.new_empty(B, H, Nq, D), q.new_empty(B, H, Nq, dtype=torch.float32)
 
 
-@torch.library.custom_op("vlfast::flash_attention_backward", mutates_args=())
-def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+@torch.library.custom_op("vlfast::attention_backward", mutates_args=())
+def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                causal: bool, scale: float, dropout_p: float, seed: int, bias_grad: bool,
                deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, Nq, D = q.shape
     full_bias = None if bias is None else bias.expand(B, H, Nq, k.shape[2])
     grad_shape = tuple(bias.shape) if (bias is not None and bias_grad) else None
-    with _backend.device_guard(q.device):
-        dq, dk, dv, dbias = _kernels().attention_backward(
-            do, q, k, v, out, lse, key_padding_mask=key_padding_mask, bias=full_bias, causal=causal, scale=scale,
-            dropout_p=dropout_p, seed=seed, bias_grad_shape=grad_shape, deterministic=deterministic)
+    dq, dk, dv, dbias = _attention_backward_kernel(
+        do, q, k, v, out, lse, key_padding_mask=key_padding_mask, bias=full_bias, causal=causal, scale=scale,
+        dropout_p=dropout_p, seed=seed, bias_grad_shape=grad_shape, deterministic=deterministic)
     if dbias is None:
         dbias = q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dbias
 
 
-@_flash_bwd.register_fake
+@_attention_backward_op.register_fake
 def _(do, q, k, v, out, lse, key_padding_mask, bias, causal, scale, dropout_p, seed, bias_grad, deterministic):
     dbias = (bias.new_empty(bias.shape, dtype=torch.float32) if (bias is not None and bias_grad)
              else q.new_empty(0, dtype=torch.float32))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
-def _flash_setup(ctx, inputs, output):
+def _attention_setup(ctx, inputs, output):
     q, k, v, key_padding_mask, bias, causal, scale, dropout_p, seed, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bias)
@@ -180,24 +181,25 @@ def _flash_setup(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _flash_backward(ctx, dout, dlse):
+def _attention_autograd_backward(ctx, dout, dlse):
     q, k, v, out, lse, key_padding_mask, bias = ctx.saved_tensors
     causal, scale, dropout_p, seed, deterministic = ctx.args
     bias_grad = bias is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dbias = torch.ops.vlfast.flash_attention_backward(
+    dq, dk, dv, dbias = torch.ops.vlfast.attention_backward(
         dout.contiguous(), q, k, v, out, lse, key_padding_mask, bias, causal, scale, dropout_p, seed,
         bias_grad, deterministic)
     return dq, dk, dv, None, (dbias.to(ctx.bias_dtype) if bias_grad else None), None, None, None, None, None
 
 
-torch.library.register_autograd("vlfast::flash_attention", _flash_backward, setup_context=_flash_setup)
+torch.library.register_autograd("vlfast::attention", _attention_autograd_backward, setup_context=_attention_setup)
 
 
+@OP.implement("triton")
 def _attention_triton(q, k, v, key_padding_mask, bias, causal, dropout_p, scale, seed, deterministic):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if bias is not None and bias.dim() < 4:
         bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-    return torch.ops.vlfast.flash_attention(q, k, v, key_padding_mask, bias, causal, scale, dropout_p, seed,
+    return torch.ops.vlfast.attention(q, k, v, key_padding_mask, bias, causal, scale, dropout_p, seed,
                                             deterministic)[0]
 
 
@@ -241,13 +243,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_
     B, H, Nq, Nk, D = _validate(q, k, v, key_padding_mask, attn_bias, causal, dropout_p, scale)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    name = _backend.select(OP, q.device, backend)
-    if name == "torch":
-        return _attention_torch(q, k, v, key_padding_mask, attn_bias, causal, dropout_p, scale)
-    if name == "xformers":
-        return _attention_xformers(q, k, v, key_padding_mask, attn_bias, causal, dropout_p, scale)
-    if dropout_p > 0 and dropout_seed is None:
+    name = OP.select(q.device, backend)
+    if name == "triton" and dropout_p > 0 and dropout_seed is None:  # the other backends draw from torch's RNG
         dropout_seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    return _attention_triton(q, k, v, key_padding_mask, attn_bias, causal, dropout_p, scale,
-                             int(dropout_seed or 0), deterministic)
+    return OP.impl(name)(q, k, v, key_padding_mask, attn_bias, causal, dropout_p, scale,
+                         int(dropout_seed or 0), deterministic)

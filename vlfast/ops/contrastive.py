@@ -16,32 +16,31 @@ So ``loss_i = lse_i - (1 - alpha) * sum_j h_ij s_ij - alpha * sum_j t^soft_ij s_
 with exact gradients for query, keys and logit_scale.
 """
 
-import numbers
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _backend
+from .. import _validation as check
 
-OP = "contrastive_loss"
-OP_SIGLIP = "siglip_loss"
 _PREF = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
-_backend.register_op(OP, _PREF, native_devices=(), backends=("triton", "torch"))
-_backend.register_op(OP_SIGLIP, _PREF, native_devices=(), backends=("triton", "torch"))
+OP = _backend.register_op("contrastive_loss", _PREF, native_devices=())
+SIGLIP_OP = _backend.register_op("siglip_rows", _PREF, native_devices=())
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: elements of one (queries x keys) tile of the torch backend (fp32: 16 MiB)
-TORCH_TILE_ELEMS = 1 << 22
+#: Tile of the torch backend: at most ``keys`` keys per tile and ``elems`` (queries x keys)
+#: elements per tile (fp32: 16 MiB).  The Triton tiles are in ``vlfast.kernels.contrastive``.
+TORCH_TILE = {"keys": 4096, "elems": 1 << 22}
 
 
 # ------------------------------------------------------------------ torch (chunked) backend
 def _chunks(Nq: int, Nk: int):
-    ck = min(Nk, 4096)
-    cq = max(1, min(Nq, TORCH_TILE_ELEMS // max(ck, 1)))
+    ck = min(Nk, TORCH_TILE["keys"])
+    cq = max(1, min(Nq, TORCH_TILE["elems"] // max(ck, 1)))
     return cq, ck
 
 
-def _lse_soft_forward_torch(q, k, scale, sq=None, sk=None, soft_scale=1.0):
+@OP.implement("torch", "forward")
+def _contrastive_loss_lse_forward_torch(q, k, scale, sq=None, sk=None, soft_scale=1.0):
     Nq, Nk = q.shape[0], k.shape[0]
     cq, ck = _chunks(Nq, Nk)
     soft = sq is not None
@@ -75,8 +74,9 @@ def _lse_soft_forward_torch(q, k, scale, sq=None, sk=None, soft_scale=1.0):
     return lse, soft_dot, soft_lse
 
 
-def _lse_soft_backward_torch(q, k, scale, lse, g_lse, sq=None, sk=None, soft_scale=1.0, soft_lse=None,
-                             g_soft=None):
+@OP.implement("torch", "backward")
+def _contrastive_loss_lse_backward_torch(q, k, scale, lse, g_lse, sq=None, sk=None, soft_scale=1.0, soft_lse=None,
+                                         g_soft=None):
     Nq, Nk = q.shape[0], k.shape[0]
     cq, ck = _chunks(Nq, Nk)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -103,7 +103,8 @@ def _lse_soft_backward_torch(q, k, scale, lse, g_lse, sq=None, sk=None, soft_sca
     return (dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dscale
 
 
-def _siglip_forward_torch(x, y, scale, bias, pos_offset=0):
+@SIGLIP_OP.implement("torch", "forward")
+def _siglip_rows_forward_torch(x, y, scale, bias, pos_offset=0):
     Nx, Ny = x.shape[0], y.shape[0]
     cq, ck = _chunks(Nx, Ny)
     rows = torch.zeros(Nx, dtype=torch.float32, device=x.device)
@@ -122,7 +123,8 @@ def _siglip_signs(i0, ni, j0, nj, pos_offset, device):
     return torch.where(j == i + pos_offset, 1.0, -1.0)
 
 
-def _siglip_backward_torch(x, y, scale, bias, g_row, pos_offset=0):
+@SIGLIP_OP.implement("torch", "backward")
+def _siglip_rows_backward_torch(x, y, scale, bias, g_row, pos_offset=0):
     Nx, Ny = x.shape[0], y.shape[0]
     cq, ck = _chunks(Nx, Ny)
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -144,56 +146,46 @@ def _siglip_backward_torch(x, y, scale, bias, g_row, pos_offset=0):
     return (dx * scale).to(x.dtype), (dy * scale).to(y.dtype), dscale, dbias
 
 
-def _kernels():
-    from vlfast.kernels import contrastive
-
-    return contrastive
-
-
-def _impl(backend, name):
-    if backend == "torch":
-        return globals()[f"_{name}_torch"]
-    if backend == "triton":
-        return getattr(_kernels(), name)
-    raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+OP.implement("triton", "forward")(_backend.triton_launcher("contrastive", "contrastive_loss_lse_forward"))
+OP.implement("triton", "backward")(_backend.triton_launcher("contrastive", "contrastive_loss_lse_backward"))
+SIGLIP_OP.implement("triton", "forward")(_backend.triton_launcher("contrastive", "siglip_rows_forward"))
+SIGLIP_OP.implement("triton", "backward")(_backend.triton_launcher("contrastive", "siglip_rows_backward"))
 
 
 # ------------------------------------------------------------------ torch.library ops
-@torch.library.custom_op("vlfast::lse_soft", mutates_args=())
-def _lse_soft_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, sq: Optional[torch.Tensor],
+@torch.library.custom_op("vlfast::contrastive_loss_lse", mutates_args=())
+def _contrastive_loss_lse_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, sq: Optional[torch.Tensor],
                  sk: Optional[torch.Tensor], soft_scale: float,
                  backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _backend.device_guard(q.device):
-        lse, soft_dot, soft_lse = _impl(backend, "lse_soft_forward")(q, k, float(scale), sq, sk, soft_scale)
+    lse, soft_dot, soft_lse = OP.impl(backend, "forward")(q, k, float(scale), sq, sk, soft_scale)
     if soft_dot is None:
         soft_dot, soft_lse = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     return lse, soft_dot, soft_lse
 
 
-@_lse_soft_op.register_fake
+@_contrastive_loss_lse_op.register_fake
 def _(q, k, scale, sq, sk, soft_scale, backend):
     n = q.shape[0] if sq is not None else 0
     f = dict(dtype=torch.float32)
     return q.new_empty(q.shape[0], **f), q.new_empty(n, **f), q.new_empty(n, **f)
 
 
-@torch.library.custom_op("vlfast::lse_soft_backward", mutates_args=())
-def _lse_soft_bwd_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor, g_lse: torch.Tensor,
+@torch.library.custom_op("vlfast::contrastive_loss_lse_backward", mutates_args=())
+def _contrastive_loss_lse_backward_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor, g_lse: torch.Tensor,
                      sq: Optional[torch.Tensor], sk: Optional[torch.Tensor], soft_scale: float,
                      soft_lse: Optional[torch.Tensor], g_soft: Optional[torch.Tensor],
                      backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _backend.device_guard(q.device):
-        dq, dk, dscale = _impl(backend, "lse_soft_backward")(q, k, float(scale), lse, g_lse, sq, sk, soft_scale,
-                                                             soft_lse, g_soft)
+    dq, dk, dscale = OP.impl(backend, "backward")(q, k, float(scale), lse, g_lse, sq, sk, soft_scale,
+                                                  soft_lse, g_soft)
     return dq, dk, dscale.clone()  # a custom op's outputs must not alias (kernels may return views)
 
 
-@_lse_soft_bwd_op.register_fake
+@_contrastive_loss_lse_backward_op.register_fake
 def _(q, k, scale, lse, g_lse, sq, sk, soft_scale, soft_lse, g_soft, backend):
     return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=torch.float32)
 
 
-def _lse_soft_setup(ctx, inputs, output):
+def _contrastive_loss_lse_setup(ctx, inputs, output):
     q, k, scale, sq, sk, soft_scale, backend = inputs
     lse, soft_dot, soft_lse = output
     ctx.save_for_backward(q, k, scale, lse, sq, sk, soft_lse)
@@ -201,26 +193,25 @@ def _lse_soft_setup(ctx, inputs, output):
     ctx.soft = sq is not None
 
 
-def _lse_soft_backward(ctx, g_lse, g_soft, _g_soft_lse):
+def _contrastive_loss_lse_autograd_backward(ctx, g_lse, g_soft, _g_soft_lse):
     q, k, scale, lse, sq, sk, soft_lse = ctx.saved_tensors
     g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.float().contiguous()
     if ctx.soft and g_soft is not None:
         g_soft = g_soft.float().contiguous()
     else:
         g_soft = None
-    dq, dk, dscale = torch.ops.vlfast.lse_soft_backward(
+    dq, dk, dscale = torch.ops.vlfast.contrastive_loss_lse_backward(
         q, k, scale, lse, g_lse, sq, sk, ctx.soft_scale, soft_lse if ctx.soft else None, g_soft, ctx.backend)
     return dq, dk, dscale.to(scale.dtype).reshape(scale.shape), None, None, None, None
 
 
-torch.library.register_autograd("vlfast::lse_soft", _lse_soft_backward, setup_context=_lse_soft_setup)
+torch.library.register_autograd("vlfast::contrastive_loss_lse", _contrastive_loss_lse_autograd_backward, setup_context=_contrastive_loss_lse_setup)
 
 
 @torch.library.custom_op("vlfast::siglip_rows", mutates_args=())
 def _siglip_rows_op(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, pos_offset: int,
                     backend: str) -> torch.Tensor:
-    with _backend.device_guard(x.device):
-        return _impl(backend, "siglip_forward")(x, y, float(scale), float(bias), pos_offset)
+    return SIGLIP_OP.impl(backend, "forward")(x, y, float(scale), float(bias), pos_offset)
 
 
 @_siglip_rows_op.register_fake
@@ -229,15 +220,14 @@ def _(x, y, scale, bias, pos_offset, backend):
 
 
 @torch.library.custom_op("vlfast::siglip_rows_backward", mutates_args=())
-def _siglip_rows_bwd_op(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+def _siglip_rows_backward_op(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                         g_row: torch.Tensor, pos_offset: int,
                         backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _backend.device_guard(x.device):
-        dx, dy, dscale, dbias = _impl(backend, "siglip_backward")(x, y, float(scale), float(bias), g_row, pos_offset)
+    dx, dy, dscale, dbias = SIGLIP_OP.impl(backend, "backward")(x, y, float(scale), float(bias), g_row, pos_offset)
     return dx, dy, dscale.clone(), dbias.clone()  # outputs must not alias (kernels may return views)
 
 
-@_siglip_rows_bwd_op.register_fake
+@_siglip_rows_backward_op.register_fake
 def _(x, y, scale, bias, g_row, pos_offset, backend):
     z = x.new_empty((), dtype=torch.float32)
     return torch.empty_like(x), torch.empty_like(y), z, z.clone()
@@ -249,52 +239,14 @@ def _siglip_setup(ctx, inputs, output):
     ctx.pos_offset, ctx.backend = pos_offset, backend
 
 
-def _siglip_backward(ctx, g_row):
+def _siglip_rows_autograd_backward(ctx, g_row):
     x, y, scale, bias = ctx.saved_tensors
     dx, dy, dscale, dbias = torch.ops.vlfast.siglip_rows_backward(
         x, y, scale, bias, g_row.float().contiguous(), ctx.pos_offset, ctx.backend)
     return dx, dy, dscale.to(scale.dtype).reshape(scale.shape), dbias.to(bias.dtype).reshape(bias.shape), None, None
 
 
-torch.library.register_autograd("vlfast::siglip_rows", _siglip_backward, setup_context=_siglip_setup)
-
-
-# ------------------------------------------------------------------ validation helpers
-def _check_features(name, t, D=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must have shape (N, D), got {tuple(t.shape)}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if D is not None and t.shape[1] != D:
-        raise ValueError(f"{name} has feature dim {t.shape[1]}, expected D = {D}")
-    if t.shape[0] < 1:
-        raise ValueError(f"{name} must have at least one row")
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _scalar(name, v, device, allow_negative=True):
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1 or not v.is_floating_point():
-            raise TypeError(f"{name} must be a float or a one-element floating tensor, got {tuple(v.shape)} {v.dtype}")
-        if v.device != device:
-            raise ValueError(f"{name} is on {v.device} but the features are on {device}")
-        return v.reshape(())
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a float or a one-element floating tensor, got {type(v).__name__}")
-    if not allow_negative and v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return torch.tensor(float(v), dtype=torch.float32, device=device)
-
-
-def _check_unit(name, v, hi_open=False):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
-    ok = 0.0 <= v < 1.0 if hi_open else 0.0 <= v <= 1.0
-    if not ok:
-        raise ValueError(f"{name} must be in [0, 1{')' if hi_open else ']'}, got {v}")
-    return float(v)
+torch.library.register_autograd("vlfast::siglip_rows", _siglip_rows_autograd_backward, setup_context=_siglip_setup)
 
 
 def _reduce(loss, reduction):
@@ -377,25 +329,25 @@ def contrastive_loss(query: torch.Tensor, keys: torch.Tensor, logit_scale, *, po
 
     Memory is O((Nq + Nk) D) plus one tile on every backend.  Returns an fp32 loss.
     """
-    query = _check_features("query", query)
+    query = check.features("query", query)
     D = query.shape[1]
-    keys = _check_features("keys", keys, D)
+    keys = check.features("keys", keys, D)
     if keys.dtype != query.dtype:
         raise TypeError(f"query and keys must have one dtype, got {query.dtype} and {keys.dtype}")
     if keys.device != query.device:
         raise ValueError(f"keys is on {keys.device} but query is on {query.device}")
     Nq, Nk = query.shape[0], keys.shape[0]
-    tau = _scalar("logit_scale", logit_scale, query.device)
-    alpha = _check_unit("alpha", alpha)
-    eps = _check_unit("label_smoothing", label_smoothing, hi_open=True)
+    tau = check.scalar_tensor("logit_scale", logit_scale, query.device)
+    alpha = check.unit_interval("alpha", alpha)
+    eps = check.unit_interval("label_smoothing", label_smoothing, hi_open=True)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if (soft_query is None) != (soft_keys is None):
         raise ValueError("soft_query and soft_keys must be given together")
     soft = soft_query is not None
     if soft:
-        soft_query = _check_features("soft_query", soft_query).detach()
-        soft_keys = _check_features("soft_keys", soft_keys, soft_query.shape[1]).detach()
+        soft_query = check.features("soft_query", soft_query).detach()
+        soft_keys = check.features("soft_keys", soft_keys, soft_query.shape[1]).detach()
         if soft_query.shape[0] != Nq or soft_keys.shape[0] != Nk:
             raise ValueError(f"soft_query and soft_keys must have Nq={Nq} and Nk={Nk} rows, got "
                              f"{soft_query.shape[0]} and {soft_keys.shape[0]}")
@@ -403,9 +355,9 @@ def contrastive_loss(query: torch.Tensor, keys: torch.Tensor, logit_scale, *, po
             raise TypeError("soft_query and soft_keys must have one dtype")
     elif alpha > 0:
         raise ValueError("alpha > 0 needs soft_query and soft_keys")
-    name = _backend.select(OP, query.device, backend)
+    name = OP.select(query.device, backend)
     kpos = _positive_keys(keys.float(), positives, Nq, Nk)
-    lse, soft_dot, _ = torch.ops.vlfast.lse_soft(query, keys, tau, soft_query, soft_keys,
+    lse, soft_dot, _ = torch.ops.vlfast.contrastive_loss_lse(query, keys, tau, soft_query, soft_keys,
                                                  float(tau.detach()) if soft else 1.0, name)
     qf = query.float()
     hard = (qf * ((1.0 - eps) * kpos + (eps / Nk) * keys.float().sum(0))).sum(1) * tau
@@ -422,13 +374,13 @@ def siglip_rows(x: torch.Tensor, y: torch.Tensor, logit_scale, logit_bias, *, po
 
     The tile-wise primitive of :func:`siglip_loss` (fp32 (Nx,)); memory O((Nx + Ny) D).
     """
-    x = _check_features("image_features", x)
-    y = _check_features("text_features", y, x.shape[1])
+    x = check.features("image_features", x)
+    y = check.features("text_features", y, x.shape[1])
     if x.dtype != y.dtype:
         raise TypeError(f"image and text features must have one dtype, got {x.dtype} and {y.dtype}")
     if y.device != x.device:
         raise ValueError(f"text_features is on {y.device} but image_features is on {x.device}")
-    scale = _scalar("logit_scale", logit_scale, x.device)
-    bias = _scalar("logit_bias", logit_bias, x.device)
-    name = _backend.select(OP_SIGLIP, x.device, backend)
+    scale = check.scalar_tensor("logit_scale", logit_scale, x.device)
+    bias = check.scalar_tensor("logit_bias", logit_bias, x.device)
+    name = SIGLIP_OP.select(x.device, backend)
     return torch.ops.vlfast.siglip_rows(x, y, scale, bias, int(pos_offset), name)

@@ -14,15 +14,16 @@ from typing import Optional
 
 import torch
 
-from ..distributed.gather import all_gather_with_grad, world_info
-from .contrastive import _check_features, _scalar, contrastive_loss, siglip_rows
+from ..comm import all_gather_with_grad, world_info
+from .. import _validation as check
+from .contrastive import contrastive_loss, siglip_rows
 
 __all__ = ["clip_loss", "siglip_loss"]
 
 
 def _check_pair(image_features, text_features):
-    image_features = _check_features("image_features", image_features)
-    text_features = _check_features("text_features", text_features, image_features.shape[1])
+    image_features = check.features("image_features", image_features)
+    text_features = check.features("text_features", text_features, image_features.shape[1])
     if text_features.shape[0] != image_features.shape[0]:
         raise ValueError(f"text_features must have as many rows as image_features (one caption per image), got "
                          f"{text_features.shape[0]} and {image_features.shape[0]}")
@@ -33,11 +34,6 @@ def _check_pair(image_features, text_features):
         raise ValueError(f"text_features is on {text_features.device} but image_features is on "
                          f"{image_features.device}")
     return image_features, text_features
-
-
-def _check_gather(gather):
-    if not isinstance(gather, bool):
-        raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, gather: bool = True,
@@ -73,8 +69,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         0-dim fp32 loss.
     """
     image_features, text_features = _check_pair(image_features, text_features)
-    _check_gather(gather)
-    tau = _scalar("logit_scale", logit_scale, image_features.device)
+    check.flag("gather", gather)
+    tau = check.scalar_tensor("logit_scale", logit_scale, image_features.device)
     rank, world = world_info(group) if gather else (0, 1)
     if world == 1:
         i2t = contrastive_loss(image_features, text_features, tau, backend=backend)
@@ -119,9 +115,9 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         0-dim fp32 loss.
     """
     image_features, text_features = _check_pair(image_features, text_features)
-    _check_gather(gather)
-    scale = _scalar("logit_scale", logit_scale, image_features.device)
-    bias = _scalar("logit_bias", logit_bias, image_features.device)
+    check.flag("gather", gather)
+    scale = check.scalar_tensor("logit_scale", logit_scale, image_features.device)
+    bias = check.scalar_tensor("logit_bias", logit_bias, image_features.device)
     rank, world = world_info(group) if gather else (0, 1)
     n = image_features.shape[0]
     if world > 1:

@@ -8,53 +8,23 @@ allocates temporaries per tensor; with a bf16 average, small updates round to
 zero.  This op updates a whole list in one pass over memory, in fp32.
 """
 
-import numbers
 from collections import defaultdict
 from typing import List, Sequence, Tuple
 
 import torch
 
 from .. import _backend
+from .. import _validation as check
 from .._native import DTYPE_CODES
 
-OP = "ema_update_"
-_backend.register_op(OP, {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")})
+OP = _backend.register_op("ema_update_", {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")})
 
 _FLOAT_DTYPES = tuple(DTYPE_CODES)
 
 
-def _as_tensor_list(name: str, seq) -> List[torch.Tensor]:
-    if isinstance(seq, torch.Tensor):
-        raise TypeError(f"{name} must be a sequence of tensors, got a single Tensor; wrap it in a list")
-    try:
-        out = list(seq)
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of tensors, got {type(seq).__name__}") from None
-    for i, t in enumerate(out):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name}[{i}] must be a floating tensor of dtype float32, float16, bfloat16 "
-                            f"or float64, got {t.dtype}")
-    return out
-
-
-def _check_decay(decay) -> float:
-    if isinstance(decay, torch.Tensor):
-        if decay.numel() != 1:
-            raise ValueError(f"decay must be a number or a one-element tensor, got shape {tuple(decay.shape)}")
-        decay = decay.item()
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
-        raise TypeError(f"decay must be a real number, got {type(decay).__name__}")
-    decay = float(decay)
-    if not 0.0 <= decay <= 1.0:  # also rejects nan
-        raise ValueError(f"decay must be in [0, 1], got {decay}")
-    return decay
-
-
 def _validate(ema, params, decay) -> Tuple[List[torch.Tensor], List[torch.Tensor], float]:
-    ema = _as_tensor_list("ema", ema)
-    params = _as_tensor_list("params", params)
+    ema = check.tensor_list("ema", ema, _FLOAT_DTYPES)
+    params = check.tensor_list("params", params, _FLOAT_DTYPES)
     if len(ema) != len(params):
         raise ValueError(f"ema and params must have the same length, got {len(ema)} and {len(params)}")
     for i, (e, p) in enumerate(zip(ema, params)):
@@ -62,7 +32,7 @@ def _validate(ema, params, decay) -> Tuple[List[torch.Tensor], List[torch.Tensor
             raise ValueError(f"ema[{i}] has shape {tuple(e.shape)} but params[{i}] has shape {tuple(p.shape)}")
         if e.device != p.device:
             raise ValueError(f"ema[{i}] is on {e.device} but params[{i}] is on {p.device}")
-    return ema, params, _check_decay(decay)
+    return ema, params, check.decay(decay)
 
 
 def ema_update_(ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float, *,
@@ -126,7 +96,7 @@ def ema_update_(ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], dec
                 raise RuntimeError(f"ema[{i}] is an inference tensor: in-place updates of inference tensors "
                                    "are only allowed inside torch.inference_mode()")
     for device, idx in by_device.items():
-        name = _backend.select(OP, device, backend)
+        name = OP.select(device, backend)
         e_list = ema if len(by_device) == 1 else [ema[i] for i in idx]
         p_list = params if len(by_device) == 1 else [params[i] for i in idx]
         if direct:
@@ -189,15 +159,17 @@ def _grouped(ema, params):
     return groups
 
 
-def _run_triton(ema, params, decay):
-    from vlfast.kernels.ema import ema_update_multi_tensor
-
-    with _backend.device_guard(ema[0].device):
-        for es, ps in _grouped(ema, params).values():
-            ema_update_multi_tensor(es, ps, decay)
+_ema_update_kernel = _backend.triton_launcher("ema", "ema_update_")
 
 
-def _run_native(ema, params, decay):
+@OP.implement("triton")
+def _ema_update_triton(ema, params, decay):
+    for es, ps in _grouped(ema, params).values():
+        _ema_update_kernel(es, ps, decay)
+
+
+@OP.implement("native")
+def _ema_update_native(ema, params, decay):
     from .. import _native
 
     C = _native.require()
@@ -212,7 +184,8 @@ def _run_native(ema, params, decay):
         C.ema_update_cpu(*args)
 
 
-def _run_torch(ema, params, decay):
+@OP.implement("torch")
+def _ema_update_torch(ema, params, decay):
     weight = 1.0 - decay
     for (ed, pd), (es, ps) in _grouped(ema, params).items():
         compute = torch.promote_types(torch.promote_types(ed, pd), torch.float32)
@@ -225,15 +198,10 @@ def _run_torch(ema, params, decay):
             torch._foreach_copy_(es, tmp)
 
 
-_IMPLS = {"triton": _run_triton, "native": _run_native, "torch": _run_torch}
-
-
 def _ema_update_impl(ema, params, decay, backend):
-    if backend not in _IMPLS:
-        raise ValueError(f"backend must be one of {tuple(_IMPLS)}, got {backend!r}")
     work_e, work_p, writeback = _stage(ema, params)
     if work_e:
-        _IMPLS[backend](work_e, work_p, decay)
+        OP.impl(backend)(work_e, work_p, decay)
     for e, ec in writeback:
         e.copy_(ec)
 

@@ -10,25 +10,25 @@ tokens once with the positional add fused.  The decoder step is one kernel
 writing each output row once.
 """
 
-import numbers
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _backend
+from .. import _validation as check
 from .._native import DTYPE_CODES
 
-OP_MASK = "random_masking"
-OP_UNSHUFFLE = "unshuffle_tokens"
 _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("native", "torch")}
-_backend.register_op(OP_MASK, _PREFERENCE, native_devices=("cpu",))
-_backend.register_op(OP_UNSHUFFLE, _PREFERENCE, native_devices=("cpu",))
+#: random_masking has two parts: "rank" (selection: ids_restore, ids_keep, mask) and "gather"
+OP = _backend.register_op("random_masking", _PREFERENCE, native_devices=("cpu",))
+UNSHUFFLE_OP = _backend.register_op("unshuffle_tokens", _PREFERENCE, native_devices=("cpu",))
 
 _FLOAT_DTYPES = tuple(DTYPE_CODES)
 
 
 # ------------------------------------------------------------------ backend implementations
-def _rank_torch(keys, len_keep, mask_dtype):
+@OP.implement("torch", "rank")
+def _random_masking_rank_torch(keys, len_keep, mask_dtype):
     ids_shuffle = torch.argsort(keys, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep].contiguous()
@@ -36,7 +36,8 @@ def _rank_torch(keys, len_keep, mask_dtype):
     return ids_restore, ids_keep, mask
 
 
-def _gather_torch(src, idx, pos):
+@OP.implement("torch", "gather")
+def _random_masking_gather_torch(src, idx, pos):
     B, L, D = src.shape
     out = torch.gather(src, 1, idx.unsqueeze(-1).expand(-1, -1, D))
     if pos is None:
@@ -45,7 +46,8 @@ def _gather_torch(src, idx, pos):
     return (out.to(compute) + pos[idx].to(compute)).to(src.dtype)
 
 
-def _unshuffle_torch(src, ids_restore, fill):
+@UNSHUFFLE_OP.implement("torch")
+def _unshuffle_tokens_torch(src, ids_restore, fill):
     B, K, D = src.shape
     L = ids_restore.shape[1]
     fill = src.new_zeros(D) if fill is None else fill
@@ -53,7 +55,8 @@ def _unshuffle_torch(src, ids_restore, fill):
     return torch.gather(full, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
 
 
-def _rank_native(keys, len_keep, mask_dtype):
+@OP.implement("native", "rank")
+def _random_masking_rank_native(keys, len_keep, mask_dtype):
     from .. import _native
 
     C = _native.require()
@@ -62,12 +65,13 @@ def _rank_native(keys, len_keep, mask_dtype):
     ids_restore = torch.empty(B, L, dtype=torch.int64)
     ids_keep = torch.empty(B, len_keep, dtype=torch.int64)
     mask = torch.empty(B, L, dtype=mask_dtype)
-    C.mask_rank_cpu(keys.data_ptr(), DTYPE_CODES[keys.dtype], B, L, len_keep, ids_restore.data_ptr(),
+    C.random_masking_rank_cpu(keys.data_ptr(), DTYPE_CODES[keys.dtype], B, L, len_keep, ids_restore.data_ptr(),
                     ids_keep.data_ptr(), mask.data_ptr(), DTYPE_CODES[mask_dtype])
     return ids_restore, ids_keep, mask
 
 
-def _gather_native(src, idx, pos):
+@OP.implement("native", "gather")
+def _random_masking_gather_native(src, idx, pos):
     from .. import _native
 
     C = _native.require()
@@ -76,12 +80,13 @@ def _gather_native(src, idx, pos):
     idx = idx.contiguous()
     out = torch.empty(B, K, D, dtype=src.dtype)
     pos_addr, pos_strides = (pos.data_ptr(), pos.stride()) if pos is not None else (0, (0, 0))
-    C.gather_rows_cpu(src.data_ptr(), DTYPE_CODES[src.dtype], B, L, D, *src.stride(), idx.data_ptr(), K,
+    C.random_masking_gather_cpu(src.data_ptr(), DTYPE_CODES[src.dtype], B, L, D, *src.stride(), idx.data_ptr(), K,
                       pos_addr, *pos_strides, out.data_ptr())
     return out
 
 
-def _unshuffle_native(src, ids_restore, fill):
+@UNSHUFFLE_OP.implement("native")
+def _unshuffle_tokens_native(src, ids_restore, fill):
     from .. import _native
 
     C = _native.require()
@@ -90,24 +95,14 @@ def _unshuffle_native(src, ids_restore, fill):
     ids_restore = ids_restore.contiguous()
     out = torch.empty(B, L, D, dtype=src.dtype)
     fill_addr, fill_stride = (fill.data_ptr(), fill.stride(0)) if fill is not None else (0, 0)
-    C.unshuffle_rows_cpu(src.data_ptr(), DTYPE_CODES[src.dtype], B, K, D, *src.stride(), ids_restore.data_ptr(),
+    C.unshuffle_tokens_cpu(src.data_ptr(), DTYPE_CODES[src.dtype], B, K, D, *src.stride(), ids_restore.data_ptr(),
                          L, fill_addr, fill_stride, out.data_ptr())
     return out
 
 
-def _triton(name):
-    def run(*args):
-        from vlfast.kernels import masking
-
-        with _backend.device_guard(args[0].device):
-            return getattr(masking, name)(*args)
-
-    return run
-
-
-_RANK = {"torch": _rank_torch, "native": _rank_native, "triton": _triton("mask_rank")}
-_GATHER = {"torch": _gather_torch, "native": _gather_native, "triton": _triton("gather_rows")}
-_UNSHUFFLE = {"torch": _unshuffle_torch, "native": _unshuffle_native, "triton": _triton("unshuffle_rows")}
+OP.implement("triton", "rank")(_backend.triton_launcher("masking", "random_masking_rank"))
+OP.implement("triton", "gather")(_backend.triton_launcher("masking", "random_masking_gather"))
+UNSHUFFLE_OP.implement("triton")(_backend.triton_launcher("masking", "unshuffle_tokens"))
 
 
 def _inverse_keep(ids_restore: torch.Tensor, K: int) -> torch.Tensor:
@@ -120,31 +115,31 @@ def _inverse_keep(ids_restore: torch.Tensor, K: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ torch.library ops
-@torch.library.custom_op("vlfast::mask_rank", mutates_args=())
-def _mask_rank_op(keys: torch.Tensor, len_keep: int, mask_dtype: torch.dtype,
+@torch.library.custom_op("vlfast::random_masking_rank", mutates_args=())
+def _random_masking_rank_op(keys: torch.Tensor, len_keep: int, mask_dtype: torch.dtype,
                   backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _RANK[backend](keys, len_keep, mask_dtype)
+    return OP.impl(backend, "rank")(keys, len_keep, mask_dtype)
 
 
-@_mask_rank_op.register_fake
+@_random_masking_rank_op.register_fake
 def _(keys, len_keep, mask_dtype, backend):
     B, L = keys.shape
     return (keys.new_empty(B, L, dtype=torch.int64), keys.new_empty(B, len_keep, dtype=torch.int64),
             keys.new_empty(B, L, dtype=mask_dtype))
 
 
-@torch.library.custom_op("vlfast::masked_gather", mutates_args=())
-def _masked_gather_op(src: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor,
+@torch.library.custom_op("vlfast::random_masking_gather", mutates_args=())
+def _random_masking_gather_op(src: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor,
                       pos: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    return _GATHER[backend](src, ids_keep, pos)
+    return OP.impl(backend, "gather")(src, ids_keep, pos)
 
 
-@_masked_gather_op.register_fake
+@_random_masking_gather_op.register_fake
 def _(src, ids_keep, ids_restore, pos, backend):
     return src.new_empty(src.shape[0], ids_keep.shape[1], src.shape[2])
 
 
-def _masked_gather_setup(ctx, inputs, output):
+def _random_masking_gather_setup(ctx, inputs, output):
     src, ids_keep, ids_restore, pos, backend = inputs
     ctx.save_for_backward(ids_restore)
     ctx.backend = backend
@@ -152,30 +147,30 @@ def _masked_gather_setup(ctx, inputs, output):
     ctx.pos_dtype = None if pos is None else pos.dtype
 
 
-def _masked_gather_backward(ctx, grad):
+def _random_masking_gather_backward(ctx, grad):
     (ids_restore,) = ctx.saved_tensors
-    grad_src = torch.ops.vlfast.unshuffle_rows(grad.contiguous(), ids_restore, None, ctx.backend)
+    grad_src = torch.ops.vlfast.unshuffle_tokens(grad.contiguous(), ids_restore, None, ctx.backend)
     grad_pos = None
     if ctx.pos_shape is not None and ctx.needs_input_grad[3]:
         grad_pos = grad_src.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(ctx.pos_dtype)
     return grad_src, None, None, grad_pos, None
 
 
-torch.library.register_autograd("vlfast::masked_gather", _masked_gather_backward, setup_context=_masked_gather_setup)
+torch.library.register_autograd("vlfast::random_masking_gather", _random_masking_gather_backward, setup_context=_random_masking_gather_setup)
 
 
-@torch.library.custom_op("vlfast::unshuffle_rows", mutates_args=())
-def _unshuffle_rows_op(src: torch.Tensor, ids_restore: torch.Tensor, fill: Optional[torch.Tensor],
+@torch.library.custom_op("vlfast::unshuffle_tokens", mutates_args=())
+def _unshuffle_tokens_op(src: torch.Tensor, ids_restore: torch.Tensor, fill: Optional[torch.Tensor],
                        backend: str) -> torch.Tensor:
-    return _UNSHUFFLE[backend](src, ids_restore, fill)
+    return UNSHUFFLE_OP.impl(backend)(src, ids_restore, fill)
 
 
-@_unshuffle_rows_op.register_fake
+@_unshuffle_tokens_op.register_fake
 def _(src, ids_restore, fill, backend):
     return src.new_empty(src.shape[0], ids_restore.shape[1], src.shape[2])
 
 
-def _unshuffle_setup(ctx, inputs, output):
+def _unshuffle_tokens_setup(ctx, inputs, output):
     src, ids_restore, fill, backend = inputs
     ctx.save_for_backward(ids_restore)
     ctx.K = src.shape[1]
@@ -183,13 +178,13 @@ def _unshuffle_setup(ctx, inputs, output):
     ctx.fill_dtype = None if fill is None else fill.dtype
 
 
-def _unshuffle_backward(ctx, grad):
+def _unshuffle_tokens_backward(ctx, grad):
     (ids_restore,) = ctx.saved_tensors
     grad = grad.contiguous()
     grad_src = grad_fill = None
     if ctx.needs_input_grad[0]:
         ids_keep = _inverse_keep(ids_restore, ctx.K)
-        grad_src = torch.ops.vlfast.masked_gather(grad, ids_keep, ids_restore, None, ctx.backend)
+        grad_src = torch.ops.vlfast.random_masking_gather(grad, ids_keep, ids_restore, None, ctx.backend)
     if ctx.fill_dtype is not None and ctx.needs_input_grad[2]:
         removed = (ids_restore >= ctx.K).unsqueeze(-1)
         acc = torch.promote_types(grad.dtype, torch.float32)
@@ -197,7 +192,7 @@ def _unshuffle_backward(ctx, grad):
     return grad_src, None, grad_fill, None
 
 
-torch.library.register_autograd("vlfast::unshuffle_rows", _unshuffle_backward, setup_context=_unshuffle_setup)
+torch.library.register_autograd("vlfast::unshuffle_tokens", _unshuffle_tokens_backward, setup_context=_unshuffle_tokens_setup)
 
 
 # ------------------------------------------------------------------ validation
@@ -208,14 +203,6 @@ def _check_x(name, x, ndim):
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-
-
-def _check_ratio(mask_ratio) -> float:
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
-        raise TypeError(f"mask_ratio must be a real number, got {type(mask_ratio).__name__}")
-    if not 0.0 <= float(mask_ratio) < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    return float(mask_ratio)
 
 
 def _same_device(name, t, x):
@@ -278,14 +265,14 @@ def random_masking(x: torch.Tensor, mask_ratio: Optional[float] = None, *, noise
             raise ValueError(f"mask must remove the same number of tokens in every row, got counts "
                              f"from {int(counts.min())} to {int(counts.max())}")
         len_keep = L - removed
-        if mask_ratio is not None and int(L * (1 - _check_ratio(mask_ratio))) != len_keep:
+        if mask_ratio is not None and int(L * (1 - check.mask_ratio(mask_ratio))) != len_keep:
             raise ValueError(f"mask keeps {len_keep} of {L} tokens but mask_ratio={mask_ratio} keeps "
                              f"{int(L * (1 - mask_ratio))}")
         keys = mask.to(torch.float32)  # stable order: kept (0) first, then removed (1), by position
     else:
         if mask_ratio is None:
             raise ValueError("mask_ratio is required unless a precomputed mask is given")
-        len_keep = int(L * (1 - _check_ratio(mask_ratio)))
+        len_keep = int(L * (1 - check.mask_ratio(mask_ratio)))
         if noise is not None:
             if generator is not None:
                 raise ValueError("pass either noise or generator, not both")
@@ -309,9 +296,9 @@ def random_masking(x: torch.Tensor, mask_ratio: Optional[float] = None, *, noise
         pos = pos_embed.reshape(L, D).to(x.dtype)
     if keys.dtype not in _FLOAT_DTYPES:
         keys = keys.float()
-    name = _backend.select(OP_MASK, x.device, backend)
-    ids_restore, ids_keep, mask_out = torch.ops.vlfast.mask_rank(keys, len_keep, x.dtype, name)
-    x_kept = torch.ops.vlfast.masked_gather(x, ids_keep, ids_restore, pos, name)
+    name = OP.select(x.device, backend)
+    ids_restore, ids_keep, mask_out = torch.ops.vlfast.random_masking_rank(keys, len_keep, x.dtype, name)
+    x_kept = torch.ops.vlfast.random_masking_gather(x, ids_keep, ids_restore, pos, name)
     return x_kept, mask_out, ids_restore
 
 
@@ -359,6 +346,6 @@ def unshuffle_tokens(x_kept: torch.Tensor, ids_restore: torch.Tensor, mask_token
         lo, hi = torch.aminmax(ids_restore)
         if int(lo) < 0 or int(hi) >= L:
             raise ValueError(f"ids_restore values must be in [0, {L}), got range [{int(lo)}, {int(hi)}]")
-    name = _backend.select(OP_UNSHUFFLE, x_kept.device, backend)
+    name = UNSHUFFLE_OP.select(x_kept.device, backend)
     fill = mask_token.reshape(C).to(x_kept.dtype)
-    return torch.ops.vlfast.unshuffle_rows(x_kept, ids_restore, fill, name)
+    return torch.ops.vlfast.unshuffle_tokens(x_kept, ids_restore, fill, name)

@@ -1,12 +1,17 @@
-"""Eager scaled-dot-product attention with padding masks, bias, causal masking and dropout.
+"""Eager scaled-dot-product attention (Vaswani et al., 2017, "Attention Is All You Need",
+arXiv:1706.03762) with padding masks, bias, causal masking and dropout.
 
-The test oracle and the "eager" baseline of :func:`vlfast.ops.attention`
-(Vaswani et al., 2017).  Call it with float64 inputs for a reference.
+The one eager formula of attention in vlfast: the test oracle of :func:`vlfast.ops.attention`
+(call it with float64 inputs), what :class:`vlfast.nn.Attention`, :class:`vlfast.nn.CrossAttention`
+and :class:`vlfast.nn.MultiheadAttention` run with ``fused=False``, and the "eager" provider
+of ``bench/attention.py``.  It is timm's ``fused_attn=False`` code (``q = q * scale;
+attn = q @ k.transpose(-2, -1)``...) plus the masks.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def attention_keep_mask(B, Nq, Nk, key_padding_mask=None, causal=False, device=None):
@@ -21,23 +26,39 @@ def attention_keep_mask(B, Nq, Nk, key_padding_mask=None, causal=False, device=N
 
 def attention_reference(q, k, v, key_padding_mask=None, attn_bias=None, causal=False, scale=None,
                         dropout_mask=None, dropout_p=0.0):
-    r"""``softmax(scale * q k^T + bias, masked) [* dropout_mask / (1 - p)] v``.
+    r"""``softmax((scale * q) k^T + bias, masked) [dropout] v``, materializing the (Nq, Nk) scores.
 
-    q (B, H, Nq, D), k and v (B, H, Nk, D); key_padding_mask (B, Nk) bool, True =
-    padding; attn_bias broadcastable to (B, H, Nq, Nk); dropout_mask (B, H, Nq, Nk)
-    bool, True = kept.  A query row with no visible key outputs zeros (and has
-    zero gradients).  Computed in the inputs' dtype.
+    Args:
+        q: (B, H, Nq, D); k: (B, H, Nk, D); v: (B, H, Nk, Dv); any floating dtype, computed
+            in it (float64 for an oracle).
+        key_padding_mask: (B, Nk) bool, True = padding (no query attends it).
+        attn_bias: floating, broadcastable to (B, H, Nq, Nk), added to the scaled scores.
+        causal: query i sees keys j <= i + Nk - Nq (bottom-right aligned, as the op).
+        scale: default ``1 / sqrt(D)``; multiplies q before the product, as timm does.
+        dropout_mask: (B, H, Nq, Nk) bool, True = kept: the probabilities become
+            ``p * dropout_mask / (1 - dropout_p)`` (to replay the op's dropout).
+        dropout_p: without ``dropout_mask``, a probability in [0, 1) of
+            :func:`torch.nn.functional.dropout` on the probabilities (torch's RNG; what timm's
+            ``attn_drop`` module does in training mode).
+
+    Returns (B, H, Nq, Dv) in q's dtype.  A query row with no visible key (all padding, or
+    causal with Nq > Nk) outputs zeros and has zero gradients.
     """
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
+    Nq, D = q.shape[-2:]
+    Nk = k.shape[-2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = (q * scale) @ k.transpose(-2, -1)
     if attn_bias is not None:
         s = s + attn_bias.to(s.dtype)
-    keep = attention_keep_mask(B, Nq, Nk, key_padding_mask, causal, q.device)
-    alive = keep.any(-1, keepdim=True)
-    s = s.masked_fill(~keep, float("-inf")).masked_fill(~alive, 0.0)
-    p = torch.softmax(s, dim=-1) * alive
+    if key_padding_mask is not None or causal:
+        keep = attention_keep_mask(q.shape[0], Nq, Nk, key_padding_mask, causal, q.device)
+        alive = keep.any(-1, keepdim=True)
+        s = s.masked_fill(~keep, float("-inf")).masked_fill(~alive, 0.0)
+        p = torch.softmax(s, dim=-1) * alive
+    else:
+        p = torch.softmax(s, dim=-1)
     if dropout_mask is not None:
         p = p * dropout_mask / (1.0 - dropout_p)
-    return torch.matmul(p, v)
+    elif dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return p @ v

@@ -47,29 +47,44 @@ def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, logit_sc
     return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
 
 
-def clip_loss_reference(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale) -> torch.Tensor:
-    """open_clip ``ClipLoss`` on one process (Radford et al., 2021).
+def clip_loss_reference(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *,
+                        image_keys: Optional[torch.Tensor] = None, text_keys: Optional[torch.Tensor] = None,
+                        offset: int = 0) -> torch.Tensor:
+    """open_clip ``ClipLoss`` (Radford et al., 2021, arXiv:2103.00020), ``open_clip/loss.py``.
 
     ``logits_per_image = logit_scale * image_features @ text_features.T`` (N, N),
     ``logits_per_text = logit_scale * text_features @ image_features.T``,
     ``(CE(logits_per_image, arange(N)) + CE(logits_per_text, arange(N))) / 2``.
+
+    Data parallel (open_clip's ``local_loss=True, gather_with_grad=True``): pass every rank's
+    features, gathered with their gradients, as ``image_keys`` / ``text_keys`` (M, D); the
+    logits are then ``image_features @ text_keys.T`` (N, M) and ``text_features @ image_keys.T``,
+    and query i's label is ``offset + i`` (``offset = rank * N``).
     """
-    logits_per_image = logit_scale * image_features @ text_features.T
-    logits_per_text = logit_scale * text_features @ image_features.T
-    labels = torch.arange(logits_per_image.shape[0], device=image_features.device)
+    img_keys = image_features if image_keys is None else image_keys
+    txt_keys = text_features if text_keys is None else text_keys
+    logits_per_image = logit_scale * image_features @ txt_keys.T
+    logits_per_text = logit_scale * text_features @ img_keys.T
+    labels = torch.arange(logits_per_image.shape[0], device=image_features.device) + offset
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
 def siglip_loss_reference(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
-                          logit_bias) -> torch.Tensor:
-    """open_clip ``SigLipLoss`` / big_vision sigmoid loss on one process (Zhai et al., 2023).
+                          logit_bias, *, text_keys: Optional[torch.Tensor] = None, offset: int = 0) -> torch.Tensor:
+    """open_clip ``SigLipLoss`` / big_vision sigmoid loss (Zhai et al., 2023, arXiv:2303.15343).
 
     ``logits = logit_scale * image_features @ text_features.T + logit_bias`` (N, N),
     ``labels = 2 * eye(N) - 1``, ``loss = -logsigmoid(labels * logits).sum() / N``.
+
+    Data parallel: pass every rank's texts (gathered with their gradients) as ``text_keys``
+    (M, D); image i's positive is text ``offset + i`` (``offset = rank * N``), every other
+    text a negative (what open_clip's neighbour exchange sums up to).
     """
-    logits = logit_scale * image_features @ text_features.T + logit_bias
+    keys = text_features if text_keys is None else text_keys
+    logits = logit_scale * image_features @ keys.T + logit_bias
     n = logits.shape[0]
-    labels = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(n), offset + torch.arange(n)] = 1
     return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
 
 

@@ -90,7 +90,7 @@ def save_checkpoint(out_dir: str, step: int, engine, trainer_state: dict, ema=No
     barrier.  The trainer state (RNG) is rank 0's.
 
     ``ema``: a :class:`vlfast.nn.EMA`, written by rank 0 to ``ema.pt``; a
-    :class:`vlfast.nn.ZeroEMA` (ZeRO-3) is gathered with ``full_state_dict()`` (every rank
+    :class:`vlfast.distributed.ZeroEMA` (ZeRO-3) is gathered with ``full_state_dict()`` (every rank
     takes part, one parameter at a time; only rank 0 keeps the tensors, on the CPU).
     """
     root = ckpt_root(out_dir)

@@ -33,6 +33,7 @@ from typing import List, Optional
 
 import torch
 
+from ..comm import free_port
 from . import checkpoint as ckpt
 from .data import DataError, build_data, parse_data_spec
 
@@ -301,13 +302,13 @@ def _full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict:
     shard by a plain all_gather (collective).  Unlike ``GatheredParameters`` this leaves
     DeepSpeed's parameter status alone: re-partitioning resident (persistent) parameters there
     after a checkpoint load broke ZeRO-3's recorded fetch trace ("tracing error") at the next step."""
-    from vlfast.distributed.zero import _gather_full, is_zero3_param
+    from vlfast.sharding import gather_full, is_zero3_param
 
     out, done = {}, {}
     for k, v in module.state_dict(keep_vars=True).items():
         if is_zero3_param(v):
             if id(v) not in done:  # tied weights: one gather
-                full = _gather_full(v, v.ds_tensor)
+                full = gather_full(v, v.ds_tensor)
                 done[id(v)] = full.cpu() if keep else None
                 del full
             t = done[id(v)]
@@ -351,14 +352,6 @@ def _world():
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_distributed(device) -> None:
     """Process group for DeepSpeed (gloo on the CPU); a lone process gets a 1-rank group."""
     if device.type == "cpu":
@@ -368,7 +361,7 @@ def _init_distributed(device) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     import logging
 
     import deepspeed
@@ -387,7 +380,7 @@ def _launch(nproc: int, argv: List[str]) -> int:
     """Run ``nproc`` ranks of this command as subprocesses; the first failing rank's code (or 0)."""
     import subprocess
 
-    port = os.environ.get("MASTER_PORT") or str(_free_port())  # a fixed port when the user sets one
+    port = os.environ.get("MASTER_PORT") or str(free_port())  # a fixed port when the user sets one
     procs = []
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
@@ -597,11 +590,11 @@ def run(args, parser) -> int:
     engine = make_engine(model, args, device)
     ema = None
     if args.ema is not None:
-        from vlfast.nn import EMA
+        from vlfast.distributed import make_ema
 
-        # after the engine: under ZeRO-3 the parameters are partitioned by now and EMA(model)
-        # is a ZeroEMA averaging each rank's shards (fp32)
-        ema = EMA(model, decay=args.ema)
+        # after the engine: under ZeRO-3 the parameters are partitioned by now and make_ema
+        # returns a ZeroEMA averaging each rank's shards (fp32)
+        ema = make_ema(model, decay=args.ema)
     # each rank its own random stream (dropout, MAE masks, ...: samples of different ranks must not
     # share draws); rank 0's is the single process's.  Draws that must agree across ranks (ALBEF's
     # global-batch draws) use a seed broadcast from rank 0.
