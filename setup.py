@@ -172,28 +172,13 @@ else:
     if NO_NATIVE_MARKER.exists():
         NO_NATIVE_MARKER.unlink()
 
+# The project's metadata (name, version, dependencies, extras, the `vlfast` command) is in
+# pyproject.toml's [project] table; the version is written once, in vlfast/__init__.py.
 setup(
-    name="vlfast",
-    version="0.1.0",
-    description="Fused training kernels (Triton + native) for vision-language models",
-    python_requires=">=3.9",
     packages=_packages(),
     package_dir={"vlfast.kernels": "kernels", "vlfast.bench": "bench"},
     package_data={"vlfast": ["_no_native.txt"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=[
-        "torch>=2.1",
-        "triton>=2.1",
-        "numpy>=1.22",
-        "tqdm>=4.60",
-        "matplotlib>=3.5",
-    ],
-    extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
-        "xformers": ["xformers"],
-        "deepspeed": ["deepspeed"],
-    },
-    entry_points={"console_scripts": ["vlfast = vlfast.cli:main"]},
     zip_safe=False,
 )

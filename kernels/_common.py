@@ -169,32 +169,35 @@ class TileTable:
             if col.startswith("BLOCK") and v & (v - 1):
                 raise ValueError(f"{self.name}.{kind}.{col} must be a power of two, got {v}")
 
-    def _matches(self, row: tuple, kind: str, dtype: str, query: Mapping[str, int]) -> bool:
+    def _matches(self, row: tuple, kind: str, dtype: Optional[str], query: Mapping[str, int]) -> bool:
         if row[0] != kind or row[1] not in ("any", dtype):
             return False
         for key, cell in zip(self.keys[2:], row[2:len(self.keys)]):
             if cell is None:
                 continue
-            if key.startswith("max_"):
-                if query[key[4:]] > cell:
-                    return False
-            elif query[key] != cell:
+            name = key[4:] if key.startswith("max_") else key
+            if name not in query:
+                raise TypeError(f"{self.name} tiles of kind {kind!r} are looked up by {name}=, which is missing")
+            if (query[name] > cell) if key.startswith("max_") else (query[name] != cell):
                 return False
         return True
 
     def query_names(self) -> Tuple[str, ...]:
-        """The keyword arguments ``lookup`` needs besides ``kind`` and ``dtype``."""
+        """The keyword arguments ``lookup`` may need besides ``kind`` and ``dtype``."""
         return tuple(k[4:] if k.startswith("max_") else k for k in self.keys[2:])
 
-    def lookup(self, kind: str, dtype: torch.dtype, **query) -> Dict[str, Optional[int]]:
-        """``{value column: tile}`` for launch ``kind`` on inputs of ``dtype`` (``query``: the other keys)."""
+    def lookup(self, kind: str, dtype: Optional[torch.dtype] = None, **query) -> Dict[str, Optional[int]]:
+        """``{value column: tile}`` for launch ``kind`` on inputs of ``dtype`` (``query``: the other keys).
+
+        ``dtype`` and a key may be left out where the kind's rows do not depend on them ("any" / None).
+        """
         if kind not in self.kernels:
             raise ValueError(f"tile table {self.name} has no kind {kind!r} (kinds: {', '.join(self.kernels)})")
-        need = self.query_names()
-        if set(query) != set(need):
-            raise TypeError(f"{self.name} tiles are looked up by kind, dtype and {', '.join(need) or 'nothing else'}, "
-                            f"got {', '.join(sorted(query)) or 'nothing else'}")
-        dc = dtype_class(dtype)
+        unknown = set(query) - set(self.query_names())
+        if unknown:
+            raise TypeError(f"{self.name} tiles are looked up by kind, dtype and "
+                            f"{', '.join(self.query_names()) or 'nothing else'}, not {', '.join(sorted(unknown))}")
+        dc = None if dtype is None else dtype_class(dtype)
         for row in self.rows:
             if self._matches(row, kind, dc, query):
                 out = dict(zip(self.values, row[len(self.keys):]))

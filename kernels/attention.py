@@ -5,7 +5,8 @@ Scores ``s_ij = scale * <q_i, k_j> + bias_ij`` (fp32 accumulation), keys exclude
 ``j <= i + Nk - Nq``) get ``-inf``.  ``p_ij = exp(s_ij - lse_i)`` and
 ``out_i = sum_j drop_ij * p_ij / (1 - dropout_p) * v_j``.  A query row whose keys are all
 excluded has ``lse = -inf``, a zero output and zero gradients (every ``exp`` and division
-is guarded, so no NaN appears).
+is guarded, so no NaN appears).  This visibility rule (bias add, padding, causal, ``-inf``)
+lives in one device helper, ``_visible_scores``, which all three attention kernels call.
 
 Kernels (all on a 1-D grid: ``program_id(0) = bh * n_blocks + block``, so neither
 ``B * H`` nor the number of blocks meets the 65535 limit of grid axes 1/2, and programs
@@ -36,6 +37,8 @@ Head dims that are not powers of two are padded to the next power of two (at lea
 the smallest ``tl.dot`` K) with masked loads; ``HEAD_DIM`` is a constexpr, so the mask
 folds away when ``D`` is a power of two.  fp32 inputs use IEEE fp32 dots (no TF32).
 Outputs are rounded with ``round_to`` (bf16 round-to-nearest-even also in the interpreter).
+Tiles: the table ``TILES`` below (``vlfast info`` prints it; the interpreter's tiles are in
+``_common.INTERPRETER_TILES``; tests force tiles with ``_common.override_tiles``).
 """
 
 import torch
@@ -290,14 +293,10 @@ def _attn_bwd_dkdv_kernel(
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     v = tl.load(v_ptr + b * s_vb + h * s_vh + rows_n * s_vn + offs_d[None, :],
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    col_valid = n_ok
-    if HAS_KPM:
-        pad = tl.load(kpm_ptr + b * s_pb + offs_n.to(tl.int64) * s_pn, mask=n_ok, other=1)
-        col_valid = col_valid & (pad == 0)
     q_base = q_ptr + b * s_qb + h * s_qh
     do_base = do_ptr + b * s_db + h * s_dh
-    if HAS_BIAS:
-        bias_base = bias_ptr + b * s_bb + h * s_bh + tl.cast(start_n, tl.int64) * s_bn
+    bias_base = bias_ptr + b * s_bb + h * s_bh + tl.cast(start_n, tl.int64) * s_bn   # unused without a bias
+    kpm_base = kpm_ptr + b * s_pb
     row_base = bh.to(tl.int64) * Nq
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -312,31 +311,25 @@ def _attn_bwd_dkdv_kernel(
         qT = tl.load(q_base + q_off * s_qm + offs_m0[None, :] * s_qm + offs_d[:, None],
                      mask=m_ok[None, :] & d_ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=float("-inf"))
-        lse2 = lse * 1.4426950408889634
-        sT = _mma(k, qT, None, DOT_PREC, UPCAST_DOT) * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(bias_base + tl.arange(0, BLOCK_N)[:, None] * s_bn
-                           + q_off * s_bm + offs_m0[None, :] * s_bm,
-                           mask=n_ok[:, None] & m_ok[None, :], other=0.0)
-            sT += bias.to(tl.float32) * 1.4426950408889634
-        valid = col_valid[:, None] & (lse != float("-inf"))[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[:, None] <= offs_m[None, :] + (Nk - Nq))
-        lse_safe = tl.where(lse == float("-inf"), 0.0, lse2)
-        pT = tl.where(valid, tl.exp2(sT - lse_safe[None, :]), 0.0)
+        row_ok = lse != float("-inf")                  # rows that see no key get no gradient
+        lse2 = tl.where(row_ok, lse * LOG2E_C, 0.0)
+        sT = mma(k, qT, None, DOT_PREC, UPCAST_DOT) * qk_scale
+        sT = _visible_scores(sT, offs_m, offs_n, row_ok, n_ok, bias_base + q_off * s_bm, s_bm, s_bn,
+                             kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, True)
+        pT = tl.exp2(sT - lse2[None, :])
         do = tl.load(do_base + q_off * s_dm + offs_m0[:, None] * s_dm + offs_d[None, :],
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        dpT = _mma(v, tl.trans(do), None, DOT_PREC, UPCAST_DOT)
+        dpT = mma(v, tl.trans(do), None, DOT_PREC, UPCAST_DOT)
         if DROPOUT:
             keep = _keep_mask(seed, offset, bh, Nq, Nk, offs_m, offs_n, dropout_p, True)
             pdT = tl.where(keep, pT * drop_scale, 0.0)
             dpT = tl.where(keep, dpT * drop_scale, 0.0)
         else:
             pdT = pT
-        dv = _mma(pdT.to(dtype), do, dv, DOT_PREC, UPCAST_DOT)
+        dv = mma(pdT.to(dtype), do, dv, DOT_PREC, UPCAST_DOT)
         delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
         dsT = pT * (dpT - delta[None, :])
-        dk = _mma(dsT.to(dtype), tl.trans(qT), dk, DOT_PREC, UPCAST_DOT)
+        dk = mma(dsT.to(dtype), tl.trans(qT), dk, DOT_PREC, UPCAST_DOT)
 
     dk = dk * scale
     out_rows = (bh.to(tl.int64) * Nk + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
@@ -389,14 +382,12 @@ def _attn_bwd_dq_kernel(
     row = bh.to(tl.int64) * Nq + offs_m
     lse = tl.load(lse_ptr + row, mask=m_ok, other=float("-inf"))
     delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
-    row_valid = lse != float("-inf")
-    lse2 = tl.where(row_valid, lse * 1.4426950408889634, 0.0)
+    row_ok = lse != float("-inf")                      # rows that see no key get no gradient
+    lse2 = tl.where(row_ok, lse * LOG2E_C, 0.0)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
-    if HAS_BIAS:
-        bias_base = bias_ptr + b * s_bb + h * s_bh + m_off * s_bm
-    if HAS_KPM:
-        kpm_base = kpm_ptr + b * s_pb
+    bias_base = bias_ptr + b * s_bb + h * s_bh + m_off * s_bm   # unused without a bias
+    kpm_base = kpm_ptr + b * s_pb
     if DBIAS != 0:
         g_base = dbias_ptr + b * s_gb + h * s_gh + m_off * s_gm
 
@@ -413,25 +404,16 @@ def _attn_bwd_dq_kernel(
                     mask=kd_msk, other=0.0)
         v = tl.load(v_base + kv_off * s_vn + offs_n0[:, None] * s_vn + offs_d[None, :],
                     mask=kd_msk, other=0.0)
-        s = _mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(bias_base + tl.arange(0, BLOCK_M)[:, None] * s_bm
-                           + kv_off * s_bn + offs_n0[None, :] * s_bn,
-                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        valid = n_ok[None, :] & row_valid[:, None]
-        if HAS_KPM:
-            pad = tl.load(kpm_base + offs_n.to(tl.int64) * s_pn, mask=n_ok, other=1)
-            valid = valid & (pad == 0)[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _mma(do, tl.trans(v), None, DOT_PREC, UPCAST_DOT)
+        s = mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
+        s = _visible_scores(s, offs_m, offs_n, row_ok, n_ok, bias_base + kv_off * s_bn, s_bm, s_bn,
+                            kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, False)
+        p = tl.exp2(s - lse2[:, None])
+        dp = mma(do, tl.trans(v), None, DOT_PREC, UPCAST_DOT)
         if DROPOUT:
             keep = _keep_mask(seed, offset, bh, Nq, Nk, offs_m, offs_n, dropout_p, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = _mma(ds.to(dtype), k, dq, DOT_PREC, UPCAST_DOT)
+        dq = mma(ds.to(dtype), k, dq, DOT_PREC, UPCAST_DOT)
         if DBIAS == 1:
             tl.store(g_base + tl.arange(0, BLOCK_M)[:, None] * s_gm + kv_off * s_gn
                      + offs_n0[None, :] * s_gn, ds, mask=m_ok[:, None] & n_ok[None, :])
@@ -452,51 +434,21 @@ def _attn_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------- host side
+MAX_HEAD_DIM = 256               # the largest D the kernels (and TILES) cover
+_INT64_MAX = 2 ** 63 - 1
+
+
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
 def _config(kind: str, D: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel ``kind`` in {fwd, bwd_kv, bwd_q}.
-
-    fp16/bf16 choices were checked by compiling for sm_90a (ptxas -v) without a GPU: no register
-    spills except fwd D in (64, 128] (64 bytes); shared memory <= 100 KB.  Not yet timed on a
-    GPU: retune there (wider tiles, TMA descriptors) before relying on the numbers.
-    """
-    if _interpret():
-        bm, bn = INTERPRET_BLOCK, INTERPRET_BLOCK
-        warps, stages = 4, 1
-    else:
-        bd = _block_d(D)
-        wide = dtype == torch.float32      # 4-byte tiles: half the shared memory per block
-        if kind == "fwd":
-            if bd <= 64:
-                bm, bn, warps, stages = (64, 64, 4, 2) if wide else (128, 64, 8, 3)
-            elif bd <= 128:
-                bm, bn, warps, stages = (64, 32, 4, 2) if wide else (128, 32, 8, 3)
-            else:
-                bm, bn, warps, stages = (64, 16, 4, 2) if wide else (32, 32, 8, 2)
-        elif kind == "bwd_kv":
-            if bd <= 64:
-                bm, bn, warps, stages = (32, 64, 4, 2) if wide else (32, 128, 8, 3)
-            elif bd <= 128:
-                bm, bn, warps, stages = (32, 64, 8, 2) if wide else (32, 32, 8, 3)
-            else:
-                bm, bn, warps, stages = (16, 32, 8, 1) if wide else (16, 32, 8, 2)
-        else:  # bwd_q
-            if bd <= 64:
-                bm, bn, warps, stages = (64, 32, 4, 2) if wide else (128, 32, 8, 3)
-            elif bd <= 128:
-                bm, bn, warps, stages = (64, 32, 4, 2) if wide else (32, 32, 8, 3)
-            else:
-                bm, bn, warps, stages = (32, 16, 8, 1) if wide else (32, 32, 8, 2)
-    if BLOCKS and kind in BLOCKS:
-        bm, bn = BLOCKS[kind]
-    return bm, bn, warps, stages
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of kernel ``kind`` (fwd, bwd_kv, bwd_q), from ``TILES``."""
+    t = TILES.lookup(kind, dtype, BLOCK_D=_block_d(D))
+    return t["BLOCK_M"], t["BLOCK_N"], t["num_warps"], t["num_stages"]
 
 
 def _common_args(q, key_padding_mask, bias):
-    B, H, Nq, D = q.shape
     if bias is not None:
         bias_arg, bias_strides = bias, bias.stride()
     else:
@@ -511,28 +463,102 @@ def _common_args(q, key_padding_mask, bias):
     return bias_arg, bias_strides, kpm_arg, kpm_strides
 
 
-def _prec(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _upcast_dot(dtype):
-    # the interpreter's tl.dot treats bf16 (stored as uint16) as integers
-    return dtype == torch.bfloat16 and _interpret()
-
-
-def _check(q, k, v):
-    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be (B, H, N, D)"
-    assert q.dtype == k.dtype == v.dtype and q.dtype in _TL_DTYPES, "q, k, v: one of fp32/fp16/bf16"
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
-    assert q.shape[-1] <= 256, "head dim must be <= 256"
-
-
-def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False, scale: float,
-                      dropout_p: float = 0.0, seed: int = 0, offset: int = 0):
-    """Returns ``(out, lse)``: out (B, H, Nq, D) contiguous in q's dtype, lse (B, H, Nq) fp32."""
-    _check(q, k, v)
+# ----------------------------------------------------------------------------- argument checks
+def _check_qkv(q, k, v):
+    """``(B, H, Nq, Nk, D)`` of q (B, H, Nq, D) and k, v (B, H, Nk, D) (TypeError / ValueError)."""
+    q = check.tensor("q", q, ndim=4, dtypes=check.HALF_AND_FLOAT, shape_doc="(B, H, Nq, D)")
+    k = check.tensor("k", k, ndim=4, dtypes=check.HALF_AND_FLOAT, shape_doc="(B, H, Nk, D)")
+    v = check.tensor("v", v, ndim=4, dtypes=check.HALF_AND_FLOAT, shape_doc="(B, H, Nk, D)")
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if tuple(t.shape) != (B, H, Nk, D):
+            raise ValueError(f"{name} must have shape (B, H, Nk, D) = {(B, H, Nk, D)} (B, H, D of q, "
+                             f"Nk of k), got {tuple(t.shape)}")
+        check.same_device(name, t, q.device)
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"q: the head dim D must be <= {MAX_HEAD_DIM}, got {D}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
+    return B, H, Nq, Nk, D
+
+
+def _check_masks(q, Nk, key_padding_mask, bias):
+    B, H, Nq, _ = q.shape
+    if key_padding_mask is not None:
+        check.tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool, torch.uint8),
+                     shape_doc="(B, Nk)")
+        if tuple(key_padding_mask.shape) != (B, Nk):
+            raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(B, Nk)}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        check.same_device("key_padding_mask", key_padding_mask, q.device)
+    if bias is not None:
+        check.tensor("bias", bias, ndim=4, dtypes=check.FLOATING, shape_doc="(B, H, Nq, Nk)")
+        if tuple(bias.shape) != (B, H, Nq, Nk):
+            raise ValueError(f"bias must have shape (B, H, Nq, Nk) = {(B, H, Nq, Nk)} (expand a broadcast "
+                             f"bias first), got {tuple(bias.shape)}")
+        check.same_device("bias", bias, q.device)
+
+
+def _check_rng(dropout_p, seed, offset, numel: int):
+    """``(dropout_p, seed, offset)``: p in [0, 1), an int64 seed, offset >= 0 with offset + numel in int64."""
+    dropout_p = check.unit_interval("dropout_p", dropout_p, hi_open=True)
+    seed = check.integer("seed", seed, -_INT64_MAX - 1, _INT64_MAX)
+    offset = check.integer("offset", offset, 0, _INT64_MAX - numel)
+    return dropout_p, seed, offset
+
+
+def _check_like(name, t, like, shape_doc):
+    t = check.tensor(name, t, ndim=like.dim(), dtypes=(like.dtype,), shape_doc=shape_doc)
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have shape {shape_doc} = {tuple(like.shape)}, got {tuple(t.shape)}")
+    check.same_device(name, t, like.device)
+    return t
+
+
+def _check_bias_grad_shape(bias_grad_shape, full):
+    if bias_grad_shape is None:
+        return None
+    if isinstance(bias_grad_shape, (str, bytes, torch.Tensor)) or not hasattr(bias_grad_shape, "__len__"):
+        raise TypeError(f"bias_grad_shape must be a sequence of 4 ints or None, got {type(bias_grad_shape).__name__}")
+    shape = tuple(check.integer(f"bias_grad_shape[{i}]", s, 1) for i, s in enumerate(bias_grad_shape))
+    if len(shape) != 4 or any(g != f and g != 1 for g, f in zip(shape, full)):
+        raise ValueError(f"bias_grad_shape must be 4-D and broadcast to (B, H, Nq, Nk) = {full} "
+                         f"(each dim equal or 1), got {shape}")
+    return shape
+
+
+# ----------------------------------------------------------------------------- launchers
+def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False, scale: float,
+                      dropout_p: float = 0.0, seed: int = 0, offset: int = 0):
+    """Fused attention forward: ``(out, lse)``.
+
+    ``s_ij = scale * <q_i, k_j> + bias_ij`` over the keys that query ``i`` sees (not padding and,
+    with ``causal``, ``j <= i + Nk - Nq``), ``lse_i = log sum_j exp(s_ij)`` and
+    ``out_i = sum_j drop_ij * exp(s_ij - lse_i) / (1 - dropout_p) * v_j`` (``drop`` as in
+    ``dropout_mask``); a row that sees no key gets ``out_i = 0`` and ``lse_i = -inf``.
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D); one dtype of fp32 / fp16 / bf16, unit last stride
+            (other strides free), D <= 256.
+        key_padding_mask: (B, Nk) bool (or uint8), True / nonzero = padding; any strides.
+        bias: (B, H, Nq, Nk) floating (an expanded view of a broadcast bias is fine).
+        causal: bool, bottom-right aligned.  scale: the logit scale (a float).
+        dropout_p: in [0, 1); seed (int64), offset (>= 0): the Philox stream of the dropout mask.
+
+    Returns:
+        out (B, H, Nq, D) contiguous in q's dtype; lse (B, H, Nq) fp32 (natural log, before dropout).
+
+    Tiles: ``TILES`` kind ``fwd`` (one program per (b, h, BLOCK_M queries), BLOCK_N keys per step).
+    """
+    B, H, Nq, Nk, D = _check_qkv(q, k, v)
+    _check_masks(q, Nk, key_padding_mask, bias)
+    causal = check.flag("causal", causal)
+    scale = check.real("scale", scale, finite=False)
+    dropout_p, seed, offset = _check_rng(dropout_p, seed, offset, B * H * Nq * Nk)
     out = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     if B * H * Nq == 0 or D == 0:
@@ -548,12 +574,12 @@ def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False
         v.stride(0), v.stride(1), v.stride(2),
         *bs, *ps,
         H, Nq, Nk, num_m,
-        float(scale) * _LOG2E,
-        float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, int(seed), int(offset),
+        scale * LOG2E,
+        dropout_p, 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, seed, offset,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
-        HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=bool(causal),
-        DROPOUT=dropout_p > 0, OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=_prec(q.dtype),
-        UPCAST_DOT=_upcast_dot(q.dtype), num_warps=warps, num_stages=stages,
+        HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
+        DROPOUT=dropout_p > 0, OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=dot_precision(q.dtype),
+        UPCAST_DOT=upcast_dot(q.dtype), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -561,10 +587,43 @@ def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False
 def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=None, causal=False,
                        scale: float, dropout_p: float = 0.0, seed: int = 0, offset: int = 0,
                        bias_grad_shape=None, deterministic: bool = False):
-    """Returns ``(dq, dk, dv, dbias)``; dbias (fp32, ``bias_grad_shape``) is None when that is None."""
-    _check(q, k, v)
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
+    """Fused attention backward: ``(dq, dk, dv, dbias)``.
+
+    With ``p_ij = exp(s_ij - lse_i)`` recomputed from the forward's ``lse``,
+    ``delta_i = <do_i, out_i>``, ``dp_ij = drop_ij <do_i, v_j> / (1 - dropout_p)`` and
+    ``dS_ij = p_ij (dp_ij - delta_i)``: ``dq_i = scale sum_j dS_ij k_j``,
+    ``dk_j = scale sum_i dS_ij q_i``, ``dv_j = sum_i drop_ij p_ij / (1 - dropout_p) do_i`` and
+    ``dbias = dS`` summed over the dims where ``bias_grad_shape`` is 1.
+
+    Args:
+        do, out: (B, H, Nq, D) in q's dtype (any strides); lse: (B, H, Nq) fp32 from
+            ``attention_forward``; q, k, v, key_padding_mask, bias, causal, scale, dropout_p, seed,
+            offset: as given to ``attention_forward``.
+        bias_grad_shape: None (no dbias) or 4 ints, each the (B, H, Nq, Nk) dim or 1.
+        deterministic: reduce a broadcast dbias from a full fp32 (B, H, Nq, Nk) buffer with
+            ``torch.sum`` instead of ``tl.atomic_add`` (bitwise reproducible, that much memory).
+
+    Returns:
+        dq, dk, dv in the inputs' shapes and dtype (contiguous); dbias fp32 of ``bias_grad_shape``
+        (None when that is None).
+
+    Tiles: ``TILES`` kinds ``bwd_preprocess`` (delta), ``bwd_kv`` (one program per (b, h, BLOCK_N
+    keys), looping over BLOCK_M queries) and ``bwd_q`` (one per (b, h, BLOCK_M queries)).
+    """
+    B, H, Nq, Nk, D = _check_qkv(q, k, v)
+    _check_masks(q, Nk, key_padding_mask, bias)
+    do = _check_like("do", do, q, "(B, H, Nq, D)")
+    out = _check_like("out", out, q, "(B, H, Nq, D)")
+    lse = check.tensor("lse", lse, ndim=3, dtypes=(torch.float32,), shape_doc="(B, H, Nq)")
+    if tuple(lse.shape) != (B, H, Nq):
+        raise ValueError(f"lse must have shape (B, H, Nq) = {(B, H, Nq)}, got {tuple(lse.shape)}")
+    check.same_device("lse", lse, q.device)
+    causal = check.flag("causal", causal)
+    deterministic = check.flag("deterministic", deterministic)
+    scale = check.real("scale", scale, finite=False)
+    dropout_p, seed, offset = _check_rng(dropout_p, seed, offset, B * H * Nq * Nk)
+    full = (B, H, Nq, Nk)
+    bias_grad_shape = _check_bias_grad_shape(bias_grad_shape, full)
     if do.stride(-1) != 1:
         do = do.contiguous()
     if out.stride(-1) != 1:
@@ -574,12 +633,6 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
     dk = torch.empty(B, H, Nk, D, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, H, Nk, D, dtype=v.dtype, device=q.device)
     dbias = None
-    if bias_grad_shape is not None:
-        bias_grad_shape = tuple(int(s) for s in bias_grad_shape)
-        assert len(bias_grad_shape) == 4, "bias_grad_shape must be 4-D"
-        full = (B, H, Nq, Nk)
-        for g, f in zip(bias_grad_shape, full):
-            assert g == f or g == 1, f"bias_grad_shape {bias_grad_shape} does not broadcast to {full}"
     if B * H * D == 0 or Nq == 0 or Nk == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         if bias_grad_shape is not None:
@@ -589,17 +642,17 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
     bias_arg, bs, kpm_arg, ps = _common_args(q, key_padding_mask, bias)
     block_d = _block_d(D)
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_BIAS=bias is not None,
-                  HAS_KPM=key_padding_mask is not None, CAUSAL=bool(causal), DROPOUT=dropout_p > 0,
-                  OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=_prec(q.dtype),
-                  UPCAST_DOT=_upcast_dot(q.dtype))
+                  HAS_KPM=key_padding_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
+                  OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=dot_precision(q.dtype),
+                  UPCAST_DOT=upcast_dot(q.dtype))
     drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-    rng = (float(dropout_p), drop_scale, int(seed), int(offset))
+    rng = (dropout_p, drop_scale, seed, offset)
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2))
 
     # delta_i = <do_i, out_i>
     delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    pm = 64 if not _interpret() else INTERPRET_BLOCK
+    pm = TILES.lookup("bwd_preprocess", q.dtype)["BLOCK_M"]
     pm = max(16, min(pm, 4096 // block_d))
     num_pm = triton.cdiv(Nq, pm)
     _attn_bwd_preprocess_kernel[(num_pm * B * H,)](
@@ -613,14 +666,13 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
     _attn_bwd_dkdv_kernel[(num_n * B * H,)](
         q, k, v, bias_arg, kpm_arg, do, lse, delta, dk, dv,
         *qkv_strides, *bs, *ps, do.stride(0), do.stride(1), do.stride(2),
-        H, Nq, Nk, num_n, float(scale) * _LOG2E, float(scale), *rng,
+        H, Nq, Nk, num_n, scale * LOG2E, scale, *rng,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
     # dq (+ dbias)
     mode, reduce_m, reduce_n = 0, False, False
     gbuf, gstrides = q, (0, 0, 0, 0)
     if bias_grad_shape is not None:
-        full = (B, H, Nq, Nk)
         if bias_grad_shape == full or deterministic:
             mode = 1
             gbuf = torch.zeros(full, dtype=torch.float32, device=q.device)
@@ -637,7 +689,7 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
     _attn_bwd_dq_kernel[(num_m * B * H,)](
         q, k, v, bias_arg, kpm_arg, do, lse, delta, dq, gbuf,
         *qkv_strides, *bs, *ps, do.stride(0), do.stride(1), do.stride(2), *gstrides,
-        H, Nq, Nk, num_m, float(scale) * _LOG2E, float(scale), *rng,
+        H, Nq, Nk, num_m, scale * LOG2E, scale, *rng,
         BLOCK_M=bm, BLOCK_N=bn, DBIAS=mode, REDUCE_M=reduce_m, REDUCE_N=reduce_n,
         num_warps=warps, num_stages=stages, **common)
     if mode == 1:
@@ -649,13 +701,40 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
 
 
 def dropout_mask(B, H, Nq, Nk, *, dropout_p, seed, offset, device):
-    """(B, H, Nq, Nk) bool, True = kept: exactly the mask the attention kernels apply."""
+    """The dropout keep-mask of the attention kernels, materialized (for tests and references).
+
+    ``keep[b, h, i, j] = tl.rand(seed, offset + ((b * H + h) * Nq + i) * Nk + j) >= dropout_p``:
+    exactly the mask ``attention_forward`` / ``attention_backward`` apply with the same
+    ``(B, H, Nq, Nk, dropout_p, seed, offset)`` (Philox, int64 counters).
+
+    Args:
+        B, H, Nq, Nk: ints >= 0 (batch, heads, queries, keys).
+        dropout_p: float in [0, 1), the probability of dropping.
+        seed: int64 Philox seed.  offset: int >= 0, the first Philox counter
+            (``offset + B * H * Nq * Nk`` must fit in int64).
+        device: ``torch.device`` or device string (a CPU device needs ``TRITON_INTERPRET=1``).
+
+    Returns:
+        (B, H, Nq, Nk) torch.bool on ``device``, True = kept.
+
+    Tiles: ``TILES`` kind ``dropout_mask`` (BLOCK_M rows of the flattened (B * H * Nq, Nk) mask by
+    BLOCK_N keys per program).
+    """
+    B, H, Nq, Nk = (check.integer(n, x, 0) for n, x in (("B", B), ("H", H), ("Nq", Nq), ("Nk", Nk)))
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a torch.device or a device string, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device: {exc}") from exc
+    dropout_p, seed, offset = _check_rng(dropout_p, seed, offset, B * H * Nq * Nk)
     out = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=device)
     if out.numel() == 0:
         return out.bool()
     R = B * H * Nq
-    bm, bn = (32, 64) if _interpret() else (16, 256)
-    bn = min(bn, max(16, triton.next_power_of_2(Nk)))
+    t = TILES.lookup("dropout_mask")
+    bm = t["BLOCK_M"]
+    bn = min(t["BLOCK_N"], max(16, triton.next_power_of_2(Nk)))
     grid = (triton.cdiv(R, bm), triton.cdiv(Nk, bn))
-    _dropout_mask_kernel[grid](out, R, Nk, int(seed), int(offset), float(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
+    _dropout_mask_kernel[grid](out, R, Nk, seed, offset, dropout_p, BLOCK_M=bm, BLOCK_N=bn)
     return out.bool()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vlfast.comm
+import vlfast.ops  # noqa: F401  (registers every op with vlfast._backend)
 import vlfast.testing as T
 from vlfast.testing import (EAGER_ERROR_FLOOR, FORWARD_TOLERANCE, GRAD_FACTOR, GRAD_TOLERANCE, assert_close,
                             assert_within_eager_error, cases_for, fake_zero3_param, max_abs_error, tolerance)
@@ -232,3 +233,31 @@ def test_markers_registered(pytestconfig):
     lines = pytestconfig.getini("markers")
     for name in ("slow", "distributed", "gpu"):
         assert any(line.startswith(f"{name}:") for line in lines), name
+
+
+def _pytest_in(tmp_path, test_source):
+    """Run pytest (a subprocess) on one test file next to a copy of tests/conftest.py."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_it.py").write_text(test_source)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_unregistered_marker_is_an_error(tmp_path):
+    r = _pytest_in(tmp_path, "import pytest\n\n@pytest.mark.slwo\ndef test_a():\n    pass\n")
+    assert r.returncode != 0 and "unregistered pytest markers: slwo" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_gpu_marker_skips_without_cuda(tmp_path):
+    r = _pytest_in(tmp_path, "import pytest\n\n@pytest.mark.gpu\ndef test_cuda():\n    import torch\n"
+                             "    assert torch.cuda.is_available()\n\n"
+                             "@pytest.mark.slow\n@pytest.mark.distributed\ndef test_other():\n    pass\n")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    if torch.cuda.is_available():
+        assert "2 passed" in out
+    else:
+        assert "1 passed, 1 skipped" in out and "needs CUDA (marker gpu)" in out

@@ -51,6 +51,7 @@ _SUBMODULES = (
     "models",
     "distributed",
     "training",
+    "integrations",
     "testing",
     "bench",
 )
@@ -61,7 +62,7 @@ _SUBMODULES = (
 _FUNCTIONS = {
     "available_backends": ("vlfast._backend", ("vlfast.ops",)),
     "backend_report": ("vlfast._backend", ("vlfast.ops",)),
-    "patch": ("vlfast.patch", ()),
+    "patch": ("vlfast.integrations", ()),
 }
 
 __all__ = [*_SUBMODULES, *_FUNCTIONS, "__version__"]

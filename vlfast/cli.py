@@ -71,7 +71,7 @@ def info(out=None) -> int:
     p("")
     p("backends per op (auto choice first; others: why not):")
     for dev in devices:
-        for op, chosen, avail in _backend.backend_report(dev):
+        for op, chosen, avail in vlfast.backend_report(dev):
             p(f"  {op} [{dev}]: {chosen}")
             for b, reason in avail.items():
                 p(f"      {b:7s} {'available' if reason is None else 'unavailable: ' + reason}")

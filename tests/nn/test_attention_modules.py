@@ -9,7 +9,7 @@ from torch import nn
 
 import vlfast.nn.attention as va
 from vlfast.nn.attention import Attention, CrossAttention, MultiheadAttention
-from vlfast.patch import patch
+from vlfast.integrations import patch
 
 import vlfast._backend
 import vlfast.kernels.attention  # noqa: F401  (a core module: a broken import fails, never skips)

@@ -10,7 +10,7 @@ from vlfast.ops import contrastive_loss, siglip_rows
 from vlfast.testing import cases_for
 
 CASES = cases_for("contrastive_loss")
-SIG_CASES = cases_for("siglip_loss")
+SIG_CASES = cases_for("siglip_rows")
 
 
 def _unit(n, d, device, dtype=torch.float32):

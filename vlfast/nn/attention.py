@@ -7,6 +7,11 @@
 * :class:`MultiheadAttention`: a drop-in subclass of :class:`torch.nn.MultiheadAttention`
   that runs the fused op when attention weights are not requested
   (see also :func:`vlfast.patch`, which swaps it into an existing model).
+
+Each has a ``fused`` flag (constructor keyword and attribute, toggled by
+:func:`vlfast.models.set_fused`): False replaces the op by the one eager formula
+:func:`vlfast.reference.attention_reference` (Vaswani et al., 2017), the baseline that the
+benchmarks time as "eager".
 """
 
 import logging
@@ -16,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _validation as check
 from ..ops.attention import MAX_HEAD_DIM, attention
+from ..reference.attention import attention_reference
 
 __all__ = ["Attention", "CrossAttention", "MultiheadAttention"]
 
@@ -26,26 +33,19 @@ _deferrals_logged: set = set()
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _eager_attention(q, k, v, key_padding_mask, attn_bias, scale, attn_drop: nn.Module):
-    """Plain PyTorch math attention (timm's ``fused_attn=False`` path), the eager baseline of ``fused=False``."""
-    s = (q * scale) @ k.transpose(-2, -1)
-    if attn_bias is not None:
-        s = s + attn_bias.to(s.dtype)
-    if key_padding_mask is not None:
-        s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        alive = ~key_padding_mask.all(-1)[:, None, None, None]
-        s = s.masked_fill(~alive, 0.0)
-        p = s.softmax(dim=-1) * alive
-    else:
-        p = s.softmax(dim=-1)
-    return attn_drop(p) @ v
+def _attend(fused: bool, q, k, v, *, key_padding_mask=None, attn_bias=None, causal=False, dropout_p=0.0,
+            scale=None, backend=None):
+    """Every module's attention core: :func:`vlfast.ops.attention` (``fused``) or the eager formula
+    :func:`vlfast.reference.attention_reference` (torch's dropout RNG), same arguments."""
+    if fused:
+        return attention(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, causal=causal,
+                         dropout_p=dropout_p, scale=scale, backend=backend)
+    return attention_reference(q, k, v, key_padding_mask, attn_bias, causal, scale, dropout_p=dropout_p)
 
 
 def _check_heads(dim: int, num_heads: int, name: str = "dim") -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"{name} must be a positive int, got {dim!r}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    dim = check.positive_int(name, dim)
+    num_heads = check.positive_int("num_heads", num_heads)
     if dim % num_heads != 0:
         raise ValueError(f"{name}={dim} must be divisible by num_heads={num_heads}")
     head_dim = dim // num_heads
@@ -53,6 +53,13 @@ def _check_heads(dim: int, num_heads: int, name: str = "dim") -> int:
         raise ValueError(f"head dim {name} // num_heads = {head_dim} exceeds the fused kernel's maximum "
                          f"{MAX_HEAD_DIM}; use more heads")
     return head_dim
+
+
+def _check_tokens(owner: str, name: str, t, width: int, shape: str) -> None:
+    """``t`` must be a (B, N, width) tensor (TypeError when not a tensor, ValueError for the shape)."""
+    check.tensor(name, t)
+    if t.dim() != 3 or t.shape[-1] != width:
+        raise ValueError(f"{owner} expects {name} of shape {shape}, got {tuple(t.shape)}")
 
 
 # ---------------------------------------------------------------------------------- Attention
@@ -85,6 +92,10 @@ class Attention(nn.Module):
         norm_layer: normalization used for ``qk_norm``.
         backend: backend of :func:`vlfast.ops.attention` (``None`` = automatic).
         proj_bias: bias of the output projection (timm's ``proj_bias``, keyword only).
+        fused: True: :func:`vlfast.ops.attention`; False: the eager formula
+            :func:`vlfast.reference.attention_reference` (timm's ``fused_attn=False`` math, the
+            (N, N) scores materialized, dropout drawn by ``torch.nn.functional.dropout``);
+            keyword only, toggled by :func:`vlfast.models.set_fused`.
 
     ``forward(x, key_padding_mask=None, attn_bias=None)``:
 
@@ -97,15 +108,15 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer=nn.LayerNorm,
-                 backend: Optional[str] = None, *, proj_bias: bool = True):
+                 backend: Optional[str] = None, *, proj_bias: bool = True, fused: bool = True):
         super().__init__()
         self.head_dim = _check_heads(dim, num_heads)
         self.dim = dim
         self.num_heads = num_heads
         self.scale = self.head_dim ** -0.5
         self.backend = backend
-        #: False runs plain PyTorch math (the eager baseline); see ``vlfast.models.set_fused``
-        self.fused = True
+        #: False runs the eager formula of vlfast.reference (the baseline); see ``vlfast.models.set_fused``
+        self.fused = check.flag("fused", fused)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
@@ -115,25 +126,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                 attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"Attention expects x of shape (B, N, {self.dim}), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        _check_tokens("Attention", "x", x, self.dim, f"(B, N, {self.dim})")
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused:
-            x = attention(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
-                          dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
-                          backend=self.backend)
-        else:
-            x = _eager_attention(q, k, v, key_padding_mask, attn_bias, self.scale, self.attn_drop)
+        x = _attend(self.fused, q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
+                    dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale, backend=self.backend)
         x = x.transpose(1, 2).reshape(B, N, C)
         x = self.proj(x)
         return self.proj_drop(x)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, backend={self.backend!r}"
+        return f"dim={self.dim}, num_heads={self.num_heads}, backend={self.backend!r}, fused={self.fused}"
 
 
 # ---------------------------------------------------------------------------------- CrossAttention
@@ -162,28 +167,30 @@ class CrossAttention(nn.Module):
         attn_drop, proj_drop: dropout probabilities (training mode only).
         backend: backend of :func:`vlfast.ops.attention`.
         norm_layer: normalization for ``qk_norm`` (keyword only).
+        fused: True: :func:`vlfast.ops.attention`; False: the eager formula
+            :func:`vlfast.reference.attention_reference` (keyword only, see
+            :func:`vlfast.models.set_fused`).
 
     ``forward(x, context, context_padding_mask=None)``: x (B, Nq, dim), context
     (B, Nk, kv_dim), context_padding_mask (B, Nk) bool with True = padding (a query with
     every context token padded outputs zeros before ``proj``); returns (B, Nq, dim).
-    Shapes that do not fit raise ``ValueError``.
+    Shapes that do not fit raise ``ValueError``; a non-tensor input or a mask that is not
+    bool raises ``TypeError`` (as :func:`vlfast.ops.attention`).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, kv_dim: Optional[int] = None, qkv_bias: bool = False,
                  qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 backend: Optional[str] = None, *, norm_layer=nn.LayerNorm):
+                 backend: Optional[str] = None, *, norm_layer=nn.LayerNorm, fused: bool = True):
         super().__init__()
         self.head_dim = _check_heads(dim, num_heads)
-        kv_dim = dim if kv_dim is None else kv_dim
-        if isinstance(kv_dim, bool) or not isinstance(kv_dim, int) or kv_dim < 1:
-            raise ValueError(f"kv_dim must be a positive int or None, got {kv_dim!r}")
+        kv_dim = dim if kv_dim is None else check.positive_int("kv_dim", kv_dim)
         self.dim = dim
         self.kv_dim = kv_dim
         self.num_heads = num_heads
         self.scale = self.head_dim ** -0.5
         self.backend = backend
-        #: False runs plain PyTorch math (the eager baseline); see ``vlfast.models.set_fused``
-        self.fused = True
+        #: False runs the eager formula of vlfast.reference (the baseline); see ``vlfast.models.set_fused``
+        self.fused = check.flag("fused", fused)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(kv_dim, dim * 2, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
@@ -194,37 +201,25 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 context_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"CrossAttention expects x of shape (B, Nq, {self.dim}), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[-1] != self.kv_dim:
-            raise ValueError(f"CrossAttention expects context of shape (B, Nk, {self.kv_dim}), got "
-                             f"{tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__}")
+        _check_tokens("CrossAttention", "x", x, self.dim, f"(B, Nq, {self.dim})")
+        _check_tokens("CrossAttention", "context", context, self.kv_dim, f"(B, Nk, {self.kv_dim})")
         B, Nq, C = x.shape
         Nk = context.shape[1]
         if context.shape[0] != B:
             raise ValueError(f"batch sizes differ: x has {B}, context has {context.shape[0]}")
         if context_padding_mask is not None:
-            if not isinstance(context_padding_mask, torch.Tensor) or context_padding_mask.dtype != torch.bool:
-                raise ValueError("context_padding_mask must be a bool tensor (True = padding), got "
-                                 f"{getattr(context_padding_mask, 'dtype', type(context_padding_mask).__name__)}")
-            if context_padding_mask.shape != (B, Nk):
-                raise ValueError(f"context_padding_mask must have shape (B, Nk) = ({B}, {Nk}), "
-                                 f"got {tuple(context_padding_mask.shape)}")
+            check.bool_mask("context_padding_mask", context_padding_mask, (B, Nk), context.device)
         q = self.q(x).reshape(B, Nq, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(context).reshape(B, Nk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused:
-            out = attention(q, k, v, key_padding_mask=context_padding_mask,
-                            dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale,
-                            backend=self.backend)
-        else:
-            out = _eager_attention(q, k, v, context_padding_mask, None, self.scale, self.attn_drop)
+        out = _attend(self.fused, q, k, v, key_padding_mask=context_padding_mask,
+                      dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale, backend=self.backend)
         out = out.transpose(1, 2).reshape(B, Nq, C)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, kv_dim={self.kv_dim}, num_heads={self.num_heads}, backend={self.backend!r}"
+        return (f"dim={self.dim}, kv_dim={self.kv_dim}, num_heads={self.num_heads}, backend={self.backend!r}, "
+                f"fused={self.fused}")
 
 
 # ---------------------------------------------------------------------------------- MultiheadAttention
@@ -284,17 +279,24 @@ class MultiheadAttention(nn.MultiheadAttention):
     outputs zeros before ``out_proj`` (as torch's SDPA path does), and the output for
     ``batch_first=True`` is contiguous (torch returns a transposed view).  Returns
     ``(attn_output, None)``.
+
+    ``fused=False`` (keyword only; see :func:`vlfast.models.set_fused`) keeps this dispatch and
+    the projections but replaces the fused op by the eager formula
+    :func:`vlfast.reference.attention_reference` (scores materialized, torch's dropout RNG).
     """
 
     backend: Optional[str] = None
+    fused: bool = True
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, fused: bool = True):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
         self.backend = backend
+        #: False runs the eager formula of vlfast.reference (the baseline); see ``vlfast.models.set_fused``
+        self.fused = check.flag("fused", fused)
 
     # ------------------------------------------------------------------ dispatch
     def _unsupported(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal) -> Optional[str]:
@@ -344,7 +346,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         reason = self._unsupported(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         if reason is None:
-            return self._fused_forward(query, key, value, key_padding_mask, attn_mask, is_causal), None
+            return self._projected_forward(query, key, value, key_padding_mask, attn_mask, is_causal), None
         _log_deferral(reason)
         if is_causal and attn_mask is None and isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) \
                 and query.dim() in (2, 3) and key.dim() == query.dim():
@@ -356,8 +358,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
 
-    # ------------------------------------------------------------------ fused path
-    def _fused_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+    # ------------------------------------------------------------------ fused path (or its eager formula)
+    def _projected_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal):
         batched = query.dim() == 3
         self_attn = query is key and key is value
         # work in (B, L, E)
@@ -419,8 +421,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             m = m.view(1, 1, L, S + extra) if m.dim() == 2 else m.view(B, H, L, S + extra)
             bias = m if bias is None else bias + m
 
-        out = attention(q, k, v, key_padding_mask=kpm, attn_bias=bias, causal=causal,
-                        dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        out = _attend(self.fused, q, k, v, key_padding_mask=kpm, attn_bias=bias, causal=causal,
+                      dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         if batched and not self.batch_first:
             out = out.permute(2, 0, 1, 3).reshape(L, B, E)   # torch's (L, B, E) layout, contiguous
             return F.linear(out, self.out_proj.weight, self.out_proj.bias)
@@ -429,4 +431,4 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, " \
-               f"backend={self.backend!r}"
+               f"backend={self.backend!r}, fused={self.fused}"

@@ -302,7 +302,8 @@ class MoCoQueueLoss(nn.Module):
 
 
 class ITCLoss(nn.Module):
-    r"""Image-text contrastive loss with momentum queues and distillation (ALBEF, Li et al. 2021; BLIP, Li et al. 2022).
+    r"""Image-text contrastive loss with momentum queues and distillation (ALBEF: Li et al., 2021,
+    arXiv:2107.07651; BLIP: Li et al., 2022, arXiv:2201.12086).
 
     With queues ``I_q``, ``T_q`` (K, dim), keys ``T = cat([text_feat_m, T_q])`` and
     ``I = cat([image_feat_m, I_q])`` (momentum features, no gradient) and the learnable
@@ -324,9 +325,9 @@ class ITCLoss(nn.Module):
 
     After the loss, the momentum features (and ``idx``) -- all-gathered across ranks when
     distributed -- are enqueued at ``queue_ptr``; the global batch must divide ``queue_size``.
-With ``fused=False`` the loss is ALBEF's eager formula
-(:func:`vlfast.reference.albef_itc_reference`, materializing the (N, N + K) similarities, in
-the features' dtype) with the same temperature clamp, gathers, queues and enqueue.
+    With ``fused=False`` the loss is ALBEF's eager formula
+    (:func:`vlfast.reference.albef_itc_reference`, materializing the (N, N + K) similarities, in
+    the features' dtype) with the same temperature clamp, gathers, queues and enqueue.
 
     ``gather=False`` (ALBEF / BLIP): the in-batch keys are this rank's momentum features.
     ``gather=True``: they are every rank's (all-gathered, no gradient needed: keys are

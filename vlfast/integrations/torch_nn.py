@@ -1,4 +1,4 @@
-"""``vlfast.patch(model)``: swap vlfast's fused modules into an existing model in place."""
+"""torch.nn integration of ``vlfast.patch``: swap vlfast's fused modules for torch.nn's, in place."""
 
 import logging
 from typing import Dict, Optional
@@ -17,7 +17,7 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 
 
 def _convert_mha(m: nn.MultiheadAttention, backend: Optional[str]) -> nn.Module:
-    from .nn.attention import MultiheadAttention
+    from ..nn.attention import MultiheadAttention
 
     ref = m.in_proj_weight if m.in_proj_weight is not None else m.q_proj_weight
     # built on the meta device (no allocation, no init), then given the original's tensors
@@ -98,6 +98,6 @@ def patch(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
 
 
 def _is_vlfast(m: nn.Module) -> bool:
-    from .nn.attention import MultiheadAttention
+    from ..nn.attention import MultiheadAttention
 
     return isinstance(m, MultiheadAttention)
