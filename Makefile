@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make test    create .venv, install, build the native extension, run the tests
 #   make bench   the same set-up, then the benchmark harness (vlfast bench)
+# Also: make test-fast (no slow or distributed tests), make lint (ruff), make info.
 #
 # TORCH_SPEC pins torch.  On a machine without a GPU, torch==2.13.0 resolves to
 # the local CPU wheel; never let an install here pull a CUDA build of torch.
@@ -13,32 +14,46 @@ PIP_FLAGS  ?= -q --disable-pip-version-check
 VPY        := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP:= $(VENV)/.vlfast-built
-NATIVE_SRC := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+# what `pip install -e .` reads: a change re-installs (rebuilds vlfast._C, rewrites the metadata and
+# its version, which vlfast/__init__.py holds)
+INSTALL_SRC:= setup.py pyproject.toml CMakeLists.txt vlfast/__init__.py $(wildcard csrc/*)
 BENCH_ARGS ?=
 PYTEST_ARGS?=
 
-.PHONY: test bench install info clean
+.PHONY: test test-fast lint bench install info clean
 
 $(DEPS_STAMP): Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
-	# unpinned deps that torch does not constrain; torch itself is never re-resolved
-	$(VPY) -m pip install $(PIP_FLAGS) triton numpy tqdm matplotlib pillow pytest pytest-benchmark pybind11 ninja "setuptools>=64" wheel
+	# unpinned deps that torch does not constrain; torch itself is never re-resolved.
+	# pyproject.toml declares each of them (dependencies or an extra); tests/test_packaging.py checks it
+	$(VPY) -m pip install $(PIP_FLAGS) triton numpy tqdm matplotlib pillow pytest pytest-benchmark pybind11 ninja \
+		"setuptools>=64" wheel ruff==0.17.6
 	# DeepSpeed (ZeRO integration): no build isolation and no deps, so its build uses this torch and never
-	# resolves another one; DS_BUILD_OPS=0 builds no ops ahead (the CPU comm op is JIT-built by ninja)
+	# resolves another one; DS_BUILD_OPS=0 builds no ops ahead (the CPU comm op is JIT-built by ninja).
+	# These pins are pyproject.toml's `deepspeed` extra, exactly (tests/test_packaging.py checks it)
 	DS_BUILD_OPS=0 $(VPY) -m pip install $(PIP_FLAGS) --no-build-isolation --no-deps deepspeed==0.19.8 hjson==3.1.0 \
 		msgpack==1.2.4 einops==0.8.2 py-cpuinfo==9.0.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
 		typing-inspection==0.4.5 psutil==7.2.2
 	touch $@
 
-$(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)
+$(BUILD_STAMP): $(DEPS_STAMP) $(INSTALL_SRC)
 	$(VPY) -m pip install $(PIP_FLAGS) --no-build-isolation --no-deps -e .
 	touch $@
 
 install: $(BUILD_STAMP)
 
+# the CI command: every test
 test: install
 	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
+
+# no slow and no multi-process tests (markers registered in tests/conftest.py)
+test-fast: install
+	$(VPY) -m pytest tests -q -m "not slow and not distributed" $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml; needs no build of vlfast
+lint: $(DEPS_STAMP)
+	$(VPY) -m ruff check .
 
 bench: install
 	$(VPY) -m vlfast bench $(BENCH_ARGS)
@@ -47,4 +62,4 @@ info: install
 	$(VPY) -m vlfast info
 
 clean:
-	rm -rf build *.egg-info vlfast/_C*.so
+	rm -rf build *.egg-info vlfast/_C*.so .ruff_cache

@@ -2,8 +2,9 @@
 
 Providers:
 
-* ``eager``: plain PyTorch math (``softmax(q k^T * scale + mask) v``), what timm's
-  ``fused_attn=False`` path and BERT's eager attention do;
+* ``eager``: :func:`vlfast.reference.attention_reference`, plain PyTorch math
+  (``softmax((q * scale) k^T, masked) v``, timm's ``fused_attn=False`` path): exactly what
+  the ``vlfast.nn`` attention modules run with ``fused=False``;
 * ``sdpa``: ``F.scaled_dot_product_attention`` with torch's own backend choice
   (flash / memory-efficient / cuDNN / math), given the same mask;
 * ``compile``: ``torch.compile`` of ``eager`` (CUDA only: compile time);
@@ -15,8 +16,6 @@ backward (FlashAttention's convention), halved for causal.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +45,6 @@ _TARGETS = {
 }
 
 
-def _eager(q, k, v, mask_add, causal):
-    s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    if mask_add is not None:
-        s = s + mask_add
-    if causal:
-        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
-    return torch.matmul(torch.softmax(s.float(), dim=-1).to(q.dtype), v)
-
-
 def _fwd_bwd(fn, leaves, do):
     def run():
         out = fn(*leaves)
@@ -69,6 +59,7 @@ def _fwd_bwd(fn, leaves, do):
 def cases(device: torch.device, quick: bool):
     from vlfast import available_backends
     from vlfast.ops import attention
+    from vlfast.reference import attention_reference
 
     table = QUICK_CASES if quick else (CUDA_CASES if device.type == "cuda" else CPU_CASES)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -79,22 +70,23 @@ def cases(device: torch.device, quick: bool):
                    for _ in range(3))
         do = torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype)
         kpm = None
-        mask_add = None
         if pad:
             lengths = (N * (1 - pad * 2 * torch.rand(B, generator=g))).long().clamp(1, N)  # mean padding ~= pad
             kpm = (torch.arange(N)[None, :] >= lengths[:, None]).to(device)
-            mask_add = torch.zeros(B, 1, 1, N, device=device, dtype=dtype).masked_fill(
-                kpm[:, None, None, :], float("-inf"))
+
+        def eager(q, k, v, kpm=kpm, causal=causal):  # what vlfast.nn runs with fused=False
+            return attention_reference(q, k, v, key_padding_mask=kpm, causal=causal)
+
         leaves = (q, k, v)
         providers = {
-            "eager": _fwd_bwd(lambda q, k, v: _eager(q, k, v, mask_add, causal), leaves, do),
+            "eager": _fwd_bwd(eager, leaves, do),
             "sdpa": _fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if kpm is None else ~kpm[:, None, None, :], is_causal=causal),
                 leaves, do),
         }
         unavailable = {}
         if device.type == "cuda":
-            compiled = torch.compile(lambda q, k, v: _eager(q, k, v, mask_add, causal))
+            compiled = torch.compile(eager)
             providers["compile"] = _fwd_bwd(compiled, leaves, do)
             if reasons.get("xformers") is None:
                 providers["xformers"] = _fwd_bwd(lambda q, k, v: attention(

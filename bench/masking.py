@@ -2,9 +2,11 @@
 
 Providers:
 
-* ``eager``: MAE's code (He et al., 2021): ``x + pos_embed``, ``rand``, two argsorts,
-  a gather of the kept tokens, a gather of the mask (``random_masking``); the
-  decoder's ``cat`` + ``gather`` (``unshuffle``).
+* ``eager``: MAE's code (He et al., 2021) as :mod:`vlfast.reference.masking` writes it and
+  ``vlfast.nn.RandomMasking`` / ``UnshuffleTokens`` run it with ``fused=False``: ``rand``,
+  ``x + pos_embed``, two argsorts, a gather of the kept tokens, a gather of the mask
+  (``random_masking_reference``); the decoder's ``cat`` + ``gather``
+  (``unshuffle_tokens_reference``).
 * ``vlfast`` (auto backend) and ``vlfast[<backend>]``: ``vlfast.ops.random_masking`` /
   ``vlfast.ops.unshuffle_tokens``.
 
@@ -25,28 +27,6 @@ RATIO = 0.75
 SIZES = {"quick": (4, 49, 64), "cpu": (64, 196, 768), "cuda": (256, 196, 1024)}
 DTYPE = {"quick": torch.float32, "cpu": torch.float32, "cuda": torch.bfloat16}
 BACKENDS = {"cpu": ["native", "torch"], "cuda": ["triton", "torch"]}
-
-
-def _eager_masking(x, pos, ratio, noise=None):
-    N, L, D = x.shape
-    x = x + pos
-    len_keep = int(L * (1 - ratio))
-    noise = torch.rand(N, L, device=x.device) if noise is None else noise
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
-    mask = torch.ones([N, L], device=x.device, dtype=x.dtype)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
-    return x_masked, mask, ids_restore
-
-
-def _eager_unshuffle(x, ids_restore, mask_token):
-    B, K, C = x.shape
-    mask_tokens = mask_token.repeat(B, ids_restore.shape[1] - K, 1)
-    x_ = torch.cat([x, mask_tokens], dim=1)
-    return torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, C))
 
 
 def _raiser(msg: str) -> Callable[[], None]:
@@ -74,6 +54,7 @@ def _providers(device, eager_fn, vlfast_fn, check, op):
 @register("masking")
 def cases(device: torch.device, quick: bool):
     from vlfast.ops import random_masking, unshuffle_tokens
+    from vlfast.reference import random_masking_reference, unshuffle_tokens_reference
 
     key = "quick" if quick else device.type
     B, L, D = SIZES.get(key, SIZES["cpu"])
@@ -87,7 +68,10 @@ def cases(device: torch.device, quick: bool):
 
     # ---- random masking (forward), with the positional add
     noise = torch.rand(B, L, device=device)
-    want = _eager_masking(x, pos, RATIO, noise)
+    want = random_masking_reference(x, RATIO, noise, pos)
+
+    def eager_mask():  # RandomMasking(fused=False): the noise draw, then MAE's sequence
+        return random_masking_reference(x, RATIO, torch.rand(B, L, device=device), pos)
 
     def check_mask(backend):
         got = random_masking(x, RATIO, noise=noise, pos_embed=pos, backend=backend)
@@ -97,8 +81,7 @@ def cases(device: torch.device, quick: bool):
     def vl_mask(backend):
         return lambda: random_masking(x, RATIO, pos_embed=pos, backend=backend)
 
-    providers, unavailable = _providers(device, lambda: _eager_masking(x, pos, RATIO), vl_mask, check_mask,
-                                        "random_masking")
+    providers, unavailable = _providers(device, eager_mask, vl_mask, check_mask, "random_masking")
     targets = []
     if big:
         targets = [
@@ -119,7 +102,7 @@ def cases(device: torch.device, quick: bool):
     x_kept = torch.randn(B, K, D, device=device, dtype=dtype)
     ids_restore = torch.stack([torch.randperm(L, device=device) for _ in range(B)])
     token = torch.randn(1, 1, D, device=device, dtype=dtype)
-    want_u = _eager_unshuffle(x_kept, ids_restore, token)
+    want_u = unshuffle_tokens_reference(x_kept, ids_restore, token)
 
     def check_unshuffle(backend):
         got = unshuffle_tokens(x_kept, ids_restore, token, backend=backend)
@@ -128,7 +111,7 @@ def cases(device: torch.device, quick: bool):
     def vl_unshuffle(backend):
         return lambda: unshuffle_tokens(x_kept, ids_restore, token, backend=backend)
 
-    providers, unavailable = _providers(device, lambda: _eager_unshuffle(x_kept, ids_restore, token),
+    providers, unavailable = _providers(device, lambda: unshuffle_tokens_reference(x_kept, ids_restore, token),
                                         vl_unshuffle, check_unshuffle, "unshuffle_tokens")
     targets = []
     if big:

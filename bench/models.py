@@ -1,7 +1,8 @@
 """Model-level benchmarks: one training step (forward + backward + optimizer + momentum update).
 
-Providers: ``eager`` (``vlfast.models.create(name, fused=False)``: plain PyTorch math
-attention, eager losses, masking and momentum loops as in the papers' code),
+Providers: ``eager`` (``vlfast.models.create(name, fused=False)``: every ``vlfast.nn``
+module on the eager formulas of :mod:`vlfast.reference` -- math attention, materialized-logit
+losses, MAE's argsort masking -- and MoCo's per-parameter momentum loop, as in the papers' code),
 ``fused`` (the same architecture and weights on vlfast ops), and on CUDA
 ``compile(eager)`` / ``compile(fused)`` (``torch.compile`` of the step's forward).
 Reports samples/s (``items/s``) and, on CUDA, the peak memory of a step.

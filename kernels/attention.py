@@ -94,41 +94,44 @@ TILES = TileTable(
 
 # ----------------------------------------------------------------------------- device code
 @triton.jit
-def _visible_scores(s, offs_m, offs_n, row_ok, n_ok, bias_ptr, s_bm, s_bn, kpm_ptr, s_pn, Nq, Nk,
+def _visible_scores(s, offs_m, offs_n, m_ok, n_ok, live, bias_ptr, s_bm, s_bn, kpm_ptr, s_pn, Nq, Nk,
                     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-                    TRANS: tl.constexpr):
+                    LIVE: tl.constexpr, TRANS: tl.constexpr):
     """The visibility rule of every attention kernel, applied to one score tile (base 2).
 
     ``s`` holds ``scale * log2(e) * <q_i, k_j>`` (fp32) for queries ``offs_m`` and keys ``offs_n``
     (absolute indices), laid out ``[queries, keys]``, or ``[keys, queries]`` when ``TRANS``.
-    Returns ``s + log2(e) * bias_ij`` where query ``i`` sees key ``j``, ``-inf`` elsewhere.
-    Query ``i`` sees key ``j`` iff ``row_ok_i`` (the row exists and, in the backward, has a
-    finite lse), ``n_ok_j`` (``j < Nk``), key ``j`` is not padding (``kpm_ptr[j * s_pn] == 0``)
-    and, with ``CAUSAL``, ``j <= i + Nk - Nq`` (causal aligned to the bottom-right corner).
-    ``bias_ptr`` points at the bias element (offs_m[0], offs_n[0]) of this (b, h); ``s_bm`` /
-    ``s_bn`` are its query / key strides; ``kpm_ptr`` points at batch row b of the padding mask.
+    Returns ``s + log2(e) * bias_ij`` where query ``i`` sees key ``j`` and ``-inf`` elsewhere.
+    Query ``i`` sees key ``j`` iff ``j < Nk`` (``n_ok``), key ``j`` is not padding
+    (``kpm_ptr[j * s_pn] == 0``), with ``CAUSAL`` ``j <= i + Nk - Nq`` (bottom-right aligned) and,
+    with ``LIVE`` (the backward), ``live_i`` (the row has a finite lse; dead rows get no gradient).
+    ``m_ok`` (``i < Nq``) masks the bias loads; the forward does not mask rows (out-of-range rows
+    are never stored).  ``bias_ptr`` points at the bias element (offs_m[0], offs_n[0]) of this
+    (b, h), ``s_bm`` / ``s_bn`` its query / key strides; ``kpm_ptr`` points at batch row b.
     """
-    if TRANS:
-        both_ok = n_ok[:, None] & row_ok[None, :]
-    else:
-        both_ok = row_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         if TRANS:
             bias_off = tl.arange(0, s.shape[0])[:, None] * s_bn + tl.arange(0, s.shape[1])[None, :] * s_bm
+            in_range = n_ok[:, None] & m_ok[None, :]
         else:
             bias_off = tl.arange(0, s.shape[0])[:, None] * s_bm + tl.arange(0, s.shape[1])[None, :] * s_bn
-        bias = tl.load(bias_ptr + bias_off, mask=both_ok, other=0.0)
+            in_range = m_ok[:, None] & n_ok[None, :]
+        bias = tl.load(bias_ptr + bias_off, mask=in_range, other=0.0)
         s += bias.to(tl.float32) * LOG2E_C
     key_ok = n_ok
     if HAS_KPM:
         pad = tl.load(kpm_ptr + offs_n.to(tl.int64) * s_pn, mask=n_ok, other=1)
         key_ok = key_ok & (pad == 0)
     if TRANS:
-        valid = key_ok[:, None] & row_ok[None, :]
+        valid = key_ok[:, None]
+        if LIVE:
+            valid = valid & live[None, :]
         if CAUSAL:
             valid = valid & (offs_n[:, None] <= offs_m[None, :] + (Nk - Nq))
     else:
-        valid = row_ok[:, None] & key_ok[None, :]
+        valid = key_ok[None, :]
+        if LIVE:
+            valid = valid & live[:, None]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
     return tl.where(valid, s, float("-inf"))
@@ -208,8 +211,8 @@ def _attn_fwd_kernel(
         k = tl.load(k_base + kv_off * s_kn + offs_n0[:, None] * s_kn + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
-        s = _visible_scores(s, offs_m, offs_n, m_ok, n_ok, bias_base + kv_off * s_bn, s_bm, s_bn,
-                            kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, False)
+        s = _visible_scores(s, offs_m, offs_n, m_ok, n_ok, m_ok, bias_base + kv_off * s_bn, s_bm, s_bn,
+                            kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, False, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -314,8 +317,8 @@ def _attn_bwd_dkdv_kernel(
         row_ok = lse != float("-inf")                  # rows that see no key get no gradient
         lse2 = tl.where(row_ok, lse * LOG2E_C, 0.0)
         sT = mma(k, qT, None, DOT_PREC, UPCAST_DOT) * qk_scale
-        sT = _visible_scores(sT, offs_m, offs_n, row_ok, n_ok, bias_base + q_off * s_bm, s_bm, s_bn,
-                             kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, True)
+        sT = _visible_scores(sT, offs_m, offs_n, m_ok, n_ok, row_ok, bias_base + q_off * s_bm, s_bm, s_bn,
+                             kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, True, True)
         pT = tl.exp2(sT - lse2[None, :])
         do = tl.load(do_base + q_off * s_dm + offs_m0[:, None] * s_dm + offs_d[None, :],
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -405,8 +408,8 @@ def _attn_bwd_dq_kernel(
         v = tl.load(v_base + kv_off * s_vn + offs_n0[:, None] * s_vn + offs_d[None, :],
                     mask=kd_msk, other=0.0)
         s = mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
-        s = _visible_scores(s, offs_m, offs_n, row_ok, n_ok, bias_base + kv_off * s_bn, s_bm, s_bn,
-                            kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, False)
+        s = _visible_scores(s, offs_m, offs_n, m_ok, n_ok, row_ok, bias_base + kv_off * s_bn, s_bm, s_bn,
+                            kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, True, False)
         p = tl.exp2(s - lse2[:, None])
         dp = mma(do, tl.trans(v), None, DOT_PREC, UPCAST_DOT)
         if DROPOUT:

@@ -34,39 +34,43 @@ SigLIP (``u_ij = scale * x_ij + bias``, ``z_ij = +1`` iff ``j == i + pos_offset`
 Rows / columns beyond ``Nq`` / ``Nk`` are masked (zero features, ``-inf`` in the max / sum,
 zero in the gradients).  All row offsets are int64; every grid is 1-D.
 Outputs in bf16 are rounded with ``round_to`` (round-to-nearest-even also in the interpreter).
+Tiles: the table ``TILES`` below (``vlfast info`` prints it; the interpreter's tiles are in
+``_common.INTERPRETER_TILES``; tests force tiles with ``_common.override_tiles``).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import round_to
+from vlfast import _validation as check
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+from ._common import LN2_C, LOG2E, LOG2E_C, TileTable, dot_precision, mma, round_to, upcast_dot
 
-# Optional override for tests / tuning (any subset of the keys; powers of two >= 16):
-#   {"fwd": (BLOCK_M, BLOCK_N, BLOCK_D), "bwd": (BLOCK_A, BLOCK_B, BLOCK_D, BLOCK_DO)}
-BLOCKS = None
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# ----------------------------------------------------------------------------- tiles
+TILES = TileTable(
+    "contrastive",
+    doc="InfoNCE / SigLIP tiles, UNTUNED (never timed on a GPU), only checked by compiling for sm_90 "
+        "without a GPU (cuobjdump resource usage): fp16/bf16 use wgmma with no register spills for D in "
+        "{64, 257, 512, 768}, with and without soft targets; fp32 (IEEE FMA dots, no tensor cores) spills "
+        "<= 32 bytes of stack (D = 64 with soft targets, D = 768).  fwd BLOCK_M x BLOCK_N score tiles "
+        "(bwd: BLOCK_M rows of the output side A x BLOCK_N rows of B), BLOCK_D-wide feature chunks "
+        "(capped at next_pow2(D), and next_pow2(DS) for the soft features), BLOCK_DO output features per "
+        "bwd program (capped at next_pow2(D)).  soft: with soft targets.",
+    kernels={"fwd": ("_lse_fwd_kernel", "_siglip_fwd_kernel"), "bwd": ("_bwd_kernel",)},
+    keys=("kind", "dtype", "soft"),
+    values=("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO", "num_warps", "num_stages"),
+    rows=(
+        # kind  dtype        soft   BLOCK_M  BLOCK_N  BLOCK_D  BLOCK_DO  num_warps  num_stages
+        ("fwd", "fp16/bf16", None,  128,     64,      32,      None,     8,         3),
+        ("fwd", "fp32",      None,  64,      32,      32,      None,     4,         2),
+        ("bwd", "fp16/bf16", True,  64,      32,      64,      128,      8,         2),
+        ("bwd", "fp16/bf16", False, 64,      64,      64,      128,      8,         2),
+        ("bwd", "fp32",      None,  64,      32,      32,      64,       8,         2),
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- device code
-@triton.jit
-def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b + acc`` (fp32).  UPCAST (bf16 in the interpreter only, whose ``tl.dot`` multiplies
-    the raw uint16 storage of bf16) widens the operands first: same products as the GPU MMA."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
 @triton.jit
 def _sdot(a_ptr, a_rows, a_ok, s_a, b_ptr, b_rows, b_ok, s_b,
           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -86,7 +90,7 @@ def _sdot(a_ptr, a_rows, a_ok, s_a, b_ptr, b_rows, b_ok, s_b,
             d_ok = dd < D
             a = tl.load(a_base + dd[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
             b = tl.load(b_base + dd[None, :], mask=b_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = _mma(a, tl.trans(b), acc, DOT_PREC, UPCAST)
+        acc = mma(a, tl.trans(b), acc, DOT_PREC, UPCAST)
     return acc
 
 
@@ -139,10 +143,10 @@ def _lse_fwd_kernel(
             acc = acc * beta + tl.sum(th * x, 1)
             mh_i = mh_new
 
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_i)) * LN2_C
     tl.store(lse_ptr + offs_m, lse, mask=m_ok)
     if SOFT:
-        tl.store(slse_ptr + offs_m, (mh_i + tl.log2(lh_i)) * 0.6931471805599453, mask=m_ok)
+        tl.store(slse_ptr + offs_m, (mh_i + tl.log2(lh_i)) * LN2_C, mask=m_ok)
         tl.store(sdot_ptr + offs_m, acc * (scale / lh_i), mask=m_ok)
 
 
@@ -197,9 +201,9 @@ def _bwd_kernel(
     if A_IS_Q:
         g_a = tl.load(g_ptr + offs_a, mask=a_ok, other=0.0)
         if not SIGLIP:
-            lse_a = tl.load(lse_ptr + offs_a, mask=a_ok, other=0.0) * 1.4426950408889634
+            lse_a = tl.load(lse_ptr + offs_a, mask=a_ok, other=0.0) * LOG2E_C
             if SOFT:
-                slse_a = tl.load(slse_ptr + offs_a, mask=a_ok, other=0.0) * 1.4426950408889634
+                slse_a = tl.load(slse_ptr + offs_a, mask=a_ok, other=0.0) * LOG2E_C
                 gs_a = tl.load(gs_ptr + offs_a, mask=a_ok, other=0.0)
 
     acc = tl.zeros([BLOCK_A, BLOCK_DO], tl.float32)
@@ -229,7 +233,7 @@ def _bwd_kernel(
             if A_IS_Q:
                 lse = lse_a[:, None]
             else:
-                lse = (tl.load(lse_ptr + offs_b, mask=b_ok, other=0.0) * 1.4426950408889634)[None, :]
+                lse = (tl.load(lse_ptr + offs_b, mask=b_ok, other=0.0) * LOG2E_C)[None, :]
             G = g * tl.exp2(x * c_main - lse)
             if SOFT:
                 xh = _sdot(sa_ptr, offs_a, a_ok, s_sa, sb_ptr, offs_b, b_ok, s_sb,
@@ -238,13 +242,13 @@ def _bwd_kernel(
                     slse = slse_a[:, None]
                     gs = gs_a[:, None]
                 else:
-                    slse = (tl.load(slse_ptr + offs_b, mask=b_ok, other=0.0) * 1.4426950408889634)[None, :]
+                    slse = (tl.load(slse_ptr + offs_b, mask=b_ok, other=0.0) * LOG2E_C)[None, :]
                     gs = tl.load(gs_ptr + offs_b, mask=b_ok, other=0.0)[None, :]
                 G += gs * tl.exp2(xh * c_soft - slse)
         G = tl.where(valid, G, 0.0)
         bo = tl.load(b_ptr + offs_b[:, None] * s_b + offs_o[None, :],
                      mask=b_ok[:, None] & o_ok[None, :], other=0.0)
-        acc = _mma(G.to(dtype), bo, acc, DOT_PREC, UPCAST)
+        acc = mma(G.to(dtype), bo, acc, DOT_PREC, UPCAST)
         if PARTIALS:
             ds_acc += tl.sum(G * x, 1)
             if SIGLIP:
@@ -260,64 +264,32 @@ def _bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- host side
+_INT64_MAX = 2 ** 63 - 1
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
 def _config(kind: str, dtype: torch.dtype, D: int, DS: int = 0):
-    """Block sizes and launch options.
-
-    GPU choices are UNTUNED (never timed on a GPU); they were only checked by compiling for
-    sm_90 without a GPU (cuobjdump resource usage): fp16/bf16 use wgmma and have no register
-    spills for D in {64, 257, 512, 768} with and without soft targets; fp32 (IEEE FMA dots, no
-    tensor cores) spills <= 32 bytes of stack (D = 64 with soft targets, D = 768).
-      fwd  fp16/bf16: 128 x 64 tiles, 32-wide feature chunks, 8 warps, 3 stages
-           fp32:       64 x 32 tiles, 32-wide chunks, 4 warps, 2 stages
-      bwd  fp16/bf16:  64 x 64 tiles (64 x 32 with soft targets), 64-wide chunks, 128 output
-                       features per program, 8 warps, 2 stages
-           fp32:       64 x 32 tiles, 32-wide chunks, 64 output features, 8 warps, 2 stages
-    The interpreter uses 16x16 tiles with 32-wide chunks (test speed only).
-    """
-    half = dtype != torch.float32
-    if kind == "fwd":
-        if _interpret():
-            bm, bn, bd, warps, stages = 16, 16, 32, 4, 1
-        elif half:
-            bm, bn, bd, warps, stages = 128, 64, 32, 8, 3
-        else:
-            bm, bn, bd, warps, stages = 64, 32, 32, 4, 2
-        if BLOCKS and "fwd" in BLOCKS:
-            bm, bn, bd = BLOCKS["fwd"]
-        bdo = None
-    else:
-        if _interpret():
-            bm, bn, bd, bdo, warps, stages = 16, 16, 32, 64, 4, 1
-        elif half:
-            bm, bn, bd, bdo, warps, stages = 64, (32 if DS else 64), 64, 128, 8, 2
-        else:
-            bm, bn, bd, bdo, warps, stages = 64, 32, 32, 64, 8, 2
-        if BLOCKS and "bwd" in BLOCKS:
-            bm, bn, bd, bdo = BLOCKS["bwd"]
-        bdo = min(bdo, _pow2(D))
-    return dict(bm=bm, bn=bn, bd=min(bd, _pow2(D)), bds=min(bd, _pow2(DS)), bdo=bdo,
-                num_warps=warps, num_stages=stages)
+    """Tiles of ``kind`` (fwd, bwd) from ``TILES``; feature chunks capped at the feature dims."""
+    t = TILES.lookup(kind, dtype, soft=DS > 0)
+    bdo = None if kind == "fwd" else min(t["BLOCK_DO"], _pow2(D))
+    return dict(bm=t["BLOCK_M"], bn=t["BLOCK_N"], bd=min(t["BLOCK_D"], _pow2(D)),
+                bds=min(t["BLOCK_D"], _pow2(DS)), bdo=bdo,
+                num_warps=t["num_warps"], num_stages=t["num_stages"])
 
 
-def _prec(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _upcast(dtype):
-    # the interpreter's tl.dot treats bf16 (stored as uint16) as integers
-    return dtype == torch.bfloat16 and _interpret()
-
-
-def _check_pair(a, b, what):
-    assert a.dim() == 2 and b.dim() == 2, f"{what}: 2-D (N, D) tensors expected"
-    assert a.dtype == b.dtype and a.dtype in (torch.float32, torch.float16, torch.bfloat16), \
-        f"{what}: same dtype, one of fp32/fp16/bf16"
-    assert a.shape[1] == b.shape[1], f"{what}: feature dims differ"
-    assert a.device == b.device, f"{what}: different devices"
+# ----------------------------------------------------------------------------- argument checks
+def _check_pair(a_name, a, b_name, b):
+    """Two (N, D) feature tensors of one fp32 / fp16 / bf16 dtype and device, last stride made 1."""
+    a = check.tensor(a_name, a, ndim=2, dtypes=check.HALF_AND_FLOAT, shape_doc="(N, D)")
+    b = check.tensor(b_name, b, ndim=2, dtypes=check.HALF_AND_FLOAT, shape_doc="(N, D)")
+    if b.dtype != a.dtype:
+        raise TypeError(f"{b_name} must have {a_name}'s dtype {a.dtype}, got {b.dtype}")
+    if b.shape[1] != a.shape[1]:
+        raise ValueError(f"{b_name} has feature dim {b.shape[1]}, expected {a_name}'s D = {a.shape[1]}")
+    check.same_device(b_name, b, a.device, a_name)
     if a.stride(-1) != 1:
         a = a.contiguous()
     if b.stride(-1) != 1:
@@ -325,27 +297,52 @@ def _check_pair(a, b, what):
     return a, b
 
 
-def _vec(v, n, device):
+def _check_soft(q, k, sq, sk):
+    """Soft-target features: both or neither; (Nq, DS) and (Nk, DS) on q's device."""
+    if (sq is None) != (sk is None):
+        raise ValueError("sq and sk must be given together (or both None)")
+    if sq is None:
+        return None, None
+    sq, sk = _check_pair("sq", sq, "sk", sk)
+    if sq.shape[0] != q.shape[0] or sk.shape[0] != k.shape[0]:
+        raise ValueError(f"sq and sk must have Nq = {q.shape[0]} and Nk = {k.shape[0]} rows, "
+                         f"got {sq.shape[0]} and {sk.shape[0]}")
+    check.same_device("sq", sq, q.device, "q")
+    return sq, sk
+
+
+def _vec(name, v, n, device):
+    """A per-row vector of n values as fp32 (n,) on ``device``; None gives zeros."""
     if v is None:
         return torch.zeros(n, dtype=torch.float32, device=device)
-    assert v.numel() == n, "per-row vector of the wrong length"
+    check.tensor(name, v, dtypes=check.FLOATING)
+    if v.numel() != n:
+        raise ValueError(f"{name} must have {n} elements (one per row), got shape {tuple(v.shape)}")
     return v.reshape(n).to(device=device, dtype=torch.float32).contiguous()
 
 
+# ----------------------------------------------------------------------------- launchers
 def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scale: float = 1.0):
-    """``(lse, soft_dot, soft_lse)`` fp32 (Nq,); the soft ones are None without ``sq`` / ``sk``.
+    """InfoNCE statistics without the logits: ``(lse, soft_dot, soft_lse)``, fp32 (Nq,) each.
 
     ``lse_i = log sum_j exp(scale <q_i, k_j>)``; with soft targets
     ``t_ij = softmax_j(soft_scale <sq_i, sk_j>)``, ``soft_lse_i`` its log-normalizer and
     ``soft_dot_i = sum_j t_ij * scale <q_i, k_j>``.  Nk == 0 gives lse = soft_lse = -inf,
     soft_dot = 0.
+
+    Args:
+        q: (Nq, D), k: (Nk, D), one dtype of fp32 / fp16 / bf16, one device, any row stride.
+        scale, soft_scale: floats.  sq: (Nq, DS), sk: (Nk, DS) soft-target features (one dtype),
+            both or neither.
+
+    Returns: ``(lse, soft_dot, soft_lse)``; the soft ones are None without ``sq`` / ``sk``.
+    Tiles: ``TILES`` kind ``fwd`` (one program per BLOCK_M queries, BLOCK_N keys per step).
     """
-    q, k = _check_pair(q, k, "q, k")
+    q, k = _check_pair("q", q, "k", k)
+    sq, sk = _check_soft(q, k, sq, sk)
+    scale = check.real("scale", scale, finite=False)
+    soft_scale = check.real("soft_scale", soft_scale, finite=False)
     soft = sq is not None
-    if soft:
-        assert sk is not None, "sq and sk go together"
-        sq, sk = _check_pair(sq, sk, "sq, sk")
-        assert sq.shape[0] == q.shape[0] and sk.shape[0] == k.shape[0], "soft features: row counts"
     Nq, D = q.shape
     Nk = k.shape[0]
     DS = sq.shape[1] if soft else 0
@@ -365,9 +362,9 @@ def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scal
     _lse_fwd_kernel[grid](
         q, k, sq if soft else q, sk if soft else k, lse, sdot if soft else lse, slse if soft else lse,
         q.stride(0), k.stride(0), sq.stride(0) if soft else 0, sk.stride(0) if soft else 0,
-        Nq, Nk, float(scale) * _LOG2E, float(soft_scale) * _LOG2E, float(scale),
+        Nq, Nk, scale * LOG2E, soft_scale * LOG2E, scale,
         D=D, DS=DS, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_D=cfg["bd"], BLOCK_DS=cfg["bds"],
-        SOFT=soft, DOT_PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype),
+        SOFT=soft, DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return lse, sdot, slse
 
@@ -375,7 +372,8 @@ def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scal
 def _launch_bwd(a, b, sa, sb, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0.0, pos_offset=0,
                 siglip, a_is_q, partials):
     """``scale * G @ b`` (A = queries) or ``scale * G^T @ b`` (A = keys), G over A x B, and
-    (partials) the fp32 partial sums of ``G * x`` and ``G``, shape (2, n_programs)."""
+    (partials) the fp32 partial sums of ``G * x`` and ``G``, shape (2, n_programs).
+    Arguments are checked by the callers."""
     Na, D = a.shape
     Nb = b.shape[0]
     soft = sa is not None
@@ -392,39 +390,50 @@ def _launch_bwd(a, b, sa, sb, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0
         out, part,
         a.stride(0), b.stride(0), sa.stride(0) if soft else 0, sb.stride(0) if soft else 0,
         Na, Nb, n_dout,
-        float(scale) * _LOG2E, float(soft_scale) * _LOG2E, float(scale), float(bias), int(pos_offset),
+        scale * LOG2E, soft_scale * LOG2E, scale, bias, pos_offset,
         D=D, DS=DS, BLOCK_A=cfg["bm"], BLOCK_B=cfg["bn"], BLOCK_D=cfg["bd"], BLOCK_DS=cfg["bds"],
         BLOCK_DO=cfg["bdo"], SIGLIP=siglip, SOFT=soft, A_IS_Q=a_is_q, PARTIALS=partials,
-        OUT_BF16=a.dtype == torch.bfloat16, DOT_PREC=_prec(a.dtype), UPCAST=_upcast(a.dtype),
+        OUT_BF16=a.dtype == torch.bfloat16, DOT_PREC=dot_precision(a.dtype), UPCAST=upcast_dot(a.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, (part if partials else None)
 
 
 def contrastive_loss_lse_backward(q, k, scale: float, lse, g_lse, sq=None, sk=None, soft_scale: float = 1.0,
-                      soft_lse=None, g_soft=None):
+                                  soft_lse=None, g_soft=None):
     """Gradients of ``sum_i g_lse_i lse_i + g_soft_i soft_dot_i`` (the soft target t constant).
 
-    ``G_ij = g_lse_i p_ij + g_soft_i t_ij``; returns ``(dq, dk, dscale)``: ``dq = scale G @ k``
-    (q.dtype), ``dk = scale G^T @ q`` (k.dtype), ``dscale = sum_ij G_ij <q_i, k_j>`` (0-dim fp32).
-    ``g_lse`` None counts as zeros; ``g_soft`` None drops the soft term.
+    ``G_ij = g_lse_i p_ij + g_soft_i t_ij`` with ``p_ij = exp(scale <q_i, k_j> - lse_i)``;
+    returns ``(dq, dk, dscale)``: ``dq = scale G @ k`` (q.dtype), ``dk = scale G^T @ q``
+    (k.dtype), ``dscale = sum_ij G_ij <q_i, k_j>`` (0-dim fp32).
+
+    Args:
+        q, k, scale, sq, sk, soft_scale: as given to ``contrastive_loss_lse_forward``.
+        lse, soft_lse: (Nq,) from the forward; g_lse, g_soft: (Nq,) upstream gradients (any
+            floating dtype, read as fp32).  ``g_lse`` None counts as zeros; ``g_soft`` None drops
+            the soft term (``g_soft`` needs sq, sk and soft_lse).
+
+    Tiles: ``TILES`` kind ``bwd``, launched twice (A = queries for dq and the dscale partials,
+    A = keys for dk): one program per BLOCK_M rows of A and BLOCK_DO output features.
     """
-    q, k = _check_pair(q, k, "q, k")
+    q, k = _check_pair("q", q, "k", k)
+    scale = check.real("scale", scale, finite=False)
+    soft_scale = check.real("soft_scale", soft_scale, finite=False)
     Nq, D = q.shape
     Nk = k.shape[0]
     dev = q.device
     soft = g_soft is not None
     if soft:
-        assert sq is not None and sk is not None and soft_lse is not None, \
-            "g_soft needs sq, sk and soft_lse"
-        sq, sk = _check_pair(sq, sk, "sq, sk")
+        if sq is None or sk is None or soft_lse is None:
+            raise ValueError("g_soft needs sq, sk and soft_lse")
+        sq, sk = _check_soft(q, k, sq, sk)
     if Nq == 0 or Nk == 0:
         return (torch.zeros_like(q), torch.zeros_like(k),
                 torch.zeros((), dtype=torch.float32, device=dev))
-    lse = _vec(lse, Nq, dev)
-    g_lse = _vec(g_lse, Nq, dev)
+    lse = _vec("lse", lse, Nq, dev)
+    g_lse = _vec("g_lse", g_lse, Nq, dev)
     if soft:
-        soft_lse = _vec(soft_lse, Nq, dev)
-        g_soft = _vec(g_soft, Nq, dev)
+        soft_lse = _vec("soft_lse", soft_lse, Nq, dev)
+        g_soft = _vec("g_soft", g_soft, Nq, dev)
     else:
         sq = sk = soft_lse = None
     kw = dict(scale=scale, soft_scale=soft_scale, siglip=False)
@@ -434,9 +443,17 @@ def contrastive_loss_lse_backward(q, k, scale: float, lse, g_lse, sq=None, sk=No
 
 
 def siglip_rows_forward(x, y, scale: float, bias: float, pos_offset: int = 0):
-    """Per-row SigLIP loss (fp32, (Nx,)): ``r_i = sum_j softplus(-z_ij (scale <x_i, y_j> + bias))``,
-    ``z_ij = +1`` iff ``j == i + pos_offset`` else -1."""
-    x, y = _check_pair(x, y, "x, y")
+    """Per-row SigLIP loss, fp32 (Nx,): ``r_i = sum_j softplus(-z_ij (scale <x_i, y_j> + bias))``.
+
+    ``z_ij = +1`` iff ``j == i + pos_offset`` else -1.  x: (Nx, D), y: (Ny, D), one dtype of
+    fp32 / fp16 / bf16 and one device; scale, bias: floats; pos_offset: int (the global index
+    of x's first row among y's rows).
+    Tiles: ``TILES`` kind ``fwd`` (one program per BLOCK_M rows of x, BLOCK_N rows of y per step).
+    """
+    x, y = _check_pair("x", x, "y", y)
+    scale = check.real("scale", scale, finite=False)
+    bias = check.real("bias", bias, finite=False)
+    pos_offset = check.integer("pos_offset", pos_offset, -_INT64_MAX - 1, _INT64_MAX)
     Nx, D = x.shape
     Ny = y.shape[0]
     r = torch.zeros(Nx, dtype=torch.float32, device=x.device)
@@ -445,26 +462,33 @@ def siglip_rows_forward(x, y, scale: float, bias: float, pos_offset: int = 0):
     cfg = _config("fwd", x.dtype, D)
     grid = (triton.cdiv(Nx, cfg["bm"]),)
     _siglip_fwd_kernel[grid](
-        x, y, r, x.stride(0), y.stride(0), Nx, Ny, float(scale), float(bias), int(pos_offset),
+        x, y, r, x.stride(0), y.stride(0), Nx, Ny, scale, bias, pos_offset,
         D=D, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_D=cfg["bd"],
-        DOT_PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
+        DOT_PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return r
 
 
 def siglip_rows_backward(x, y, scale: float, bias: float, g_row, pos_offset: int = 0):
-    """Gradients of ``sum_i g_row_i r_i``: ``G_ij = -g_row_i z_ij sigmoid(-z_ij u_ij)``.
+    """Gradients of ``sum_i g_row_i r_i``: ``G_ij = -g_row_i z_ij sigmoid(-z_ij u_ij)``,
+    ``u_ij = scale <x_i, y_j> + bias``.
 
     Returns ``(dx, dy, dscale, dbias)``: ``dx = scale G @ y``, ``dy = scale G^T @ x`` (input
-    dtypes), ``dscale = sum G_ij <x_i, y_j>``, ``dbias = sum G_ij`` (0-dim fp32)."""
-    x, y = _check_pair(x, y, "x, y")
+    dtypes), ``dscale = sum G_ij <x_i, y_j>``, ``dbias = sum G_ij`` (0-dim fp32).  x, y, scale,
+    bias, pos_offset as for ``siglip_rows_forward``; g_row: (Nx,) floating.
+    Tiles: ``TILES`` kind ``bwd`` (A = x for dx and the partial sums, then A = y for dy).
+    """
+    x, y = _check_pair("x", x, "y", y)
+    scale = check.real("scale", scale, finite=False)
+    bias = check.real("bias", bias, finite=False)
+    pos_offset = check.integer("pos_offset", pos_offset, -_INT64_MAX - 1, _INT64_MAX)
     Nx = x.shape[0]
     Ny = y.shape[0]
     dev = x.device
     if Nx == 0 or Ny == 0:
         z = torch.zeros((), dtype=torch.float32, device=dev)
         return torch.zeros_like(x), torch.zeros_like(y), z, z.clone()
-    g_row = _vec(g_row, Nx, dev)
+    g_row = _vec("g_row", g_row, Nx, dev)
     kw = dict(scale=scale, bias=bias, pos_offset=pos_offset, siglip=True)
     dx, part = _launch_bwd(x, y, None, None, None, g_row, None, None, a_is_q=True, partials=True, **kw)
     dy, _ = _launch_bwd(y, x, None, None, None, g_row, None, None, a_is_q=False, partials=False, **kw)

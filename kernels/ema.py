@@ -22,17 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import round_to
+from ._common import TileTable, compute_type, round_to
 
-_TL_DTYPES = {
-    torch.float32: tl.float32,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float64: tl.float64,
-}
-
-BLOCK = 1024          # elements per vectorized step
-CHUNK = 8 * BLOCK     # elements per program
+TILES = TileTable(
+    "ema",
+    doc="Multi-tensor EMA: BLOCK elements per vectorized step, CHUNK (a multiple of BLOCK) elements "
+        "per program; the same on GPUs and in the interpreter; Triton's default warps and stages.",
+    kernels={"multi_tensor": ("_ema_multi_tensor_kernel",)},
+    keys=("kind", "dtype"),
+    values=("BLOCK", "CHUNK"),
+    rows=(
+        # kind           dtype  BLOCK  CHUNK
+        ("multi_tensor", "any", 1024,  8 * 1024),
+    ),
+)
 _META_CACHE_SIZE = 32
 
 
@@ -95,16 +98,16 @@ class _MetaCache:
         self.size = size
         self._d: "OrderedDict[tuple, tuple]" = OrderedDict()
 
-    def get(self, ema, params):
+    def get(self, ema, params, chunk: int):
         device = ema[0].device
         # offsets are in elements, so the element sizes are part of the key
-        key = (device, ema[0].dtype, params[0].dtype,
+        key = (device, ema[0].dtype, params[0].dtype, chunk,
                tuple((e.data_ptr(), p.data_ptr(), e.numel()) for e, p in zip(ema, params)))
         hit = self._d.get(key)
         if hit is not None:
             self._d.move_to_end(key)
             return hit
-        meta = _build_meta(ema, params, device)
+        meta = _build_meta(ema, params, device, chunk)
         self._d[key] = meta
         if len(self._d) > self.size:
             self._d.popitem(last=False)
@@ -117,7 +120,7 @@ class _MetaCache:
 _meta_cache = _MetaCache(_META_CACHE_SIZE)
 
 
-def _build_meta(ema, params, device):
+def _build_meta(ema, params, device, chunk: int):
     e_size = ema[0].element_size()
     p_size = params[0].element_size()
     e_addr = [e.data_ptr() for e in ema]
@@ -129,7 +132,7 @@ def _build_meta(ema, params, device):
     aligned = all(a % 16 == 0 for a in e_addr) and all(a % 16 == 0 for a in p_addr)
     e_vec = 16 // e_size if aligned else 1
     p_vec = 16 // p_size if aligned else 1
-    counts = torch.tensor([triton.cdiv(n, CHUNK) for n in numels], dtype=torch.int64)
+    counts = torch.tensor([triton.cdiv(n, chunk) for n in numels], dtype=torch.int64)
     tensor_idx = torch.repeat_interleave(torch.arange(len(ema), dtype=torch.int32), counts)
     firsts = torch.cumsum(counts, 0) - counts
     chunk_idx = (torch.arange(tensor_idx.numel(), dtype=torch.int64)
@@ -148,19 +151,24 @@ def _build_meta(ema, params, device):
 
 
 def ema_update_(ema, params, decay: float) -> None:
-    """Launch the EMA kernel for one group of contiguous tensors.
+    """``ema[i] <- decay * ema[i] + (1 - decay) * params[i]`` in place, one launch for the group.
 
     ``ema`` and ``params`` are lists of contiguous tensors on one device; all
     ``ema`` tensors share one dtype and all ``params`` share one dtype (the
-    caller groups them).  Empty tensors are skipped.
+    caller, ``vlfast.ops.ema``, groups and checks them).  Math in fp32 (fp64 when
+    a side is fp64), ``decay`` carried as an fp32 pair; empty tensors are skipped.
+    Tiles: ``TILES`` kind ``multi_tensor`` (one program per CHUNK elements of one tensor).
     """
     pairs = [(e, p) for e, p in zip(ema, params) if e.numel() > 0]
     if not pairs:
         return
     ema = [e for e, _ in pairs]
     params = [p for _, p in pairs]
-    meta = _meta_cache.get(ema, params)
-    wide = torch.float64 in (ema[0].dtype, params[0].dtype)
+    tiles = TILES.lookup("multi_tensor")
+    block, chunk = tiles["BLOCK"], tiles["CHUNK"]
+    if chunk % block:
+        raise ValueError(f"ema tiles: CHUNK ({chunk}) must be a multiple of BLOCK ({block})")
+    meta = _meta_cache.get(ema, params, chunk)
     d_hi, d_lo = _split_fp32(decay)
     o_hi, o_lo = _split_fp32(1.0 - decay)
     _ema_multi_tensor_kernel[(meta["grid"],)](
@@ -168,8 +176,8 @@ def ema_update_(ema, params, decay: float) -> None:
         meta["ema_off"], meta["param_off"], meta["numel"],
         meta["chunk_tensor"], meta["chunk_index"],
         d_hi, d_lo, o_hi, o_lo,
-        COMPUTE=tl.float64 if wide else tl.float32,
+        COMPUTE=compute_type(ema[0].dtype, params[0].dtype),
         EMA_VEC=meta["e_vec"], PARAM_VEC=meta["p_vec"],
         OUT_BF16=ema[0].dtype == torch.bfloat16,
-        BLOCK=BLOCK, CHUNK=CHUNK,
+        BLOCK=block, CHUNK=chunk,
     )

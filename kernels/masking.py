@@ -19,10 +19,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import round_to
+from ._common import TileTable, compute_type, round_to
 
-RANK_BLOCK_J = 64
-RANK_BLOCK_K = 64
+TILES = TileTable(
+    "masking",
+    doc="MAE masking: rank programs own BLOCK_J positions of a row and compare them with BLOCK_K keys "
+        "per step; gather / unshuffle programs copy BLOCK_D = min(next_pow2(D), BLOCK_D_CAP) features "
+        "of one row.  The same on GPUs and in the interpreter; Triton's default warps and stages.",
+    kernels={"rank": ("_mask_rank_kernel",), "gather": ("_gather_rows_kernel",),
+             "unshuffle": ("_unshuffle_rows_kernel",)},
+    keys=("kind", "dtype"),
+    values=("BLOCK_J", "BLOCK_K", "BLOCK_D_CAP"),
+    rows=(
+        # kind       dtype  BLOCK_J  BLOCK_K  BLOCK_D_CAP
+        ("rank",      "any", 64,      64,      None),
+        ("gather",    "any", None,    None,    1024),
+        ("unshuffle", "any", None,    None,    1024),
+    ),
+)
 
 
 @triton.jit
@@ -106,12 +120,18 @@ def _unshuffle_rows_kernel(
     tl.store(out_ptr + row * D + d, v, mask=dm)
 
 
-def _block_d(D: int) -> int:
-    return min(triton.next_power_of_2(max(D, 1)), 1024)
+def _block_d(kind: str, D: int) -> int:
+    return min(triton.next_power_of_2(max(D, 1)), TILES.lookup(kind)["BLOCK_D_CAP"])
 
 
 def random_masking_rank(keys: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
-    """``(ids_restore, ids_keep, mask)`` for keys (B, L); see the module docstring."""
+    """``(ids_restore, ids_keep, mask)`` for keys (B, L); see the module docstring.
+
+    ``ids_restore[b, j]`` = rank of ``keys[b, j]`` in a stable ascending order (NaN last),
+    ``ids_keep[b, r]`` = position of rank ``r < len_keep``, ``mask[b, j] = 0`` if kept else 1
+    (``mask_dtype``).  Arguments are checked by ``vlfast.ops.masking``.
+    Tiles: ``TILES`` kind ``rank`` (grid (B, cdiv(L, BLOCK_J))).
+    """
     B, L = keys.shape
     if keys.stride(1) != 1:
         keys = keys.contiguous()
@@ -119,21 +139,26 @@ def random_masking_rank(keys: torch.Tensor, len_keep: int, mask_dtype: torch.dty
     ids_keep = torch.empty(B, len_keep, dtype=torch.int64, device=keys.device)
     mask = torch.empty(B, L, dtype=mask_dtype, device=keys.device)
     if B and L:
-        grid = (B, triton.cdiv(L, RANK_BLOCK_J))
+        t = TILES.lookup("rank")
+        grid = (B, triton.cdiv(L, t["BLOCK_J"]))
         _mask_rank_kernel[grid](keys, ids_restore, ids_keep, mask, L, len_keep, keys.stride(0),
-                                BLOCK_J=RANK_BLOCK_J, BLOCK_K=RANK_BLOCK_K)
+                                BLOCK_J=t["BLOCK_J"], BLOCK_K=t["BLOCK_K"])
     return ids_restore, ids_keep, mask
 
 
 def random_masking_gather(src: torch.Tensor, idx: torch.Tensor, pos):
-    """``out[b, r] = src[b, idx[b, r]] (+ pos[idx[b, r]])``; src (B, L, D) any strides, idx (B, K) int64."""
+    """``out[b, r] = src[b, idx[b, r]] (+ pos[idx[b, r]])``; src (B, L, D) any strides, idx (B, K) int64.
+
+    pos: None or (L, D) any strides; the add is computed in fp32 (fp64 for fp64 src) and rounded
+    to src's dtype.  Tiles: ``TILES`` kind ``gather`` (grid (B * K, cdiv(D, BLOCK_D))).
+    """
     B, L, D = src.shape
     K = idx.shape[1]
     out = torch.empty(B, K, D, dtype=src.dtype, device=src.device)
     if B * K * D == 0:
         return out
     idx = idx.contiguous()
-    block_d = _block_d(D)
+    block_d = _block_d("gather", D)
     has_pos = pos is not None
     pos_arg = pos if has_pos else src
     pos_strides = pos.stride() if has_pos else (0, 0)
@@ -141,19 +166,23 @@ def random_masking_gather(src: torch.Tensor, idx: torch.Tensor, pos):
     _gather_rows_kernel[grid](
         src, idx, pos_arg, out, K, D, *src.stride(), *pos_strides,
         HAS_POS=has_pos, OUT_BF16=src.dtype == torch.bfloat16,
-        COMPUTE=tl.float64 if src.dtype == torch.float64 else tl.float32, BLOCK_D=block_d)
+        COMPUTE=compute_type(src.dtype), BLOCK_D=block_d)
     return out
 
 
 def unshuffle_tokens(src: torch.Tensor, ids_restore: torch.Tensor, fill):
-    """``out[b, j] = src[b, ids_restore[b, j]]`` if that is < K else ``fill`` (zeros when None)."""
+    """``out[b, j] = src[b, ids_restore[b, j]]`` if that is < K else ``fill`` (zeros when None).
+
+    src (B, K, D) any strides, ids_restore (B, L) int64, fill None or (D,).
+    Tiles: ``TILES`` kind ``unshuffle`` (grid (B * L, cdiv(D, BLOCK_D))).
+    """
     B, K, D = src.shape
     L = ids_restore.shape[1]
     out = torch.empty(B, L, D, dtype=src.dtype, device=src.device)
     if B * L * D == 0:
         return out
     ids_restore = ids_restore.contiguous()
-    block_d = _block_d(D)
+    block_d = _block_d("unshuffle", D)
     has_fill = fill is not None
     grid = (B * L, triton.cdiv(D, block_d))
     _unshuffle_rows_kernel[grid](

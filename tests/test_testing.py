@@ -1,7 +1,6 @@
 """vlfast.testing: the test helpers must be able to fail (and must pass what they should)."""
 
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -14,11 +13,17 @@ from vlfast.testing import (EAGER_ERROR_FLOOR, FORWARD_TOLERANCE, GRAD_FACTOR, G
                             assert_within_eager_error, cases_for, fake_zero3_param, max_abs_error, tolerance)
 
 
-def test_importable_without_pytest():
-    code = "import sys; sys.modules['pytest'] = None; import vlfast.testing as T; print(T.DEVICES)"  # import fails
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "cpu" in r.stdout
+def test_importable_without_pytest(monkeypatch):
+    """A fresh copy of the module executes with ``import pytest`` failing (cases_for imports it when called)."""
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "pytest", None)  # makes `import pytest` raise ImportError
+    spec = importlib.util.spec_from_file_location("vlfast._testing_probe", T.__file__)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.DEVICES == T.DEVICES
+    with pytest.raises(ImportError):
+        probe.cases_for("attention")
 
 
 def test_devices():
@@ -235,29 +240,27 @@ def test_markers_registered(pytestconfig):
         assert any(line.startswith(f"{name}:") for line in lines), name
 
 
-def _pytest_in(tmp_path, test_source):
-    """Run pytest (a subprocess) on one test file next to a copy of tests/conftest.py."""
-    import shutil
+def _pytest_in(pytester, test_source):
+    """Run pytest (in this process) on one test file next to a copy of tests/conftest.py."""
     from pathlib import Path
 
-    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
-    (tmp_path / "test_it.py").write_text(test_source)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text())
+    pytester.makepyfile(test_it=test_source)
+    return pytester.runpytest_inprocess("-q", "-rs", "-p", "no:cacheprovider")
 
 
-def test_unregistered_marker_is_an_error(tmp_path):
-    r = _pytest_in(tmp_path, "import pytest\n\n@pytest.mark.slwo\ndef test_a():\n    pass\n")
-    assert r.returncode != 0 and "unregistered pytest markers: slwo" in r.stdout + r.stderr, r.stdout + r.stderr
+def test_unregistered_marker_is_an_error(pytester):
+    r = _pytest_in(pytester, "import pytest\n\n@pytest.mark.slwo\ndef test_a():\n    pass\n")
+    out = str(r.stdout) + str(r.stderr)
+    assert r.ret != 0 and "unregistered pytest markers: slwo" in out, out
 
 
-def test_gpu_marker_skips_without_cuda(tmp_path):
-    r = _pytest_in(tmp_path, "import pytest\n\n@pytest.mark.gpu\ndef test_cuda():\n    import torch\n"
+def test_gpu_marker_skips_without_cuda(pytester):
+    r = _pytest_in(pytester, "import pytest\n\n@pytest.mark.gpu\ndef test_cuda():\n    import torch\n"
                              "    assert torch.cuda.is_available()\n\n"
                              "@pytest.mark.slow\n@pytest.mark.distributed\ndef test_other():\n    pass\n")
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out
     if torch.cuda.is_available():
-        assert "2 passed" in out
+        r.assert_outcomes(passed=2)
     else:
-        assert "1 passed, 1 skipped" in out and "needs CUDA (marker gpu)" in out
+        r.assert_outcomes(passed=1, skipped=1)
+        assert "needs CUDA (marker gpu)" in str(r.stdout)

@@ -75,7 +75,29 @@ def info(out=None) -> int:
             p(f"  {op} [{dev}]: {chosen}")
             for b, reason in avail.items():
                 p(f"      {b:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    p("")
+    _print_tile_tables(p, _backend.triton_interpret())
     return 0
+
+
+def _print_tile_tables(p, interpreting: bool) -> None:
+    """The Triton kernels' tile tables (vlfast.kernels.tile_tables), or why they cannot be shown."""
+    if importlib.util.find_spec("triton") is None:
+        p("kernel tile tables: unavailable (triton is not installed)")
+        return
+    try:
+        from vlfast.kernels import tile_tables
+
+        tables = tile_tables()
+    except ImportError as exc:  # a broken triton install: report it, the rest of info is printed
+        p(f"kernel tile tables: unavailable (importing the kernels failed: {type(exc).__name__}: {exc})")
+        return
+    now = "the interpreter lines apply (TRITON_INTERPRET=1)" if interpreting else "the GPU rows apply"
+    p(f"kernel tile tables (first matching row wins; {now}):")
+    for name, table in tables.items():
+        p(f"  {name}:")
+        for line in table.format():
+            p(f"    {line}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -63,6 +63,7 @@ def _rows(out: Path):
     return [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # a benchmark run
 def test_quick_ema_run(tmp_path, capsys):
     rc = harness.main(["--quick", "--out", str(tmp_path), "--filter", "ema"])
     cap = capsys.readouterr()
@@ -264,6 +265,7 @@ def test_failing_provider_and_case_builder_are_errors(tmp_path, monkeypatch, cap
         ("failop", "base", "ok"), ("failop", "bad", "error"), ("failbuild", "-", "error")}
 
 
+@pytest.mark.slow  # listing builds every case (~15 s)
 def test_list_and_filter(capsys, tmp_path):
     assert harness.main(["--list", "--quick", "--filter", "ema"]) == 0
     out = capsys.readouterr().out
@@ -293,6 +295,7 @@ def test_default_out_dir():
         assert harness.default_out_dir() == Path.cwd() / "vlfast-bench-results"
 
 
+@pytest.mark.slow  # a benchmark run
 def test_ema_unavailable_backend_is_a_row(tmp_path, monkeypatch, capsys):
     # On CPU, triton runs only under TRITON_INTERPRET=1: asking for it must give an
     # "unavailable" row with the op's reason, not an error and not a silent gap.

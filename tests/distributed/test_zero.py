@@ -73,7 +73,8 @@ def test_config_user_override(tmp_path):
     path = tmp_path / "ds.json"
     import json
     path.write_text(json.dumps({"gradient_clipping": 1.0}))
-    assert deepspeed_config(1, batch_size=2, world_size=1, user_config=str(path), device="cpu")["gradient_clipping"] == 1.0
+    cfg = deepspeed_config(1, batch_size=2, world_size=1, user_config=str(path), device="cpu")
+    assert cfg["gradient_clipping"] == 1.0
 
 
 # --------------------------------------------------------------------------- bf16 master (no process group)
@@ -231,7 +232,7 @@ def _run_ranks(tmp_path, world=2, timeout=110):
                                        stderr=subprocess.STDOUT), log))
     failed = []
     try:
-        for rank, (p, log) in enumerate(procs):
+        for rank, (p, _) in enumerate(procs):
             try:
                 rc = p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import vlfast.kernels.attention as A  # noqa: E402  (a core module: a broken import fails, never skips)
+from vlfast.kernels._common import override_tiles  # noqa: E402
 from vlfast.testing import assert_within_eager_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,16 +120,9 @@ def check(B, H, Nq, Nk, D, dtype, *, causal=False, kpm=None, bias_shape=None, de
     return out, lse, dq, dk, dv, db
 
 
-@pytest.fixture
-def blocks():
-    """Set vlfast.kernels.attention.BLOCKS for one test."""
-    saved = A.BLOCKS
-
-    def set_(value):
-        A.BLOCKS = value
-
-    yield set_
-    A.BLOCKS = saved
+def tiles(**kinds):
+    """``override_tiles`` for the attention kernels from ``kind=(BLOCK_M, BLOCK_N)`` pairs."""
+    return override_tiles("attention", **{kind: dict(BLOCK_M=m, BLOCK_N=n) for kind, (m, n) in kinds.items()})
 
 
 # ----------------------------------------------------------------------------- head dims / lengths
@@ -152,11 +146,12 @@ def test_seq_lens(N, dtype):
     check(B, H, N, N, 64, dtype)
 
 
-@pytest.mark.parametrize("N", [257, 577, 1023])
-def test_long_sequences(N, blocks):
+@pytest.mark.parametrize("N", [257, pytest.param(577, marks=pytest.mark.slow),
+                               pytest.param(1023, marks=pytest.mark.slow)])
+def test_long_sequences(N):
     # bigger blocks keep the interpreter fast; BLOCK_M != BLOCK_N on purpose
-    blocks({"fwd": (64, 32), "bwd_kv": (32, 64), "bwd_q": (64, 32)})
-    check(1, 1, N, N, 32, torch.float32, causal=(N == 577))
+    with tiles(fwd=(64, 32), bwd_kv=(32, 64), bwd_q=(64, 32)):
+        check(1, 1, N, N, 32, torch.float32, causal=(N == 577))
 
 
 # ----------------------------------------------------------------------------- cross / causal
@@ -176,10 +171,10 @@ def test_causal(Nq, Nk, dtype):
         assert (out[:, :, :Nq - Nk] == 0).all() and (dq[:, :, :Nq - Nk] == 0).all()
 
 
-def test_causal_uneven_blocks(blocks):
-    blocks({"fwd": (32, 16), "bwd_kv": (16, 32), "bwd_q": (32, 16)})
-    check(1, 2, 37, 53, 32, torch.float32, causal=True, bias_shape=(1, 2, 37, 53))
-    check(1, 1, 53, 37, 32, torch.float32, causal=True)
+def test_causal_uneven_blocks():
+    with tiles(fwd=(32, 16), bwd_kv=(16, 32), bwd_q=(32, 16)):
+        check(1, 2, 37, 53, 32, torch.float32, causal=True, bias_shape=(1, 2, 37, 53))
+        check(1, 1, 53, 37, 32, torch.float32, causal=True)
 
 
 # ----------------------------------------------------------------------------- key padding

@@ -16,17 +16,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import vlfast.kernels.contrastive as C  # noqa: E402  (a core module: a broken import fails, never skips)
+from vlfast.kernels._common import override_tiles  # noqa: E402
 from vlfast.testing import assert_within_eager_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW = (torch.float16, torch.bfloat16)
-
-
-@pytest.fixture
-def blocks():
-    old = C.BLOCKS
-    yield
-    C.BLOCKS = old
 
 
 def _err(a, b):
@@ -107,7 +101,8 @@ def check_lse(Nq, Nk, D, dtype, *, DS=None, scale=None, soft_scale=2.0, unit=Fal
     return lse, dq, dk, dscale
 
 
-@pytest.mark.parametrize("Nq,Nk,D", [(1, 1, 8), (7, 13, 64), (33, 17, 257), (100, 1000, 64)])
+@pytest.mark.parametrize("Nq,Nk,D", [(1, 1, 8), (7, 13, 64), (33, 17, 257),
+                                     pytest.param(100, 1000, 64, marks=pytest.mark.slow, id="100-1000-64")])
 def test_lse_soft_fp32(Nq, Nk, D):
     check_lse(Nq, Nk, D, torch.float32, DS=24)
 
@@ -125,12 +120,13 @@ def test_lse_soft_only_grad():
     check_lse(20, 9, 40, torch.float32, DS=70, g_lse=False)
 
 
+@pytest.mark.slow  # ~6 s in the Triton interpreter
 def test_lse_d768():
     check_lse(9, 21, 768, torch.float32, DS=257)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("Nq,Nk,D", [(7, 13, 64), (33, 17, 257)])
+@pytest.mark.parametrize("Nq,Nk,D", [(7, 13, 64), pytest.param(33, 17, 257, marks=pytest.mark.slow, id="33-17-257")])
 def test_lse_soft_low_precision(Nq, Nk, D, dtype):
     check_lse(Nq, Nk, D, dtype, DS=48)
 
@@ -146,13 +142,15 @@ def test_lse_row_stride():
     check_lse(19, 23, 40, torch.float32, DS=16, q_stride=100)
 
 
-def test_lse_block_override_and_chunks(blocks):
+def test_lse_block_override_and_chunks():
     """Non-default tiles: several output-feature chunks per block in the backward (dscale partials
     come from chunk 0 only), rectangular tiles, BLOCK_D smaller than D."""
-    C.BLOCKS = {"fwd": (32, 16, 16), "bwd": (16, 32, 16, 16)}
-    check_lse(45, 37, 70, torch.float32, DS=33)
-    C.BLOCKS = {"fwd": (16, 32, 64), "bwd": (32, 16, 64, 32)}
-    check_lse(45, 37, 70, torch.float32, DS=33)
+    with override_tiles("contrastive", fwd=dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=16),
+                        bwd=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=16, BLOCK_DO=16)):
+        check_lse(45, 37, 70, torch.float32, DS=33)
+    with override_tiles("contrastive", fwd=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=64),
+                        bwd=dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64, BLOCK_DO=32)):
+        check_lse(45, 37, 70, torch.float32, DS=33)
 
 
 def test_lse_backward_deterministic():

@@ -112,7 +112,8 @@ def test_cpu_fp32_math_bit_exact(edt, pdt):
 @needs_native
 def test_cpu_mixed_lists_and_many_small():
     gen = torch.Generator().manual_seed(3)
-    sizes = [0, 1, 5, 70000, 0, 3, 32768, 32769, 100003, 2] + [int(s) for s in torch.randint(0, 300, (400,), generator=gen)]
+    sizes = [0, 1, 5, 70000, 0, 3, 32768, 32769, 100003, 2]
+    sizes += [int(s) for s in torch.randint(0, 300, (400,), generator=gen)]
     emas, params, e0 = [], [], []
     for i, n in enumerate(sizes):
         edt, pdt = PAIRS[i % len(PAIRS)]

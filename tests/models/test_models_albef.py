@@ -401,13 +401,11 @@ def _dp_worker(rank, world, port, path):
 def test_global_batch_two_ranks(tmp_path):
     """2 gloo ranks of 4 samples: global_batch=True averages to one process's loss on all 8 (every
     term); global_batch=False is ALBEF's per-GPU model: each rank's loss is one process's on its 4."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from vlfast.testing import free_port
+
+    port = free_port()
     path = str(tmp_path / "res")
     mp.start_processes(_dp_worker, args=(2, port, path), nprocs=2, join=True, start_method="spawn")
     res = [torch.load(f"{path}.{r}") for r in range(2)]

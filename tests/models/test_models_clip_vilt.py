@@ -128,6 +128,7 @@ def _train(model, steps=30, batch_size=8):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MICRO)
 def test_convergence_eager_vs_fused(name):
     torch.manual_seed(0)

@@ -283,6 +283,7 @@ def _train(model, name, batches, seeds):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MICRO)
 def test_convergence_eager_vs_fused(name):
     torch.manual_seed(0)

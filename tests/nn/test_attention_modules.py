@@ -1,4 +1,5 @@
-"""Attention modules (vlfast.nn.attention) and vlfast.patch against eager / torch references."""
+"""Attention modules (vlfast.nn.attention) and vlfast.patch against the eager formula
+(vlfast.reference.attention_reference, inside timm's projections) and torch's modules."""
 
 import copy
 import logging
@@ -10,6 +11,7 @@ from torch import nn
 import vlfast.nn.attention as va
 from vlfast.nn.attention import Attention, CrossAttention, MultiheadAttention
 from vlfast.integrations import patch
+from vlfast.reference import attention_reference
 
 import vlfast._backend
 import vlfast.kernels.attention  # noqa: F401  (a core module: a broken import fails, never skips)
@@ -27,35 +29,27 @@ def _close(a, b, **tol):
 
 # ------------------------------------------------------------------ eager references
 def timm_eager(m: Attention, x, key_padding_mask=None, attn_bias=None):
-    """timm's ``Attention.forward`` with ``fused_attn=False`` (plus the masks), on m's parameters."""
+    """timm's ``Attention.forward`` with ``fused_attn=False`` on m's parameters: timm's projections
+    around vlfast's one eager formula (timm's ``q * scale @ k^T``, masks, softmax, ``attn_drop``)."""
     B, N, C = x.shape
     qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = m.q_norm(q), m.k_norm(k)
-    q = q * m.scale
-    attn = q @ k.transpose(-2, -1)
-    if attn_bias is not None:
-        attn = attn + attn_bias
-    if key_padding_mask is not None:
-        attn = attn.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    attn = attn.softmax(dim=-1)
-    attn = m.attn_drop(attn)
-    x = attn @ v
+    x = attention_reference(q, k, v, key_padding_mask, attn_bias, scale=m.scale,
+                            dropout_p=m.attn_drop.p if m.training else 0.0)
     x = x.transpose(1, 2).reshape(B, N, C)
     return m.proj_drop(m.proj(x))
 
 
 def cross_eager(m: CrossAttention, x, ctx, mask=None):
+    """ALBEF / BLIP's cross-attention on m's parameters, around the eager formula."""
     B, Nq, C = x.shape
     Nk = ctx.shape[1]
     q = m.q(x).reshape(B, Nq, m.num_heads, m.head_dim).transpose(1, 2)
     k, v = m.kv(ctx).reshape(B, Nk, 2, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = m.q_norm(q), m.k_norm(k)
-    attn = (q * m.scale) @ k.transpose(-2, -1)
-    if mask is not None:
-        attn = attn.masked_fill(mask[:, None, None, :], float("-inf"))
-    out = attn.softmax(-1) @ v
-    return m.proj(out.transpose(1, 2).reshape(B, Nq, C))
+    out = attention_reference(q, k, v, mask, scale=m.scale, dropout_p=m.attn_drop.p if m.training else 0.0)
+    return m.proj_drop(m.proj(out.transpose(1, 2).reshape(B, Nq, C)))
 
 
 def _grads(module, *inputs):
@@ -218,8 +212,10 @@ def test_cross_attention_errors():
         m(torch.randn(2, 3, 16), ctx)
     with pytest.raises(ValueError, match="context_padding_mask must have shape"):
         m(x, ctx, torch.zeros(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="bool"):
+    with pytest.raises(TypeError, match="context_padding_mask must be a bool"):  # as vlfast.ops.attention
         m(x, ctx, torch.zeros(2, 5))
+    with pytest.raises(TypeError, match="context"):
+        m(x, ctx.numpy())
     with pytest.raises(ValueError, match="divisible"):
         CrossAttention(30, num_heads=4)
 
@@ -428,20 +424,8 @@ class _Net(nn.Module):
         return self.layer(x, src_key_padding_mask=kpm)
 
 
-def _count_fused_calls(monkeypatch):
-    calls = []
-    real = va.attention
-
-    def counting(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(va, "attention", counting)
-    return calls
-
-
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_patch_model(batch_first, caplog, monkeypatch):
+def test_patch_model(batch_first, caplog, count_calls):
     model = _Net(batch_first)
     ref = copy.deepcopy(model)
     x = torch.randn(B, L, E) if batch_first else torch.randn(L, B, E)
@@ -463,7 +447,7 @@ def test_patch_model(batch_first, caplog, monkeypatch):
     assert not model.blocks[0].in_proj_weight.requires_grad
     assert model.inner[1]["attn"].kdim == 24 and not model.inner[1]["attn"]._qkv_same_embed_dim
 
-    calls = _count_fused_calls(monkeypatch)
+    calls = count_calls(va, "attention")
     for mode in ("eval", "train"):
         getattr(model, mode)(), getattr(ref, mode)()
         for m_kpm in (None, kpm):
@@ -485,13 +469,13 @@ def test_patch_model(batch_first, caplog, monkeypatch):
     assert any("replaced 0 " in r.getMessage() for r in caplog.records)
 
 
-def test_patch_transformer_encoder_layer_train_and_eval(monkeypatch):
+def test_patch_transformer_encoder_layer_train_and_eval(monkeypatch, count_calls):
     for batch_first in (True, False):
         layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=64, dropout=0.0, batch_first=batch_first)
         ref = copy.deepcopy(layer)
         patch(layer)
         assert isinstance(layer.self_attn, MultiheadAttention)
-        calls = _count_fused_calls(monkeypatch)
+        calls = count_calls(va, "attention")
         x = torch.randn(B, L, E) if batch_first else torch.randn(L, B, E)
         causal = nn.Transformer.generate_square_subsequent_mask(L)
         for mode in ("train", "eval"):
@@ -528,3 +512,64 @@ def test_patch_shared_module_root_and_hooks():
     assert type(m[0]) is Custom
     with pytest.raises(TypeError):
         patch("not a module")
+
+
+# ------------------------------------------------------------------ the fused switch
+def _switch_case(kind):
+    """A module with dropout, its inputs, and the eager formula on its parameters (None: torch's module)."""
+    x, ctx = torch.randn(2, 7, 32), torch.randn(2, 5, 24)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
+    cpm = torch.zeros(2, 5, dtype=torch.bool)
+    cpm[0, 3:] = True
+    if kind == "attention":
+        m = Attention(32, num_heads=4, qkv_bias=True, attn_drop=0.3, backend="torch")
+        return m, lambda: m(x, key_padding_mask=kpm), lambda: timm_eager(m, x, key_padding_mask=kpm)
+    if kind == "cross":
+        m = CrossAttention(32, num_heads=4, kv_dim=24, qkv_bias=True, attn_drop=0.3, backend="torch")
+        return m, lambda: m(x, ctx, cpm), lambda: cross_eager(m, x, ctx, cpm)
+    m = MultiheadAttention(32, 4, dropout=0.3, batch_first=True, backend="torch")
+    return m, lambda: m(x, x, x, key_padding_mask=kpm, need_weights=False, is_causal=True)[0], None
+
+
+@pytest.mark.parametrize("kind", ["attention", "cross", "mha"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fused_flag_selects_the_op_or_the_reference(kind, training, count_calls):
+    m, run, eager = _switch_case(kind)
+    m.train(training)
+    assert m.fused is True
+    ops, refs = count_calls(va, "attention"), count_calls(va, "attention_reference")
+    out_fused = run()
+    assert (len(ops), len(refs)) == (1, 0)
+    m.fused = False
+    torch.manual_seed(7)
+    out_eager = run()
+    assert (len(ops), len(refs)) == (1, 1)
+    if eager is not None:  # fused=False is the reference formula bit for bit, dropout draws included
+        torch.manual_seed(7)
+        assert torch.equal(out_eager, eager())
+    if not training:
+        _close(out_fused, out_eager)
+    elif eager is None:  # MultiheadAttention: eval-mode output equals torch's own module
+        m.eval()
+        ref = nn.MultiheadAttention(32, 4, batch_first=True)
+        ref.load_state_dict(m.state_dict())
+        x = torch.randn(2, 7, 32)
+        causal = torch.ones(7, 7, dtype=torch.bool).triu(1)
+        _close(m(x, x, x, need_weights=False, is_causal=True)[0], ref(x, x, x, need_weights=False, attn_mask=causal)[0])
+
+
+def test_fused_constructor_argument():
+    assert Attention(32, num_heads=4, fused=False).fused is False
+    assert CrossAttention(32, num_heads=4, fused=False).fused is False
+    assert MultiheadAttention(32, 4, fused=False).fused is False
+    assert "fused=False" in repr(Attention(32, num_heads=4, fused=False))
+    for make in (lambda: Attention(32, num_heads=4, fused=1), lambda: CrossAttention(32, num_heads=4, fused="no"),
+                 lambda: MultiheadAttention(32, 4, fused=None)):
+        with pytest.raises(TypeError, match="fused"):
+            make()
+    with pytest.raises(TypeError, match="dim"):
+        Attention(32.0, num_heads=4)
+    with pytest.raises(TypeError, match="kv_dim"):
+        CrossAttention(32, num_heads=4, kv_dim="16")
+

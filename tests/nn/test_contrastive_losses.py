@@ -17,10 +17,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vlfast.distributed import all_gather_no_grad, all_gather_with_grad, world_info
-from vlfast.nn.contrastive import ClipLoss, ITCLoss, MoCoQueueLoss, SigLipLoss
+import vlfast.nn.contrastive as vc
+from vlfast.nn.contrastive import ClipLoss, ITCLoss, MoCoQueueLoss, MoCoV3Loss, SigLipLoss
 from vlfast.ops.contrastive_losses import clip_loss, siglip_loss
 from vlfast.reference.contrastive import (albef_itc_reference, clip_loss_reference, contrastive_loss_reference,
-                                          moco_loss_reference, siglip_loss_reference)
+                                          moco_loss_reference, moco_v3_loss_reference, siglip_loss_reference)
 from vlfast.testing import DEVICES, assert_close, free_port
 
 
@@ -315,6 +316,108 @@ def test_itc_state_dict_and_albef_layout():
     assert c.idx_queue.shape == (K,) and int(c.queue_ptr) == 8 and c.temp.item() == pytest.approx(0.05)
 
 
+# ---------------------------------------------------------------- the fused switch
+def test_moco_v3_loss_matches_moco_v3_and_fused_flag(count_calls):
+    q, k = torch.randn(6, 8), torch.randn(6, 8)  # normalized inside, as moco-v3's contrastive_loss
+    op, ref = count_calls(vc, "contrastive_loss"), count_calls(vc, "moco_v3_loss_reference")
+    m = MoCoV3Loss(0.2)
+    qf = q.clone().requires_grad_()
+    fused = m(qf, k)
+    m.fused = False
+    qe = q.clone().requires_grad_()
+    eager = m(qe, k)
+    assert (len(op), len(ref)) == (1, 1) and fused.dtype == torch.float32
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    assert torch.equal(eager, moco_v3_loss_reference(qn, kn, 0.2))
+    # moco-v3: CE(q k^T / T, arange) * 2T; the generic oracle agrees
+    assert_close(eager, 0.4 * contrastive_loss_reference(qn.double(), kn.double(), 5.0))
+    assert_close(fused, eager)
+    (fused + eager).backward()
+    assert_close(qf.grad, qe.grad, grad=True)
+    assert "temperature=0.2" in repr(m)
+    for kw, exc in ((dict(temperature=0.0), ValueError), (dict(temperature="1"), TypeError),
+                    (dict(fused=1), TypeError)):
+        with pytest.raises(exc, match=next(iter(kw))):
+            MoCoV3Loss(**kw)
+    with pytest.raises(TypeError, match="k"):
+        MoCoV3Loss(fused=False)(q, k.double())
+    with pytest.raises(ValueError, match="k"):
+        MoCoV3Loss(fused=False)(q, torch.randn(6, 7))
+
+
+def test_clip_siglip_fused_flag(count_calls):
+    img, txt = _unit(6, 8), _unit(6, 8)
+    scale, bias = torch.tensor(5.0), torch.tensor(-1.0)
+    calls = {n: count_calls(vc, n) for n in ("clip_loss", "siglip_loss", "clip_loss_reference",
+                                                  "siglip_loss_reference")}
+    clip, sig = ClipLoss(), SigLipLoss()
+    fused = clip(img, txt, scale), sig(img, txt, scale, bias)
+    assert {n: len(c) for n, c in calls.items()} == {"clip_loss": 1, "siglip_loss": 1, "clip_loss_reference": 0,
+                                                     "siglip_loss_reference": 0}
+    clip.fused = sig.fused = False
+    eager = clip(img, txt, scale, output_dict=True)["contrastive_loss"], sig(img, txt, scale, bias)
+    assert {n: len(c) for n, c in calls.items()} == {"clip_loss": 1, "siglip_loss": 1, "clip_loss_reference": 1,
+                                                     "siglip_loss_reference": 1}
+    assert torch.equal(eager[0], clip_loss_reference(img, txt, scale))
+    assert torch.equal(eager[1], siglip_loss_reference(img, txt, scale, bias))
+    for f, e in zip(fused, eager):
+        assert_close(f, e)
+    # the eager path checks its inputs as the op does
+    with pytest.raises(ValueError, match="text_features"):
+        clip(img, _unit(5, 8), scale)
+    with pytest.raises(TypeError, match="text_features"):
+        sig(img, txt.double(), scale, bias)
+    with pytest.raises(TypeError, match="logit_scale"):
+        clip(img, txt, "10")
+    with pytest.raises(TypeError, match="logit_bias"):
+        sig(img, txt, scale, None)
+    with pytest.raises(TypeError, match="fused"):
+        SigLipLoss(fused="yes")
+
+
+def test_moco_queue_loss_fused_flag(count_calls):
+    D, K, N, T = 16, 32, 8, 0.2
+    fused = MoCoQueueLoss(D, queue_size=K, temperature=T)
+    eager = MoCoQueueLoss(D, queue_size=K, temperature=T, fused=False)
+    eager.load_state_dict(fused.state_dict())
+    op, ref = count_calls(vc, "contrastive_loss"), count_calls(vc, "moco_loss_reference")
+    for step in range(3):
+        q, k = _unit(N, D), _unit(N, D)
+        before = eager.queue.clone()
+        qf, qe = q.clone().requires_grad_(), q.clone().requires_grad_()
+        lf, le = fused(qf, k), eager(qe, k)
+        (lf + le).backward()
+        assert torch.equal(le.detach(), moco_loss_reference(q, k, before, T))
+        assert_close(lf, le, msg="loss")
+        assert_close(qf.grad, qe.grad, grad=True, msg="q grad")
+        assert torch.equal(fused.queue, eager.queue) and torch.equal(fused.queue_ptr, eager.queue_ptr)
+    assert (len(op), len(ref)) == (3, 3)
+    assert "fused=False" in repr(eager)
+
+
+def test_itc_fused_flag(count_calls):
+    D, K, N = 16, 24, 8
+    fused = ITCLoss(D, queue_size=K)
+    eager = ITCLoss(D, queue_size=K, fused=False)
+    eager.load_state_dict(fused.state_dict())
+    op, ref = count_calls(vc, "contrastive_loss"), count_calls(vc, "albef_itc_reference")
+    for step, idx in enumerate((None, torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), None)):
+        img, txt, img_m, txt_m = _itc_inputs(N, D)
+        xf, yf = _leaves(img, txt)
+        xe, ye = _leaves(img, txt)
+        lf = fused(xf, yf, img_m, txt_m, alpha=0.4, idx=idx)
+        le = eager(xe, ye, img_m, txt_m, alpha=0.4, idx=idx)
+        (lf + le).backward()
+        assert_close(lf, le, msg="loss")
+        for a, b, what in ((xf.grad, xe.grad, "image"), (yf.grad, ye.grad, "text"), (fused.temp.grad, eager.temp.grad,
+                                                                                      "temp")):
+            assert_close(a, b, grad=True, msg=f"{what} grad")
+        for name, t in fused.state_dict().items():
+            assert torch.equal(t, eager.state_dict()[name]), name
+        fused.zero_grad(), eager.zero_grad()
+    assert (len(op), len(ref)) == (6, 3)  # two contrastive_loss calls (i2t, t2i) per fused step
+
+
 # ---------------------------------------------------------------- distributed (2 gloo processes)
 def _grads_of(fn, *tensors):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
@@ -347,6 +450,11 @@ def _dist_checks(rank, world):
                    lambda X, Y, s, b: siglip_loss_reference(X, Y, s, b)),
         "SigLipLoss": (lambda X, Y, s, b: SigLipLoss()(X[rows], Y[rows], s, b),
                        lambda X, Y, s, b: siglip_loss_reference(X, Y, s, b)),
+        # the eager formulas, gathered with their gradients as open_clip does
+        "ClipLoss(fused=False)": (lambda X, Y, s, b: ClipLoss(fused=False)(X[rows], Y[rows], s),
+                                  lambda X, Y, s, b: clip_loss_reference(X, Y, s) + 0 * b),
+        "SigLipLoss(fused=False)": (lambda X, Y, s, b: SigLipLoss(fused=False)(X[rows], Y[rows], s, b),
+                                    lambda X, Y, s, b: siglip_loss_reference(X, Y, s, b)),
     }
     for name, (local_fn, global_fn) in cases.items():
         got = averaged(_grads_of(local_fn, img, txt, scale, bias))
@@ -357,16 +465,18 @@ def _dist_checks(rank, world):
     loc = clip_loss(img[rows], txt[rows], scale, gather=False)
     assert_close(loc, clip_loss_reference(img[rows].double(), txt[rows].double(), 7.0), msg="local loss")
 
-    # MoCo: the queue receives the keys of both ranks, in rank order
-    torch.manual_seed(1)
-    moco = MoCoQueueLoss(D, queue_size=4 * world * N, temperature=0.2)
-    q, k = _unit(world * N, D), _unit(world * N, D)
-    before = moco.queue.clone()
-    loss = moco(q[rows], k[rows])
-    assert_close(loss, moco_loss_reference(q[rows].double(), k[rows].double(), before.double(), 0.2), msg="MoCo loss")
-    assert torch.equal(moco.queue[:world * N], k), f"rank {rank}: MoCo queue lacks the keys of every rank"
-    assert torch.equal(moco.queue[world * N:], before[world * N:])
-    assert int(moco.queue_ptr) == world * N
+    # MoCo: the queue receives the keys of both ranks, in rank order (fused and eager)
+    for fused in (True, False):
+        torch.manual_seed(1)
+        moco = MoCoQueueLoss(D, queue_size=4 * world * N, temperature=0.2, fused=fused)
+        q, k = _unit(world * N, D), _unit(world * N, D)
+        before = moco.queue.clone()
+        loss = moco(q[rows], k[rows])
+        assert_close(loss, moco_loss_reference(q[rows].double(), k[rows].double(), before.double(), 0.2),
+                     msg=f"MoCo loss fused={fused}")
+        assert torch.equal(moco.queue[:world * N], k), f"rank {rank}: MoCo queue lacks the keys of every rank"
+        assert torch.equal(moco.queue[world * N:], before[world * N:])
+        assert int(moco.queue_ptr) == world * N
 
     # ITC: momentum features and ids of both ranks
     itc = ITCLoss(D, queue_size=2 * world * N)
@@ -378,14 +488,11 @@ def _dist_checks(rank, world):
 
     # ITC with gather=True (fused and ALBEF's eager formula): the ranks' mean loss and averaged
     # gradients equal one process's on the global batch; the queues get every rank's keys
-    from vlfast.models.albef import AlbefITC
-
     im, tm = _unit(world * N, D), _unit(world * N, D)
     for ids in (None, torch.arange(world * N) % 2 + 5):
         for fused in (True, False):
             torch.manual_seed(3)  # same queues on every rank
-            mod = AlbefITC(D, queue_size=2 * world * N, gather=True)
-            mod.fused = fused
+            mod = ITCLoss(D, queue_size=2 * world * N, gather=True, fused=fused)
             iq, tq, idq = mod.image_queue.clone(), mod.text_queue.clone(), mod.idx_queue.clone()
             x, y = img.clone().requires_grad_(), txt.clone().requires_grad_()
             loss = mod(x[rows], y[rows], im[rows], tm[rows], alpha=0.4, idx=None if ids is None else ids[rows])

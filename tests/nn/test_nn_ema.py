@@ -471,3 +471,36 @@ def test_zero_ema_swapped_into_restores_the_model():
     assert torch.equal(late.data, shards["enc.weight"].view(late.data.shape))
     check_restored()
     assert "optimizer" in ZeroEMA.copy_to.__doc__ and "swapped_into" in ZeroEMA.copy_to.__doc__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ema_fused_flag_runs_the_eager_loop(dtype, monkeypatch):
+    import vlfast.nn.ema as E
+    from vlfast.ops import ema_update_
+    from vlfast.reference.ema import model_ema_update_
+
+    model = _model().to(dtype)
+    fused, eager = EMA(model, decay=0.9), EMA(model, decay=0.9, fused=False)
+    assert fused.fused and not eager.fused
+    calls = []
+    monkeypatch.setattr(E, "ema_update_", lambda *a, **k: calls.append("op") or ema_update_(*a, **k))
+    monkeypatch.setattr(E, "model_ema_update_", lambda *a: calls.append("loop") or model_ema_update_(*a))
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        fused.update(model)
+        eager.update(model)
+    assert calls == ["op", "loop"] * 3
+    for (k, a), (_, b) in zip(fused.state_dict().items(), eager.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=k)
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        EMA(model, fused=1)
+
+
+def test_momentum_encoder_fused_flag():
+    online = _model()
+    enc = MomentumEncoder(online, momentum=0.5, fused=False)
+    assert not enc.fused
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        MomentumEncoder(online, fused="yes")

@@ -122,7 +122,7 @@ class _MaxNumel(TorchDispatchMode):
 
 
 def test_torch_backend_never_allocates_nq_by_nk(monkeypatch):
-    monkeypatch.setattr(C, "TORCH_TILE_ELEMS", 2048)
+    monkeypatch.setitem(C.TORCH_TILE, "elems", 2048)
     Nq = Nk = 300
     q, k = _unit(Nq, 16, "cpu").requires_grad_(), _unit(Nk, 16, "cpu").requires_grad_()
     scale = torch.tensor(5.0, requires_grad=True)
@@ -191,7 +191,8 @@ U = lambda n, d=8: _unit(n, d, "cpu")  # noqa: E731
     (lambda: contrastive_loss(U(3), U(4), 1.0, alpha=0.5), ValueError, "alpha > 0 needs"),
     (lambda: contrastive_loss(U(3), U(4), 1.0, soft_query=U(3), soft_keys=U(4), alpha=1.5), ValueError,
      r"alpha must be in \[0, 1\]"),
-    (lambda: contrastive_loss(U(3), U(4), 1.0, label_smoothing=1.0), ValueError, r"label_smoothing must be in \[0, 1\)"),
+    (lambda: contrastive_loss(U(3), U(4), 1.0, label_smoothing=1.0), ValueError,
+     r"label_smoothing must be in \[0, 1\)"),
     (lambda: contrastive_loss(U(3), U(4), 1.0, reduction="avg"), ValueError, "reduction"),
     (lambda: contrastive_loss(U(3).long(), U(4), 1.0), TypeError, "query must be float32"),
     (lambda: contrastive_loss(U(3)[0], U(4), 1.0), ValueError, r"query must have shape \(N, D\)"),

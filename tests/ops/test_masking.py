@@ -183,7 +183,8 @@ def test_compile_and_opcheck():
     ids_keep = torch.argsort(ids_restore, 1)[:, :4].contiguous()
     for backend in ("torch", "native"):
         torch.library.opcheck(torch.ops.vlfast.random_masking_rank.default, (noise, 4, torch.float32, backend))
-        torch.library.opcheck(torch.ops.vlfast.random_masking_gather.default, (x, ids_keep, ids_restore, pos[0], backend))
+        torch.library.opcheck(torch.ops.vlfast.random_masking_gather.default,
+                              (x, ids_keep, ids_restore, pos[0], backend))
         torch.library.opcheck(torch.ops.vlfast.unshuffle_tokens.default,
                               (torch.randn(B, 4, D, requires_grad=True), ids_restore, tok, backend))
 
@@ -196,7 +197,8 @@ def test_compile_and_opcheck():
     (lambda x: random_masking(x, -0.1), ValueError, r"mask_ratio must be in \[0, 1\)"),
     (lambda x: random_masking(x, "0.5"), TypeError, "mask_ratio must be a real number"),
     (lambda x: random_masking(x, 0.5, noise=torch.rand(2, 9)), ValueError, r"noise must have shape \(B, L\)"),
-    (lambda x: random_masking(x, 0.5, noise=torch.ones(2, 10, dtype=torch.long)), TypeError, "noise must be a floating"),
+    (lambda x: random_masking(x, 0.5, noise=torch.ones(2, 10, dtype=torch.long)), TypeError,
+     "noise must be a floating"),
     (lambda x: random_masking(x, 0.5, pos_embed=torch.rand(10, 5)), ValueError, "pos_embed must have shape"),
     (lambda x: random_masking(x, 0.5, pos_embed=torch.rand(2, 10, 4)), ValueError, "pos_embed must have shape"),
     (lambda x: random_masking(x, 0.5, generator=3), TypeError, "generator must be a torch.Generator"),

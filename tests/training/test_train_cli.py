@@ -13,6 +13,7 @@ import pytest
 from PIL import Image  # installed by the Makefile: a missing one fails, never skips
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+SLOW = pytest.mark.slow  # each case starts a Python process (~3 s); the fast suite keeps two of them
 
 
 def _cmd(*args):
@@ -62,6 +63,7 @@ def test_python_m_and_cli_entry(tmp_path):
     assert os.path.isfile(os.path.join(out, "checkpoints", "step_1", "ema.pt"))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     common = ["--model", "vit_micro", "--batch-size", "4", "--save-every", "3", "--seed", "7"]
     b = str(tmp_path / "b")
@@ -106,6 +108,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
         assert got[s] == ref[s], (s, got[s], ref[s])
 
 
+@pytest.mark.slow
 def test_resume_ignores_partial_tmp_checkpoint(tmp_path):
     common = ["--model", "vit_micro", "--batch-size", "2", "--seed", "1"]
     full = str(tmp_path / "full")
@@ -128,6 +131,7 @@ def _png(path, color, size=(40, 24)):
     Image.new("RGB", size, color).save(path)
 
 
+@pytest.mark.slow
 def test_csv_data_skips_bad_images(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
@@ -153,6 +157,7 @@ def test_csv_data_skips_bad_images(tmp_path):
     assert r.stderr.count("skipping unreadable image") == 2
 
 
+@pytest.mark.slow
 def test_csv_data_image_only_model_epochs(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
@@ -168,6 +173,7 @@ def test_csv_data_image_only_model_epochs(tmp_path):
     assert len(_records(out)) == 2
 
 
+@pytest.mark.slow
 def test_wds_data(tmp_path):
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tf:
@@ -189,15 +195,15 @@ def test_wds_data(tmp_path):
 
 @pytest.mark.parametrize("args", [
     ["--model", "no_such_model", "--steps", "1"],
-    ["--model", "clip_micro", "--data", "ftp:whatever"],
+    pytest.param(["--model", "clip_micro", "--data", "ftp:whatever"], marks=SLOW),
     ["--model", "clip_micro", "--data", "csv:/nonexistent/dir/data.csv", "--steps", "1"],
-    ["--model", "clip_micro", "--batch-size", "0"],
-    ["--model", "clip_micro", "--batch-size", "-3"],
-    ["--model", "clip_micro", "--steps", "2", "--epochs", "1"],
-    ["--model", "clip_micro", "--data", "csv:DATA"],  # real data without --steps/--epochs
-    ["--model", "clip_micro", "--epochs", "1"],  # synthetic data with --epochs
-    ["--model", "clip_micro", "--precision", "fp16"],
-    ["--model", "clip_micro", "--data", "wds:/nonexistent/{000..001}.tar", "--steps", "1"],
+    pytest.param(["--model", "clip_micro", "--batch-size", "0"], marks=SLOW),
+    pytest.param(["--model", "clip_micro", "--batch-size", "-3"], marks=SLOW),
+    pytest.param(["--model", "clip_micro", "--steps", "2", "--epochs", "1"], marks=SLOW),
+    pytest.param(["--model", "clip_micro", "--data", "csv:DATA"], marks=SLOW),  # real data without --steps/--epochs
+    pytest.param(["--model", "clip_micro", "--epochs", "1"], marks=SLOW),  # synthetic data with --epochs
+    pytest.param(["--model", "clip_micro", "--precision", "fp16"], marks=SLOW),
+    pytest.param(["--model", "clip_micro", "--data", "wds:/nonexistent/{000..001}.tar", "--steps", "1"], marks=SLOW),
 ])
 def test_bad_input(tmp_path, args):
     import torch

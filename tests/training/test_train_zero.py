@@ -194,10 +194,10 @@ def test_moco_zero3_momentum_matches_replicated(tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (("--zero", "4"), "invalid ZeRO stage"),
-    (("--zero", "x"), "invalid ZeRO stage"),
-    (("--nproc", "2"), "needs --zero"),
-    (("--nproc", "3", "--zero", "1"), "not divisible"),
-    (("--deepspeed-config", "ds.json"), "needs --zero"),
+    pytest.param(("--zero", "x"), "invalid ZeRO stage", marks=pytest.mark.slow),  # each case: a process, ~4 s
+    pytest.param(("--nproc", "2"), "needs --zero", marks=pytest.mark.slow),
+    pytest.param(("--nproc", "3", "--zero", "1"), "not divisible", marks=pytest.mark.slow),
+    pytest.param(("--deepspeed-config", "ds.json"), "needs --zero", marks=pytest.mark.slow),
 ])
 def test_bad_zero_args(tmp_path, args, match):
     r = _run("--model", "clip_micro", "--steps", "1", "--batch-size", "8", "--out", str(tmp_path / "o"), *args,

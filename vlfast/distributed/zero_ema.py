@@ -12,6 +12,7 @@ from torch import nn
 
 from ..nn.ema import EMA
 from ..ops.ema import ema_update_
+from ..reference.ema import model_ema_update_
 from ..sharding import check_plain_shards, gather_full, is_available, is_zero3_param, shard_slice
 
 __all__ = ["ZeroEMA", "make_ema", "is_partitioned"]
@@ -62,10 +63,11 @@ class ZeroEMA(EMA):
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = False,
                  warmup_gamma: float = 1.0, warmup_power: float = 2 / 3, min_decay: float = 0.0,
                  update_after_step: int = 0, include_buffers: bool = True,
-                 dtype: Optional[torch.dtype] = torch.float32, device=None, backend: Optional[str] = None):
+                 dtype: Optional[torch.dtype] = torch.float32, device=None, backend: Optional[str] = None,
+                 fused: bool = True):
         nn.Module.__init__(self)
         self._init_schedule(model, decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step,
-                            include_buffers, dtype, backend)
+                            include_buffers, dtype, backend, fused)
         if device is not None:
             raise ValueError("device is not supported for a ZeRO-3 EMA (the shards stay with the model's)")
         self._params = dict(model.named_parameters())
@@ -130,7 +132,10 @@ class ZeroEMA(EMA):
         params, buffers = self._check_model(model)
         src = [self._local(params[n]) for n in self._param_names] + [buffers[n] for n in self._avg_buffer_names]
         src = [s if s.device == d.device else s.to(d.device) for s, d in zip(src, self._avg)]
-        ema_update_(self._avg, src, decay, backend=self.backend)
+        if self.fused:
+            ema_update_(self._avg, src, decay, backend=self.backend)
+        else:
+            model_ema_update_(self._avg, src, decay)
         for t, n in zip(self._copies, self._copy_buffer_names):
             t.copy_(buffers[n])
 

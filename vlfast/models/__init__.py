@@ -13,6 +13,8 @@ from typing import Callable, Dict, List
 
 from torch import nn
 
+from .. import _validation as check
+
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -26,6 +28,21 @@ def register_model(name: str):
         return fn
 
     return deco
+
+
+def register_configs(configs: Dict[str, dict], cls: Callable[..., nn.Module], family: str) -> None:
+    """Register, for each ``name: cfg`` of ``configs``, ``cls(**{**cfg, **overrides})`` under ``name``."""
+    for name, cfg in configs.items():
+        _register_config(name, cfg, cls, family)
+
+
+def _register_config(name: str, cfg: dict, cls: Callable[..., nn.Module], family: str) -> None:
+    def build(**overrides) -> nn.Module:
+        return cls(**{**cfg, **overrides})
+
+    build.__name__ = name
+    build.__doc__ = f"{name}: {family} with {cfg} (overrides change any {cls.__name__} argument)."
+    register_model(name)(build)
 
 
 def _load_all() -> None:
@@ -47,10 +64,11 @@ def list_models() -> List[str]:
 
 def set_fused(model: nn.Module, flag: bool) -> nn.Module:
     """Switch every vlfast component of ``model`` (attention, losses, masking, momentum
-    updates: any submodule with a ``fused`` attribute) to the fused ops (True) or the eager
-    baseline (False).  Parameters are untouched.  Returns ``model``."""
-    if not isinstance(flag, bool):
-        raise TypeError(f"flag must be a bool, got {type(flag).__name__}")
+    updates: any submodule with a bool ``fused`` attribute, which every ``vlfast.nn`` module
+    but ``EMA`` has) to the fused ops (True) or the eager baseline (False): each op's formula
+    from :mod:`vlfast.reference`.  Parameters, buffers and ``state_dict`` keys are untouched.
+    Returns ``model``; a non-bool ``flag`` raises ``TypeError``."""
+    check.flag("flag", flag)
     for m in model.modules():
         if hasattr(m, "fused") and isinstance(getattr(m, "fused"), bool):
             m.fused = flag
@@ -65,4 +83,4 @@ def create(name: str, *, fused: bool = True, **overrides) -> nn.Module:
     return set_fused(_REGISTRY[name](**overrides), fused)
 
 
-__all__ = ["create", "list_models", "set_fused", "register_model"]
+__all__ = ["create", "list_models", "set_fused", "register_model", "register_configs"]

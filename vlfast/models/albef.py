@@ -8,7 +8,8 @@ Follows salesforce/ALBEF ``models/model_pretrain.py``:
   whose last ``fusion_layers`` (6) add cross-attention to the image tokens after
   self-attention (ALBEF's ``mode='text'`` / ``mode='fusion'``), plus BERT's MLM head
   (``text_encoder.cls.predictions``, decoder tied to the word embeddings as in
-  ``BertForMaskedLM``).  Post-LN layers with HF BERT names where practical:
+  ``BertForMaskedLM``), built from the shared blocks of :mod:`vlfast.models.bert`.  Post-LN
+  layers with HF BERT names where practical:
   ``text_encoder.embeddings.{word,position,token_type}_embeddings`` / ``LayerNorm``,
   ``text_encoder.encoder.layer.{i}.attention.self.{qkv,proj}`` (a fused
   :class:`vlfast.nn.Attention`; HF splits q/k/v and calls ``proj`` ``attention.output.dense``),
@@ -20,7 +21,7 @@ Follows salesforce/ALBEF ``models/model_pretrain.py``:
   momentum features are computed (ALBEF's ``_momentum_update``).
 * ``itc``: the image-text contrastive loss with queues and momentum distillation
   (:class:`vlfast.nn.ITCLoss`; its parameter ``itc.temp`` and buffers ``itc.image_queue``,
-  ``itc.text_queue``, ``itc.idx_queue``, ``itc.queue_ptr``); eager mode runs
+  ``itc.text_queue``, ``itc.idx_queue``, ``itc.queue_ptr``); with ``fused=False`` it runs
   :func:`vlfast.reference.albef_itc_reference` on the same queues and enqueues identically.
 * ITM with hard negatives (``itm_head`` Linear(768 -> 2)) and MLM with momentum distillation.
 
@@ -58,156 +59,17 @@ from torch import nn
 
 from ..comm import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad,
                                   broadcast_from_rank0, world_info)
-from ..nn.attention import Attention, CrossAttention
-from ..nn.contrastive import ITCLoss, _check_alpha
+from ..nn.contrastive import ITCLoss
 from ..nn.ema import MomentumEncoder
-from ..reference.contrastive import albef_itc_reference
 from . import register_model
+from .bert import BertEmbeddings, BertEncoder, BertLayer, BertOnlyMLMHead, bert_init
 from .layers import VisionTransformer
 from .tokenizer import CLS, MASK, NUM_SPECIAL, PAD, SEP
 
-__all__ = ["ALBEF", "AlbefBert", "AlbefITC", "albef_base", "albef_micro", "convert_albef_checkpoint"]
+__all__ = ["ALBEF", "AlbefBert", "albef_base", "albef_micro", "convert_albef_checkpoint"]
 
 
 # ------------------------------------------------------------------------------------------ BERT
-class BertEmbeddings(nn.Module):
-    """word + position + token_type (0) embeddings -> LayerNorm -> dropout (HF ``BertEmbeddings``)."""
-
-    def __init__(self, vocab_size, width, max_positions, type_vocab_size, eps, drop, pad_token_id):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=pad_token_id)
-        self.position_embeddings = nn.Embedding(max_positions, width)
-        self.token_type_embeddings = nn.Embedding(type_vocab_size, width)
-        self.LayerNorm = nn.LayerNorm(width, eps=eps)
-        self.dropout = nn.Dropout(drop)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        L = input_ids.shape[1]
-        pos = torch.arange(L, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None] \
-            + self.token_type_embeddings.weight[0]
-        return self.dropout(self.LayerNorm(x))
-
-
-class _AddNorm(nn.Module):
-    """``LayerNorm(dropout(h) + residual)`` (HF ``BertSelfOutput`` without its dense, which is ``proj``)."""
-
-    def __init__(self, width, eps, drop):
-        super().__init__()
-        self.LayerNorm = nn.LayerNorm(width, eps=eps)
-        self.dropout = nn.Dropout(drop)
-
-    def forward(self, h, residual):
-        return self.LayerNorm(self.dropout(h) + residual)
-
-
-class BertAttention(nn.Module):
-    """``self``: fused self-attention (or cross-attention); ``output``: add & LayerNorm."""
-
-    def __init__(self, width, heads, eps, drop, attn_drop, kv_dim=None):
-        super().__init__()
-        if kv_dim is None:
-            self.self = Attention(width, num_heads=heads, qkv_bias=True, attn_drop=attn_drop)
-        else:
-            self.self = CrossAttention(width, num_heads=heads, kv_dim=kv_dim, qkv_bias=True, attn_drop=attn_drop)
-        self.output = _AddNorm(width, eps, drop)
-
-
-class BertIntermediate(nn.Module):
-    def __init__(self, width, inter):
-        super().__init__()
-        self.dense = nn.Linear(width, inter)
-        self.intermediate_act_fn = nn.GELU()
-
-    def forward(self, x):
-        return self.intermediate_act_fn(self.dense(x))
-
-
-class BertOutput(nn.Module):
-    def __init__(self, inter, width, eps, drop):
-        super().__init__()
-        self.dense = nn.Linear(inter, width)
-        self.LayerNorm = nn.LayerNorm(width, eps=eps)
-        self.dropout = nn.Dropout(drop)
-
-    def forward(self, h, residual):
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
-
-
-class BertLayer(nn.Module):
-    """Post-LN BERT layer: self-attn -> add&LN -> [cross-attn -> add&LN] -> FFN (GELU) -> add&LN."""
-
-    def __init__(self, width, heads, inter, eps, drop, attn_drop, cross_kv_dim=None):
-        super().__init__()
-        self.attention = BertAttention(width, heads, eps, drop, attn_drop)
-        self.has_cross_attention = cross_kv_dim is not None
-        if self.has_cross_attention:
-            self.crossattention = BertAttention(width, heads, eps, drop, attn_drop, kv_dim=cross_kv_dim)
-        self.intermediate = BertIntermediate(width, inter)
-        self.output = BertOutput(inter, width, eps, drop)
-
-    def forward(self, x, key_padding_mask=None, image_embeds=None):
-        x = self.attention.output(self.attention.self(x, key_padding_mask=key_padding_mask), x)
-        if self.has_cross_attention:
-            x = self.crossattention.output(self.crossattention.self(x, image_embeds), x)
-        return self.output(self.intermediate(x), x)
-
-
-class BertEncoder(nn.Module):
-    def __init__(self, layers):
-        super().__init__()
-        self.layer = nn.ModuleList(layers)
-
-
-class BertPredictionHeadTransform(nn.Module):
-    def __init__(self, width, eps):
-        super().__init__()
-        self.dense = nn.Linear(width, width)
-        self.transform_act_fn = nn.GELU()
-        self.LayerNorm = nn.LayerNorm(width, eps=eps)
-
-    def forward(self, x):
-        return self.LayerNorm(self.transform_act_fn(self.dense(x)))
-
-
-class BertLMPredictionHead(nn.Module):
-    """dense + GELU + LayerNorm, then ``decoder`` (no bias; tied to the word embeddings) + ``bias``."""
-
-    def __init__(self, width, vocab_size, eps):
-        super().__init__()
-        self.transform = BertPredictionHeadTransform(width, eps)
-        self.decoder = nn.Linear(width, vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, x):
-        return self.decoder(self.transform(x)) + self.bias
-
-
-class BertOnlyMLMHead(nn.Module):
-    def __init__(self, width, vocab_size, eps):
-        super().__init__()
-        self.predictions = BertLMPredictionHead(width, vocab_size, eps)
-
-    def forward(self, x):
-        return self.predictions(x)
-
-
-def _bert_init(module: nn.Module) -> None:
-    """HF BERT's ``_init_weights``: normal(0, 0.02) Linear / Embedding, zero biases and padding row, unit LN."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 class AlbefBert(nn.Module):
     """ALBEF's ``BertForMaskedLM`` with the ``bert`` level flattened: ``embeddings``, ``encoder.layer``, ``cls``.
 
@@ -225,13 +87,14 @@ class AlbefBert(nn.Module):
         super().__init__()
         self.vocab_size, self.width, self.text_layers = vocab_size, width, text_layers
         self.max_positions = max_positions
-        self.embeddings = BertEmbeddings(vocab_size, width, max_positions, type_vocab_size, eps, drop, pad_token_id)
+        self.embeddings = BertEmbeddings(vocab_size, width, max_positions, type_vocab_size, eps=eps, drop=drop,
+                                         pad_token_id=pad_token_id)
         layers = [BertLayer(width, heads, intermediate, eps, drop, attn_drop) for _ in range(text_layers)]
         layers += [BertLayer(width, heads, intermediate, eps, drop, attn_drop, cross_kv_dim=encoder_width)
                    for _ in range(fusion_layers)]
         self.encoder = BertEncoder(layers)
         self.cls = BertOnlyMLMHead(width, vocab_size, eps)
-        self.apply(_bert_init)
+        self.apply(bert_init)
         if tie_word_embeddings:
             self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight
 
@@ -296,38 +159,6 @@ def _draw_seed(shared: bool = False) -> int:
     return int(seed)
 
 
-# ------------------------------------------------------------------------------------------ ITC
-class AlbefITC(ITCLoss):
-    """:class:`vlfast.nn.ITCLoss` with a ``fused`` flag: False runs ALBEF's eager formula
-    (:func:`vlfast.reference.albef_itc_reference`, materializing the (N, N + K) similarities)
-    with the same temperature clamp, queues and enqueue."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        #: False: ALBEF's eager ITC; see vlfast.models.set_fused
-        self.fused = True
-
-    def forward(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha=None, idx=None):
-        if self.fused:
-            return super().forward(image_feat, text_feat, image_feat_m, text_feat_m, alpha=alpha, idx=idx)
-        a = self.alpha if alpha is None else _check_alpha(alpha)
-        n = image_feat.shape[0]
-        idx = self._check_idx(idx, n, image_feat.device)
-        if self.queue_size % n:
-            raise ValueError(f"queue_size ({self.queue_size}) must be a multiple of the batch size ({n})")
-        with torch.no_grad():
-            self.temp.clamp_(self.TEMP_MIN, self.TEMP_MAX)
-        image_feat_m, text_feat_m = image_feat_m.detach(), text_feat_m.detach()
-        img_all, txt_all, ids_all, offset = self._gathered_keys(image_feat_m, text_feat_m, idx)
-        keys = dict(image_keys_m=img_all, text_keys_m=txt_all, idx_keys=ids_all, offset=offset) if self.gather else {}
-        loss = albef_itc_reference(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                                   self.text_queue, self.temp, a, idx=idx,
-                                   idx_queue=None if idx is None else self.idx_queue, **keys)
-        with torch.no_grad():
-            self._write(img_all, txt_all, ids_all)
-        return loss
-
-
 # ------------------------------------------------------------------------------------------ ALBEF
 def _concept_tokens(c: int, length: int) -> list:
     return [NUM_SPECIAL + (c * 37 + j * 11 + (j * j) % 7) % 256 for j in range(length)]
@@ -372,8 +203,8 @@ class ALBEF(nn.Module):
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
         for m in (self.vision_proj, self.text_proj, self.itm_head):
-            _bert_init(m)
-        self.itc = AlbefITC(embed_dim, queue_size=queue_size, temperature=temp, alpha=alpha, gather=global_batch)
+            bert_init(m)
+        self.itc = ITCLoss(embed_dim, queue_size=queue_size, temperature=temp, alpha=alpha, gather=global_batch)
 
         self.visual_encoder_m = MomentumEncoder(self.visual_encoder, momentum)
         self.vision_proj_m = MomentumEncoder(self.vision_proj, momentum)

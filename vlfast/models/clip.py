@@ -27,9 +27,10 @@ Differences from open_clip, on purpose:
   token's output.
 
 ``fused`` switches (set by :func:`vlfast.models.set_fused`): each attention module
-(:class:`CLIPAttention`: vlfast's fused ``MultiheadAttention`` path vs plain math
-attention) and the loss (:class:`CLIPLossHead`: :func:`vlfast.ops.clip_loss`, never
-forming the N x N logits, vs :func:`vlfast.reference.clip_loss_reference`).
+(:class:`CLIPAttention`, a :class:`vlfast.nn.MultiheadAttention`: the fused op vs
+:func:`vlfast.reference.attention_reference`) and the loss ``loss_fn``
+(:class:`vlfast.nn.ClipLoss`: :func:`vlfast.ops.clip_loss`, never forming the N x N logits,
+vs :func:`vlfast.reference.clip_loss_reference`).
 """
 
 import math
@@ -39,44 +40,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import MultiheadAttention, _eager_attention
-from ..ops.contrastive_losses import clip_loss
-from ..reference.contrastive import clip_loss_reference
+from ..nn.attention import MultiheadAttention
+from ..nn.contrastive import ClipLoss
 from . import register_model
 from .tokenizer import VOCAB_SIZE as BYTE_VOCAB_SIZE, ByteTokenizer
 
-__all__ = ["CLIP", "CLIPAttention", "CLIPLossHead", "ResidualAttentionBlock", "clip_vit_b16", "clip_micro"]
+__all__ = ["CLIP", "CLIPAttention", "ResidualAttentionBlock", "clip_vit_b16", "clip_micro"]
 
 
 class CLIPAttention(MultiheadAttention):
-    """open_clip's ``nn.MultiheadAttention`` (batch first), with a ``fused`` switch.
+    """open_clip's ``nn.MultiheadAttention`` (batch first) as :class:`vlfast.nn.MultiheadAttention`.
 
-    ``attend(x, key_padding_mask=None, causal=False)``: x (B, N, D); key_padding_mask
-    (B, N) bool, True = padding.  ``fused=True`` runs :class:`vlfast.nn.MultiheadAttention`'s
-    fused path (``need_weights=False``); ``fused=False`` computes q, k, v from
-    ``in_proj_weight`` and plain PyTorch math attention.  ``forward`` keeps torch's API.
+    ``attend(x, key_padding_mask=None, causal=False)``: x (B, N, D) -> (B, N, D) self-attention;
+    key_padding_mask (B, N) bool, True = padding; ``causal``: token i attends tokens j <= i.
+    Runs ``forward(x, x, x, need_weights=False, is_causal=causal)``: with ``fused`` (see
+    :func:`vlfast.models.set_fused`) the fused op, else the eager formula
+    :func:`vlfast.reference.attention_reference` on the same projections.  ``forward`` keeps
+    torch's API.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__(embed_dim, num_heads, dropout=dropout, batch_first=True)
-        #: False runs plain PyTorch math (the eager baseline); see ``vlfast.models.set_fused``
-        self.fused = True
 
     def attend(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                causal: bool = False) -> torch.Tensor:
-        if self.fused:
-            out, _ = self.forward(x, x, x, key_padding_mask=key_padding_mask, need_weights=False,
-                                  is_causal=causal)
-            return out
-        B, N, D = x.shape
-        H, hd = self.num_heads, self.head_dim
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
-        bias = None
-        if causal:
-            bias = torch.full((N, N), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
-        drop = nn.Dropout(self.dropout if self.training else 0.0)
-        o = _eager_attention(q, k, v, key_padding_mask, bias, hd ** -0.5, drop)
-        return self.out_proj(o.transpose(1, 2).reshape(B, N, D))
+        return self.forward(x, x, x, key_padding_mask=key_padding_mask, need_weights=False, is_causal=causal)[0]
 
 
 class _MLP(nn.Module):
@@ -155,22 +143,6 @@ class VisionTransformer(nn.Module):
         return x[:, 0] @ self.proj
 
 
-class CLIPLossHead(nn.Module):
-    """CLIP's symmetric InfoNCE with a ``fused`` switch: :func:`vlfast.ops.clip_loss` (tiled,
-    all-gathered when ``torch.distributed`` is initialized) or the eager
-    :func:`vlfast.reference.clip_loss_reference` (full N x N logits, one process)."""
-
-    def __init__(self):
-        super().__init__()
-        #: False computes the full logits (the eager baseline); see ``vlfast.models.set_fused``
-        self.fused = True
-
-    def forward(self, image_features, text_features, logit_scale):
-        if self.fused:
-            return clip_loss(image_features, text_features, logit_scale)
-        return clip_loss_reference(image_features, text_features, logit_scale)
-
-
 _WORDS = ("a", "the", "photo", "of", "dog", "cat", "red", "blue", "car", "on", "grass", "small", "big",
           "bird", "in", "sky", "two", "people", "street", "tree", "house", "near", "water", "boat")
 
@@ -240,7 +212,7 @@ class CLIP(nn.Module):
         self.ln_final = nn.LayerNorm(text_width)
         self.text_projection = nn.Parameter(torch.empty(text_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.ones([]) * init_logit_scale)
-        self.loss_fn = CLIPLossHead()
+        self.loss_fn = ClipLoss()
         self.init_parameters()
 
     def init_parameters(self) -> None:

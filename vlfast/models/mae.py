@@ -5,9 +5,10 @@ frozen), ``blocks.*``, ``norm``, ``decoder_embed``, ``mask_token``, ``decoder_po
 (fixed, frozen), ``decoder_blocks.*``, ``decoder_norm``, ``decoder_pred``.
 
 The encoder's masking is :class:`vlfast.nn.RandomMasking` with the positional add fused
-into it; the decoder's unshuffle is :class:`Unshuffle` (fused :func:`vlfast.ops.unshuffle_tokens`
-or MAE's cat + gather).  With ``fused=False`` (see :func:`vlfast.models.set_fused`) the
-model computes what ``models_mae.py`` computes, with the same noise draw.
+into it; the decoder's unshuffle is :class:`vlfast.nn.UnshuffleTokens` (fused
+:func:`vlfast.ops.unshuffle_tokens` or MAE's cat + gather).  With ``fused=False`` (see
+:func:`vlfast.models.set_fused`) the model computes what ``models_mae.py`` computes (the formulas
+of :mod:`vlfast.reference.masking`), with the same noise draw.
 
 ==========================  =====================  =====================  ============
 name                        encoder (w/depth/h)    decoder (w/depth/h)    parameters
@@ -26,15 +27,13 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from . import register_model
-from ..nn.masking import RandomMasking
-from .._validation import mask_ratio as _check_ratio
-from ..ops.masking import unshuffle_tokens
-from ..reference.masking import unshuffle_tokens_reference
+from .. import _validation as check
+from ..nn.masking import RandomMasking, UnshuffleTokens
+from . import register_configs
 from .layers import Block, PatchEmbed
 from .vit import synthetic_images
 
-__all__ = ["MaskedAutoencoderViT", "Unshuffle", "get_2d_sincos_pos_embed"]
+__all__ = ["MaskedAutoencoderViT", "get_2d_sincos_pos_embed"]
 
 
 def _1d_sincos(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -61,24 +60,6 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size, cls_token: bool = False) 
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)
     return emb
-
-
-class Unshuffle(nn.Module):
-    """MAE decoder step: mask tokens into the removed slots and undo the shuffle.
-
-    ``forward(x_kept, ids_restore, mask_token)`` -> (B, L, C).  ``fused`` True:
-    :func:`vlfast.ops.unshuffle_tokens` (one pass); False: MAE's ``cat`` + ``gather``.
-    """
-
-    def __init__(self, *, backend: Optional[str] = None):
-        super().__init__()
-        self.backend = backend
-        self.fused = True
-
-    def forward(self, x_kept: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            return unshuffle_tokens(x_kept, ids_restore, mask_token, backend=self.backend)
-        return unshuffle_tokens_reference(x_kept, ids_restore, mask_token)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -114,7 +95,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
                                               requires_grad=False)
-        self.unshuffle = Unshuffle()
+        self.unshuffle = UnshuffleTokens()
         self.decoder_blocks = nn.ModuleList([
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
             for _ in range(decoder_depth)])
@@ -172,7 +153,7 @@ class MaskedAutoencoderViT(nn.Module):
         masking = self.masking
         old = masking.mask_ratio
         if mask_ratio is not None:
-            masking.mask_ratio = _check_ratio(mask_ratio)
+            masking.mask_ratio = check.mask_ratio(mask_ratio)
         try:
             # MAE: x = x + pos_embed[:, 1:]; random_masking(x) -- the add is fused into the masking
             x, mask, ids_restore = masking(x, self.pos_embed[:, 1:, :])
@@ -229,14 +210,4 @@ _CONFIGS = {
 }
 
 
-def _register(name: str, cfg: dict) -> None:
-    @register_model(name)
-    def _build(**overrides) -> MaskedAutoencoderViT:
-        return MaskedAutoencoderViT(**{**cfg, **overrides})
-
-    _build.__name__ = name
-    _build.__doc__ = f"{name}: MAE with {cfg} (overrides change any MaskedAutoencoderViT argument)."
-
-
-for _name, _cfg in _CONFIGS.items():
-    _register(_name, _cfg)
+register_configs(_CONFIGS, MaskedAutoencoderViT, "MAE")

@@ -8,8 +8,8 @@ Self-Supervised Vision Transformers", arXiv:2104.02057), as facebookresearch/moc
 * ``predictor``: 2-layer MLP (hidden 4096, out 256, last BN without affine).
 * ``momentum_encoder``: :class:`vlfast.nn.MomentumEncoder` of ``base_encoder`` (fused
   :func:`vlfast.ops.ema_update_` or MoCo's per-parameter loop).
-* ``criterion``: :class:`MoCoV3Loss` (fused :func:`vlfast.ops.contrastive_loss` or
-  ``F.cross_entropy`` on the logits), ``2 T`` times InfoNCE at temperature ``T`` (0.2).
+* ``criterion``: :class:`vlfast.nn.MoCoV3Loss` (fused :func:`vlfast.ops.contrastive_loss` or
+  moco-v3's eager cross-entropy on the logits), ``2 T`` times InfoNCE at temperature ``T`` (0.2).
 
 State dict keys are moco-v3's (``base_encoder.*``, ``momentum_encoder.*``, ``predictor.*``):
 the ``module.`` level of the :class:`~vlfast.nn.MomentumEncoder` wrapper is dropped on save
@@ -30,17 +30,14 @@ import math
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import register_model
-from ..comm import all_gather_no_grad
-from ..comm import world_info
+from . import register_configs
+from ..nn.contrastive import MoCoV3Loss
 from ..nn.ema import MomentumEncoder
-from ..ops.contrastive import contrastive_loss
 from .vit import ViT, synthetic_images
 
-__all__ = ["MoCoV3", "MoCoV3Loss", "VisionTransformerMoCo", "build_mlp"]
+__all__ = ["MoCoV3", "VisionTransformerMoCo", "build_mlp"]
 
 
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
@@ -102,42 +99,6 @@ class VisionTransformerMoCo(ViT):
         if stop_grad_conv1:
             self.patch_embed.proj.weight.requires_grad_(False)
             self.patch_embed.proj.bias.requires_grad_(False)
-
-
-class MoCoV3Loss(nn.Module):
-    r"""MoCo v3's ``contrastive_loss``: ``CE(q k^T / T, positives) * 2 T`` on L2-normalized
-    features; keys are gathered from every rank (no gradient) when ``torch.distributed`` is
-    initialized, and the positives offset by ``rank * N``.
-
-    ``fused`` True: :func:`vlfast.ops.contrastive_loss` (tile-wise, never stores N x M logits);
-    False: ``F.cross_entropy`` on the materialized logits (moco-v3's code).
-    """
-
-    def __init__(self, temperature: float = 0.2, *, backend: Optional[str] = None):
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        self.temperature = float(temperature)
-        self.backend = backend
-        self.fused = True
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        T = self.temperature
-        q = F.normalize(q, dim=1)
-        k = F.normalize(k, dim=1)
-        rank, world = world_info()
-        if world > 1:
-            k = all_gather_no_grad(k)
-        N = q.shape[0]
-        labels = torch.arange(N, dtype=torch.long, device=q.device) + N * rank
-        if self.fused:
-            return contrastive_loss(q, k, 1.0 / T, positives=None if rank == 0 else labels,
-                                    backend=self.backend) * (2 * T)
-        logits = torch.einsum("nc,mc->nm", q, k) / T
-        return F.cross_entropy(logits, labels) * (2 * T)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
 
 
 class MoCoV3(nn.Module):
@@ -235,14 +196,4 @@ _CONFIGS = {
 }
 
 
-def _register(name: str, cfg: dict) -> None:
-    @register_model(name)
-    def _build(**overrides) -> MoCoV3:
-        return MoCoV3(**{**cfg, **overrides})
-
-    _build.__name__ = name
-    _build.__doc__ = f"{name}: MoCo v3 with {cfg} (overrides change any MoCoV3 argument)."
-
-
-for _name, _cfg in _CONFIGS.items():
-    _register(_name, _cfg)
+register_configs(_CONFIGS, MoCoV3, "MoCo v3")

@@ -18,7 +18,8 @@ Parameter names follow ViLT's ``ViLTransformerSS``: ``text_embeddings.{word_embe
 position_embeddings, token_type_embeddings, LayerNorm}``, ``token_type_embeddings``
 (modality), ``transformer.{patch_embed.proj, cls_token, pos_embed, blocks.{i}.*, norm}``
 (timm names), ``pooler.dense``, ``itm_score.fc``, ``mlm_score.{transform.dense,
-transform.LayerNorm, decoder, bias}``.
+transform.LayerNorm, decoder, bias}`` (the BERT embeddings and MLM head are the shared blocks of
+:mod:`vlfast.models.bert`).
 
 Pretraining objectives as ViLT (two encoder passes per step, as ViLT's ``compute_mlm`` and
 ``compute_itm_wpa`` each call ``infer``):
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_model
+from .bert import BertEmbeddings, BertLMPredictionHead, bert_init
 from .clip import check_text, random_captions
 from .layers import Block, PatchEmbed, init_weights as vit_init_weights
 from .tokenizer import CLS, MASK, PAD, SEP, VOCAB_SIZE as BYTE_VOCAB_SIZE, ByteTokenizer
@@ -54,38 +56,6 @@ from .tokenizer import CLS, MASK, PAD, SEP, VOCAB_SIZE as BYTE_VOCAB_SIZE, ByteT
 __all__ = ["ViLT", "MLMHead", "vilt_base_patch32", "vilt_micro", "mask_tokens"]
 
 IGNORE = -100
-
-
-def _bert_init(module: nn.Module) -> None:
-    """ViLT's ``objectives.init_weights``: normal(0.02) Linear/Embedding, zero bias, unit LayerNorm."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        module.weight.data.normal_(mean=0.0, std=0.02)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            module.weight.data[module.padding_idx].zero_()
-    elif isinstance(module, nn.LayerNorm):
-        module.bias.data.zero_()
-        module.weight.data.fill_(1.0)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        module.bias.data.zero_()
-
-
-class BertEmbeddings(nn.Module):
-    """BERT's embeddings: ``LayerNorm(word + position + token_type(0))`` then dropout."""
-
-    def __init__(self, vocab_size: int, hidden: int, max_position: int, type_vocab_size: int = 2,
-                 pad_token_id: int = 0, drop: float = 0.0):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(vocab_size, hidden, padding_idx=pad_token_id)
-        self.position_embeddings = nn.Embedding(max_position, hidden)
-        self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
-        self.dropout = nn.Dropout(drop)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        L = input_ids.shape[1]
-        pos = torch.arange(L, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings.weight[0]
-        return self.dropout(self.LayerNorm(x))
 
 
 class ViTEncoder(nn.Module):
@@ -131,18 +101,7 @@ class ITMHead(nn.Module):
         return self.fc(x)
 
 
-class _Transform(nn.Module):
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
-        self.transform_act_fn = nn.GELU()
-        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
-
-    def forward(self, x):
-        return self.LayerNorm(self.transform_act_fn(self.dense(x)))
-
-
-class MLMHead(nn.Module):
+class MLMHead(BertLMPredictionHead):
     """BERT's prediction head (ViLT ``heads.MLMHead``): transform, ``decoder`` (no bias), ``bias``.
 
     ``loss(text_feats, labels)``: cross-entropy of the vocabulary logits against ``labels``
@@ -152,15 +111,9 @@ class MLMHead(nn.Module):
     """
 
     def __init__(self, hidden: int, vocab_size: int):
-        super().__init__()
-        self.transform = _Transform(hidden)
-        self.decoder = nn.Linear(hidden, vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        super().__init__(hidden, vocab_size, eps=1e-12)
         #: False decodes every text position (the eager baseline); see ``vlfast.models.set_fused``
         self.fused = True
-
-    def forward(self, x):
-        return self.decoder(self.transform(x)) + self.bias
 
     def loss(self, text_feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -218,16 +171,16 @@ class ViLT(nn.Module):
         self.mask_token_id, self.mlm_probability = mask_token_id, mlm_probability
         self.text_embeddings = BertEmbeddings(vocab_size, hidden_size, max_text_len, pad_token_id=pad_token_id,
                                               drop=drop_rate)
-        self.text_embeddings.apply(_bert_init)
+        self.text_embeddings.apply(bert_init)
         self.token_type_embeddings = nn.Embedding(2, hidden_size)
-        self.token_type_embeddings.apply(_bert_init)
+        self.token_type_embeddings.apply(bert_init)
         self.transformer = ViTEncoder(img_size, patch_size, in_chans, hidden_size, num_layers, num_heads, mlp_ratio,
                                       drop_rate)
         self.pooler = Pooler(hidden_size)
         self.itm_score = ITMHead(hidden_size)
         self.mlm_score = MLMHead(hidden_size, vocab_size)
         for m in (self.pooler, self.itm_score, self.mlm_score):
-            m.apply(_bert_init)
+            m.apply(bert_init)
 
     # ------------------------------------------------------------------ encoder
     def _check(self, images, input_ids, attention_mask):

@@ -23,7 +23,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from . import register_model
+from . import register_configs
 from .layers import VisionTransformer
 
 __all__ = ["ViT", "synthetic_images"]
@@ -106,14 +106,4 @@ _CONFIGS = {
 }
 
 
-def _register(name: str, cfg: dict) -> None:
-    @register_model(name)
-    def _build(**overrides) -> ViT:
-        return ViT(**{**cfg, **overrides})
-
-    _build.__name__ = name
-    _build.__doc__ = f"{name}: ViT with {cfg} (overrides change any ViT argument)."
-
-
-for _name, _cfg in _CONFIGS.items():
-    _register(_name, _cfg)
+register_configs(_CONFIGS, ViT, "ViT")

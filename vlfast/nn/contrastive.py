@@ -1,5 +1,5 @@
-"""Contrastive loss modules: open_clip's ``ClipLoss`` / ``SigLipLoss``, MoCo's queue loss, ALBEF/BLIP's ITC,
-and :class:`ContrastiveLoss`, the module form of :func:`vlfast.ops.contrastive_loss`.
+"""Contrastive loss modules: open_clip's ``ClipLoss`` / ``SigLipLoss``, MoCo's queue loss, MoCo v3's loss,
+ALBEF/BLIP's ITC.
 
 With ``fused=True`` (the default) they run on the memory-linear primitives of
 :mod:`vlfast.ops.contrastive`: no module ever materializes the (batch x keys) logit matrix,
@@ -19,10 +19,10 @@ from .. import _validation as check
 from ..comm import all_gather_no_grad, all_gather_with_grad, world_info
 from ..ops.contrastive import contrastive_loss
 from ..ops.contrastive_losses import clip_loss, siglip_loss
-from ..reference.contrastive import (albef_itc_reference, clip_loss_reference, contrastive_loss_reference,
-                                     moco_loss_reference, siglip_loss_reference)
+from ..reference.contrastive import (albef_itc_reference, clip_loss_reference, moco_loss_reference,
+                                     moco_v3_loss_reference, siglip_loss_reference)
 
-__all__ = ["ContrastiveLoss", "ClipLoss", "SigLipLoss", "MoCoQueueLoss", "ITCLoss"]
+__all__ = ["ClipLoss", "SigLipLoss", "MoCoQueueLoss", "MoCoV3Loss", "ITCLoss"]
 
 
 def _random_unit(rows: int, dim: int) -> torch.Tensor:
@@ -62,57 +62,52 @@ def _check_divides(batch: int, K: int, what: str):
                          f"_dequeue_and_enqueue; choose queue_size = k * batch")
 
 
-class ContrastiveLoss(nn.Module):
-    r"""InfoNCE / cross-entropy of queries against keys (van den Oord et al., 2018, arXiv:1807.03748):
-    the module form of :func:`vlfast.ops.contrastive_loss`.
+class MoCoV3Loss(nn.Module):
+    r"""MoCo v3's InfoNCE (Chen, Xie and He, 2021, "An Empirical Study of Training Self-Supervised
+    Vision Transformers", arXiv:2104.02057): moco-v3's ``MoCo.contrastive_loss``.
 
     .. math::
-        s_{ij} = \tau \langle q_i, k_j\rangle, \qquad
-        \mathrm{loss}_i = -\textstyle\sum_j t_{ij} \log\mathrm{softmax}(s_i)_j,
+        \hat q = q / \lVert q\rVert, \quad \hat k = k / \lVert k\rVert, \qquad
+        \mathrm{loss} = 2T \cdot \mathrm{CE}\big(\hat q\, \hat k_{\mathrm{all}}^\top / T,\ \mathrm{arange}(N) + rN\big)
 
-    hard targets ``t_i`` one-hot at query i's positive key (default key i), smoothed by
-    ``label_smoothing``, optionally mixed with soft targets (momentum distillation, see
-    :func:`vlfast.ops.contrastive_loss`).  MoCo v3's ``contrastive_loss`` (Chen et al., 2021,
-    arXiv:2104.02057) is ``ContrastiveLoss()(q, k, 1 / T) * 2 T`` on normalized features.
-
-    ``forward(query, keys, logit_scale, positives=None, soft_query=None, soft_keys=None, alpha=0.0)``:
-    query (Nq, D) and keys (Nk, D) fp32 / fp16 / bf16 of one dtype; logit_scale a float or
-    0-dim tensor (gets a gradient when it requires one); ``positives`` None, a LongTensor
-    (Nq,) of key indices or a pair ``(query_ids, key_ids)``.  Returns the ``reduction`` of the
-    per-query losses.
+    ``forward(q, k)``: queries q (N, D) and keys k (N, D), fp32 / fp16 / bf16 (in MoCo the keys
+    come from the momentum encoder, without gradient).  When ``torch.distributed`` is
+    initialized the keys of every rank are gathered (no gradient, moco-v3's
+    ``concat_all_gather``) and rank r's query i has the positive key ``r N + i``.
+    Returns a 0-dim loss (fp32 when fused; in q's dtype when not).
 
     Args:
-        label_smoothing: epsilon in [0, 1).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        backend: backend of the op (``None`` = automatic).
-        fused: True: :func:`vlfast.ops.contrastive_loss` (tile-wise, fp32 result, never stores
-            the Nq x Nk logits); False: :func:`vlfast.reference.contrastive_loss_reference`
-            (materialized logits, computed in the features' dtype).
+        temperature: T (moco-v3: 0.2 for ViT, 1.0 for ResNet).
+        backend: backend of the contrastive op (``None`` = automatic).
+        fused: True: :func:`vlfast.ops.contrastive_loss` at ``logit_scale = 1 / T`` (tile-wise,
+            never stores the N x M logits); False: moco-v3's eager code
+            :func:`vlfast.reference.moco_v3_loss_reference` (materialized logits).
     """
 
-    def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean", *, backend: Optional[str] = None,
-                 fused: bool = True):
+    def __init__(self, temperature: float = 0.2, *, backend: Optional[str] = None, fused: bool = True):
         super().__init__()
-        self.label_smoothing = check.unit_interval("label_smoothing", label_smoothing, hi_open=True)
-        self.reduction = check.choice("reduction", reduction, ("mean", "sum", "none"))
+        self.temperature = check.positive_real("temperature", temperature)
         self.backend = backend
-        #: False runs the eager formula of vlfast.reference; see ``vlfast.models.set_fused``
+        #: False runs moco-v3's eager code (vlfast.reference); see ``vlfast.models.set_fused``
         self.fused = check.flag("fused", fused)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, logit_scale, positives=None,
-                soft_query: Optional[torch.Tensor] = None, soft_keys: Optional[torch.Tensor] = None,
-                alpha: float = 0.0) -> torch.Tensor:
-        kw = dict(positives=positives, soft_query=soft_query, soft_keys=soft_keys, alpha=alpha,
-                  label_smoothing=self.label_smoothing, reduction=self.reduction)
-        if self.fused:
-            return contrastive_loss(query, keys, logit_scale, backend=self.backend, **kw)
-        query = check.features("query", query)
-        keys = check.features("keys", keys, query.shape[1])
-        tau = check.scalar_tensor("logit_scale", logit_scale, query.device)
-        return contrastive_loss_reference(query, keys, tau, **kw)
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        T = self.temperature
+        q, k = check.features("q", q), check.features("k", k, q.shape[1])
+        if k.dtype != q.dtype:
+            raise TypeError(f"k must have the dtype of q, got {k.dtype} and {q.dtype}")
+        q, k = nn.functional.normalize(q, dim=1), nn.functional.normalize(k, dim=1)
+        rank, world = world_info()
+        if world > 1:
+            k = all_gather_no_grad(k)
+        offset = rank * q.shape[0]
+        if not self.fused:
+            return moco_v3_loss_reference(q, k, T, offset=offset)
+        positives = None if offset == 0 else torch.arange(offset, offset + q.shape[0], device=q.device)
+        return contrastive_loss(q, k, 1.0 / T, positives=positives, backend=self.backend) * (2 * T)
 
     def extra_repr(self) -> str:
-        return f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, fused={self.fused}"
+        return f"temperature={self.temperature}, fused={self.fused}"
 
 
 def _gather_pairs(image_features, text_features, gather: bool, group, images_too: bool = True):
@@ -127,7 +122,19 @@ def _gather_pairs(image_features, text_features, gather: bool, group, images_too
     return keys
 
 
-class ClipLoss(nn.Module):
+class _PairLoss(nn.Module):
+    """The constructor shared by :class:`ClipLoss` and :class:`SigLipLoss` (open_clip's losses)."""
+
+    def __init__(self, gather: bool = True, group=None, backend: Optional[str] = None, *, fused: bool = True):
+        super().__init__()
+        self.gather = check.flag("gather", gather)
+        self.group = group
+        self.backend = backend
+        #: False runs the eager formula of vlfast.reference; see ``vlfast.models.set_fused``
+        self.fused = check.flag("fused", fused)
+
+
+class ClipLoss(_PairLoss):
     r"""CLIP's symmetric InfoNCE (Radford et al., 2021, arXiv:2103.00020), a drop-in for open_clip's ``ClipLoss``.
 
     ``loss = (CE(logit_scale * img @ txt.T, arange) + CE(logit_scale * txt @ img.T, arange)) / 2``,
@@ -144,14 +151,6 @@ class ClipLoss(nn.Module):
             False: open_clip's eager formula :func:`vlfast.reference.clip_loss_reference`
             (the logits materialized, in the features' dtype; gathered the same way).
     """
-
-    def __init__(self, gather: bool = True, group=None, backend: Optional[str] = None, *, fused: bool = True):
-        super().__init__()
-        self.gather = check.flag("gather", gather)
-        self.group = group
-        self.backend = backend
-        #: False runs the eager formula of vlfast.reference; see ``vlfast.models.set_fused``
-        self.fused = check.flag("fused", fused)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None,
                 output_dict: bool = False):
@@ -171,7 +170,7 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_PairLoss):
     r"""SigLIP's pairwise sigmoid loss (Zhai et al., 2023, arXiv:2303.15343), a drop-in for open_clip's ``SigLipLoss``.
 
     ``loss = -sum_ij log sigmoid(z_ij (logit_scale * x_i . y_j + logit_bias)) / N`` with
@@ -186,14 +185,6 @@ class SigLipLoss(nn.Module):
         fused: True: :func:`vlfast.ops.siglip_loss` (row tiles, never the N x N logits);
             False: :func:`vlfast.reference.siglip_loss_reference` (materialized logits).
     """
-
-    def __init__(self, gather: bool = True, group=None, backend: Optional[str] = None, *, fused: bool = True):
-        super().__init__()
-        self.gather = check.flag("gather", gather)
-        self.group = group
-        self.backend = backend
-        #: False runs the eager formula of vlfast.reference; see ``vlfast.models.set_fused``
-        self.fused = check.flag("fused", fused)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):

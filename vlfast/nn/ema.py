@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import _validation as check
 from ..ops.ema import ema_update_
-from ..reference.ema import moco_momentum_update_
+from ..reference.ema import model_ema_update_, moco_momentum_update_
 from ..sharding import is_zero3_param, prefetched, regather_, zero3_momentum_update_
 
 
@@ -49,6 +49,9 @@ class EMA(nn.Module):
         device: where to keep the average (default: the model's devices).  When it
             differs from the model's, updates copy the current weights over first.
         backend: backend of the EMA op (``None`` = automatic).
+        fused: ``True`` updates with :func:`vlfast.ops.ema_update_` (one pass); ``False`` runs
+            the eager per-tensor loop of timm's ``ModelEmaV3``
+            (:func:`vlfast.reference.ema.model_ema_update_`), the baseline.
 
     Attributes:
         module: the averaged ``nn.Module``, for evaluation.  ``state_dict()`` keys are
@@ -65,7 +68,7 @@ class EMA(nn.Module):
     _shard_local = False
 
     def _init_schedule(self, model, decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step,
-                       include_buffers, dtype, backend) -> None:
+                       include_buffers, dtype, backend, fused=True) -> None:
         """Validate and store the arguments shared with :class:`vlfast.nn.ZeroEMA`."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -84,14 +87,16 @@ class EMA(nn.Module):
         self.include_buffers = bool(include_buffers)
         self.dtype = dtype
         self.backend = backend
+        self.fused = check.flag("fused", fused)
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = False,
                  warmup_gamma: float = 1.0, warmup_power: float = 2 / 3, min_decay: float = 0.0,
                  update_after_step: int = 0, include_buffers: bool = True,
-                 dtype: Optional[torch.dtype] = torch.float32, device=None, backend: Optional[str] = None):
+                 dtype: Optional[torch.dtype] = torch.float32, device=None, backend: Optional[str] = None,
+                 fused: bool = True):
         super().__init__()
         self._init_schedule(model, decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step,
-                            include_buffers, dtype, backend)
+                            include_buffers, dtype, backend, fused)
         if not self._shard_local and any(is_zero3_param(p) for p in model.parameters()):
             raise TypeError(
                 f"{type(self).__name__} got a model whose parameters DeepSpeed ZeRO-3 has partitioned (their data is "
@@ -201,7 +206,10 @@ class EMA(nn.Module):
         # host-bound copies block: the CPU kernel reads them right away
         src = [s if s.device == d.device else s.to(d.device, non_blocking=d.device.type == "cuda")
                for s, d in zip(src, dst)]
-        ema_update_(dst, src, decay, backend=self.backend)
+        if self.fused:
+            ema_update_(dst, src, decay, backend=self.backend)
+        else:
+            model_ema_update_(dst, src, decay)
         for n, b in zip(self._copy_buffer_names, copies):
             self._get(n).copy_(b)
 
@@ -240,16 +248,19 @@ class MomentumEncoder(nn.Module):
         online: the network to follow (deep-copied once, gradients off).
         momentum: ``m`` in [0, 1].
         backend: backend of the EMA op (``None`` = automatic).
+        fused: ``True`` updates with :func:`vlfast.ops.ema_update_`; ``False`` runs MoCo's
+            per-parameter loop (:func:`vlfast.reference.ema.moco_momentum_update_`).
     """
 
-    def __init__(self, online: nn.Module, momentum: float = 0.999, *, backend: Optional[str] = None):
+    def __init__(self, online: nn.Module, momentum: float = 0.999, *, backend: Optional[str] = None,
+                 fused: bool = True):
         super().__init__()
         if not isinstance(online, nn.Module):
             raise TypeError(f"online must be an nn.Module, got {type(online).__name__}")
         self.momentum = check.decay(momentum)
         self.backend = backend
         #: False: the per-parameter loop of MoCo's code (the eager baseline); see vlfast.models.set_fused
-        self.fused = True
+        self.fused = check.flag("fused", fused)
         self.module = copy.deepcopy(online)
         self.module.requires_grad_(False)
 

@@ -356,6 +356,9 @@ def contrastive_loss(query: torch.Tensor, keys: torch.Tensor, logit_scale, *, po
     elif alpha > 0:
         raise ValueError("alpha > 0 needs soft_query and soft_keys")
     name = OP.select(query.device, backend)
+    if soft and name == "triton" and soft_query.dtype != query.dtype:
+        # the Triton kernel runs the soft dots with the query's dot settings (dtype, TF32)
+        soft_query, soft_keys = soft_query.to(query.dtype), soft_keys.to(query.dtype)
     kpos = _positive_keys(keys.float(), positives, Nq, Nk)
     lse, soft_dot, _ = torch.ops.vlfast.contrastive_loss_lse(query, keys, tau, soft_query, soft_keys,
                                                  float(tau.detach()) if soft else 1.0, name)

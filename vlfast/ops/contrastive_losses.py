@@ -21,21 +21,6 @@ from .contrastive import contrastive_loss, siglip_rows
 __all__ = ["clip_loss", "siglip_loss"]
 
 
-def _check_pair(image_features, text_features):
-    image_features = check.features("image_features", image_features)
-    text_features = check.features("text_features", text_features, image_features.shape[1])
-    if text_features.shape[0] != image_features.shape[0]:
-        raise ValueError(f"text_features must have as many rows as image_features (one caption per image), got "
-                         f"{text_features.shape[0]} and {image_features.shape[0]}")
-    if text_features.dtype != image_features.dtype:
-        raise TypeError(f"text_features must have the dtype of image_features, got {text_features.dtype} and "
-                        f"{image_features.dtype}")
-    if text_features.device != image_features.device:
-        raise ValueError(f"text_features is on {text_features.device} but image_features is on "
-                         f"{image_features.device}")
-    return image_features, text_features
-
-
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, gather: bool = True,
               group=None, backend: Optional[str] = None) -> torch.Tensor:
     r"""Symmetric InfoNCE of CLIP (Radford et al., 2021), as open_clip's ``ClipLoss``.
@@ -68,7 +53,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     Returns:
         0-dim fp32 loss.
     """
-    image_features, text_features = _check_pair(image_features, text_features)
+    image_features, text_features = check.feature_pair(image_features, text_features)
     check.flag("gather", gather)
     tau = check.scalar_tensor("logit_scale", logit_scale, image_features.device)
     rank, world = world_info(group) if gather else (0, 1)
@@ -114,7 +99,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     Returns:
         0-dim fp32 loss.
     """
-    image_features, text_features = _check_pair(image_features, text_features)
+    image_features, text_features = check.feature_pair(image_features, text_features)
     check.flag("gather", gather)
     scale = check.scalar_tensor("logit_scale", logit_scale, image_features.device)
     bias = check.scalar_tensor("logit_bias", logit_bias, image_features.device)

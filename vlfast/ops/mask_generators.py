@@ -20,10 +20,11 @@ then moved to ``device``.
 
 import math
 import numbers
-import operator
 from typing import Optional, Tuple, Union
 
 import torch
+
+from .. import _validation as check
 
 __all__ = ["block_masking", "tube_masking"]
 
@@ -39,47 +40,15 @@ _RAND_CHUNK = 1024
 
 # --------------------------------------------------------------------------- validation
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_grid(grid) -> Tuple[int, int]:
     if isinstance(grid, (tuple, list, torch.Size)):
         if len(grid) != 2:
             raise ValueError(f"grid must be an int or a pair (H, W), got a sequence of length {len(grid)}")
-        return _check_int("grid[0] (H)", grid[0], 1), _check_int("grid[1] (W)", grid[1], 1)
+        return check.integer("grid[0] (H)", grid[0], 1), check.integer("grid[1] (W)", grid[1], 1)
     if isinstance(grid, bool) or not isinstance(grid, numbers.Integral):
         raise TypeError(f"grid must be an int or a pair (H, W) of ints, got {type(grid).__name__}")
-    side = _check_int("grid", grid, 1)
+    side = check.integer("grid", grid, 1)
     return side, side
-
-
-def _check_real(name: str, value) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _check_ratio(mask_ratio) -> float:
-    mask_ratio = _check_real("mask_ratio", mask_ratio)
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    return mask_ratio
 
 
 def _check_generator(generator) -> Optional[torch.Generator]:
@@ -237,22 +206,22 @@ def block_masking(batch_size: int, grid: GridLike, mask_ratio: float, *, min_num
         TypeError: an argument has the wrong type (e.g. ``generator`` not a ``torch.Generator``).
         ValueError: an argument is out of range (e.g. ``mask_ratio`` not in ``[0, 1)``).
     """
-    batch_size = _check_int("batch_size", batch_size, 0)
+    batch_size = check.integer("batch_size", batch_size, 0)
     H, W = _check_grid(grid)
-    mask_ratio = _check_ratio(mask_ratio)
-    min_num_patches = _check_int("min_num_patches", min_num_patches, 1)
+    mask_ratio = check.mask_ratio(mask_ratio)
+    min_num_patches = check.integer("min_num_patches", min_num_patches, 1)
     if max_num_patches is not None:
-        max_num_patches = _check_int("max_num_patches", max_num_patches, 1)
+        max_num_patches = check.integer("max_num_patches", max_num_patches, 1)
         if max_num_patches < min_num_patches:
             raise ValueError(f"max_num_patches must be >= min_num_patches ({min_num_patches}), "
                              f"got {max_num_patches}")
-    min_aspect = _check_real("min_aspect", min_aspect)
+    min_aspect = check.real("min_aspect", min_aspect)
     if min_aspect <= 0:
         raise ValueError(f"min_aspect must be > 0, got {min_aspect}")
     if max_aspect is None:
         lo, hi = sorted((min_aspect, 1.0 / min_aspect))
     else:
-        max_aspect = _check_real("max_aspect", max_aspect)
+        max_aspect = check.real("max_aspect", max_aspect)
         if max_aspect < min_aspect:
             raise ValueError(f"max_aspect must be >= min_aspect ({min_aspect}), got {max_aspect}")
         lo, hi = min_aspect, max_aspect
@@ -309,10 +278,10 @@ def tube_masking(batch_size: int, frames: int, grid: GridLike, mask_ratio: float
         TypeError: an argument has the wrong type.
         ValueError: an argument is out of range (e.g. ``frames < 1``, ``mask_ratio`` not in ``[0, 1)``).
     """
-    batch_size = _check_int("batch_size", batch_size, 0)
-    frames = _check_int("frames", frames, 1)
+    batch_size = check.integer("batch_size", batch_size, 0)
+    frames = check.integer("frames", frames, 1)
     H, W = _check_grid(grid)
-    mask_ratio = _check_ratio(mask_ratio)
+    mask_ratio = check.mask_ratio(mask_ratio)
     generator = _check_generator(generator)
 
     L = H * W

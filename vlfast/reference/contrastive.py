@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["contrastive_loss_reference", "clip_loss_reference", "siglip_loss_reference", "moco_loss_reference",
-           "albef_itc_reference"]
+           "moco_v3_loss_reference", "albef_itc_reference"]
 
 
 def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, logit_scale, positives=None,
@@ -101,6 +101,19 @@ def moco_loss_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, labels)
+
+
+def moco_v3_loss_reference(q: torch.Tensor, k: torch.Tensor, temperature: float, offset: int = 0) -> torch.Tensor:
+    """MoCo v3's ``contrastive_loss`` (Chen et al., 2021, arXiv:2104.02057), ``moco/builder.py``, on
+    features already normalized (and keys gathered across ranks)::
+
+        logits = einsum('nc,mc->nm', q, k) / T       # (N, M)
+        labels = arange(N) + offset                  # offset = rank * N
+        loss = CE(logits, labels) * (2 * T)
+    """
+    logits = torch.einsum("nc,mc->nm", q, k) / temperature
+    labels = torch.arange(logits.shape[0], dtype=torch.long, device=q.device) + offset
+    return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
 def albef_itc_reference(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,

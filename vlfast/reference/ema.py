@@ -16,6 +16,15 @@ def ema_update_reference_(ema: Sequence[torch.Tensor], params: Sequence[torch.Te
 
 
 @torch.no_grad()
+def model_ema_update_(ema: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float) -> None:
+    """The per-tensor loop of timm's ``ModelEmaV3`` (``foreach=False``):
+    ``ema.lerp_(param.to(ema.dtype), 1 - decay)`` for each pair.  The eager baseline of
+    :class:`vlfast.nn.EMA` (``fused=False``)."""
+    for e, p in zip(ema, params):
+        e.lerp_(p.to(dtype=e.dtype), 1.0 - decay)
+
+
+@torch.no_grad()
 def moco_momentum_update_(key_params: Sequence[torch.Tensor], query_params: Sequence[torch.Tensor], m: float) -> None:
     """The per-parameter loop of MoCo (He et al., 2020) and ALBEF (Li et al., 2021):
     ``param_k.data = param_k.data * m + param_q.data * (1. - m)``.
