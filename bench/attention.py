@@ -100,6 +100,7 @@ def cases(device: torch.device, quick: bool):
                    for base, m, desc in _TARGETS.get(name, [])]
         baselines = [p for p in ("eager", "sdpa", "compile", "xformers") if p in providers]
         yield Case(
-            op="attention", name=f"{name} fwd+bwd", shape=f"B={B} H={H} N={N} D={D}" + (f" pad~{pad:.0%}" if pad else ""),
+            op="attention", name=f"{name} fwd+bwd",
+            shape=f"B={B} H={H} N={N} D={D}" + (f" pad~{pad:.0%}" if pad else ""),
             dtype=str(dtype).replace("torch.", ""), providers=providers, baselines=baselines, candidates=["vlfast"],
             flops=flops, unavailable=unavailable, targets=targets)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import datetime as _dt
 import gc
 import importlib
@@ -336,7 +337,7 @@ def measure_copy_bandwidth(device: torch.device, quick: bool = False) -> float:
     nbytes = _COPY_BYTES_QUICK if quick else _COPY_BYTES.get(device.type, _COPY_BYTES["cpu"])
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)
-    ms, _ = time_fn(lambda: dst.copy_(src), device, quick)
+    ms, _ = time_fn(functools.partial(dst.copy_, src), device, quick)
     del src, dst
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -709,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="vlfast bench",
         description="Time vlfast ops against their eager PyTorch baselines.",
     )
-    ap.add_argument("--filter", metavar="SUBSTR", help="only ops or cases whose name contains SUBSTR (case-insensitive)")
+    ap.add_argument("--filter", metavar="SUBSTR",
+                    help="only ops or cases whose name contains SUBSTR (case-insensitive)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and short timing (smoke test)")
     ap.add_argument("--out", metavar="DIR", help="results folder (default: bench/results in a source checkout, "
                     "else ./vlfast-bench-results)")

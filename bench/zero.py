@@ -352,7 +352,7 @@ def _worker_main(argv: Sequence[str]) -> int:
             numel=sum(p.ds_numel for p in mom), shard_numel=sum(p.ds_tensor.numel() for p in mom),
             local_ms=local_ms, gathered_ms=gathered_ms,
             local_median_ms=statistics.median(local_ms), gathered_median_ms=statistics.median(gathered_ms)))
-        del engine, pairs, mom, onl, state, net
+        del shard_local, gathered, engine, pairs, net  # the closures hold the rest (mom, onl, state)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if rank == 0:

@@ -116,7 +116,8 @@ def tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Sequenc
     return t
 
 
-def bool_mask(name: str, t, shape: Tuple[int, ...], device: torch.device, meaning: str = "True = padding") -> torch.Tensor:
+def bool_mask(name: str, t, shape: Tuple[int, ...], device: torch.device,
+              meaning: str = "True = padding") -> torch.Tensor:
     """A bool tensor of ``shape`` on ``device``."""
     if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor ({meaning}), got "

@@ -16,7 +16,8 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["free_port", "world_info", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_sum_no_grad", "broadcast_from_rank0"]
+__all__ = ["free_port", "world_info", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_sum_no_grad",
+           "broadcast_from_rank0"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -177,7 +177,8 @@ def zero3_momentum_update_(momentum_params: Sequence[torch.Tensor], online_param
             continue
         if tuple(p.ds_shape) != tuple(q.ds_shape) or p.ds_tensor.numel() != q.ds_tensor.numel():
             raise ValueError(f"parameter {i}: momentum and online parameters are partitioned differently "
-                             f"({tuple(p.ds_shape)}/{p.ds_tensor.numel()} vs {tuple(q.ds_shape)}/{q.ds_tensor.numel()})")
+                             f"({tuple(p.ds_shape)}/{p.ds_tensor.numel()} vs "
+                             f"{tuple(q.ds_shape)}/{q.ds_tensor.numel()})")
         shard_n, full_n = p.ds_tensor.numel(), p.ds_numel
         full = bool(getattr(p, "ds_persist", False)) and is_available(p) and p.data.numel() == full_n
         if full:

@@ -168,6 +168,10 @@ def test_bad_input(name):
         m(images, torch.ones(2, 17, dtype=torch.long), None)  # longer than the context
     with pytest.raises(ValueError):
         m(images, ids, torch.zeros_like(mask))  # no real token
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
+        m(images, ids.float(), mask)  # wrong dtype: TypeError, as the ops raise
+    with pytest.raises(TypeError, match="attention_mask must be a tensor"):
+        m(images, ids, mask.tolist())
 
 
 @pytest.mark.parametrize("name", MICRO)

@@ -37,7 +37,8 @@ def _vit(d, depth, patch, classes=1000, img=224):
 
 def _mae(d, depth, patch, dd=512, ddepth=8, img=224):
     n = (img // patch) ** 2
-    dec = (d * dd + dd) + dd + (n + 1) * dd + ddepth * _block(dd) + 2 * dd + (dd * patch * patch * 3 + patch * patch * 3)
+    dec = ((d * dd + dd) + dd + (n + 1) * dd + ddepth * _block(dd) + 2 * dd
+           + (dd * patch * patch * 3 + patch * patch * 3))
     return _vit(d, depth, patch, classes=0, img=img) + dec
 
 

@@ -452,21 +452,22 @@ def test_patch_model(batch_first, caplog, count_calls):
         getattr(model, mode)(), getattr(ref, mode)()
         for m_kpm in (None, kpm):
             _close(model(x, ctx, m_kpm), ref(x, ctx, m_kpm))
+        n = len(calls)
         with torch.no_grad():  # inference: nn.TransformerEncoderLayer's fast path in eval mode
             _close(model(x, ctx, kpm), ref(x, ctx, kpm))
-    assert len(calls) > 0
+        assert len(calls) - n == 6  # every attention, the encoder layers' included, ran vlfast's op
     # gradients through the patched model equal the original's
     model.train(), ref.train()
     model(x, ctx, kpm).sum().backward()
     ref(x, ctx, kpm).sum().backward()
-    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+    for a, b in zip(model.parameters(), ref.parameters()):
         if a.requires_grad:
             _close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
     # idempotent
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="vlfast"):
+    with caplog.at_level(logging.INFO, logger="vlfast"), pytest.warns(UserWarning, match="nothing to patch"):
         patch(model)
-    assert any("replaced 0 " in r.getMessage() for r in caplog.records)
+    assert any("replaced nothing" in r.getMessage() for r in caplog.records)
 
 
 def test_patch_transformer_encoder_layer_train_and_eval(monkeypatch, count_calls):
@@ -484,6 +485,27 @@ def test_patch_transformer_encoder_layer_train_and_eval(monkeypatch, count_calls
             _close(layer(x, src_mask=causal, is_causal=True), ref(x, src_mask=causal, is_causal=True))
         assert len(calls) == 4
         monkeypatch.undo()
+
+
+def test_patch_transformer_encoder_inference_fast_path_reaches_vlfast(count_calls):
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, num_layers=2).eval()  # nested tensors enabled by default
+    ref = copy.deepcopy(enc)
+    rep = patch(enc, report=True)
+    assert rep.model is enc and rep.counts() == {
+        "torch.nn.MultiheadAttention": 2, "torch.nn.TransformerEncoderLayer inference fast path": 2,
+        "torch.nn.TransformerEncoder nested-tensor fast path": 1}
+    assert "replaced 2 torch.nn.MultiheadAttention" in str(rep)
+    calls = count_calls(va, "attention")
+    x = torch.randn(B, L, E)
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[1, 5:] = True
+    with torch.no_grad():
+        out, want = enc(x, src_key_padding_mask=kpm), ref(x, src_key_padding_mask=kpm)
+    assert len(calls) == 2  # torch's fused inference path would have called neither
+    # real tokens agree; torch's nested-tensor path writes zeros at padded positions, the
+    # per-layer path (as in training mode) the layer's values there
+    _close(out[~kpm], want[~kpm])
 
 
 def test_patch_shared_module_root_and_hooks():

@@ -381,7 +381,7 @@ def test_moco_queue_loss_fused_flag(count_calls):
     eager = MoCoQueueLoss(D, queue_size=K, temperature=T, fused=False)
     eager.load_state_dict(fused.state_dict())
     op, ref = count_calls(vc, "contrastive_loss"), count_calls(vc, "moco_loss_reference")
-    for step in range(3):
+    for _ in range(3):
         q, k = _unit(N, D), _unit(N, D)
         before = eager.queue.clone()
         qf, qe = q.clone().requires_grad_(), q.clone().requires_grad_()
@@ -401,7 +401,7 @@ def test_itc_fused_flag(count_calls):
     eager = ITCLoss(D, queue_size=K, fused=False)
     eager.load_state_dict(fused.state_dict())
     op, ref = count_calls(vc, "contrastive_loss"), count_calls(vc, "albef_itc_reference")
-    for step, idx in enumerate((None, torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), None)):
+    for idx in (None, torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), None):
         img, txt, img_m, txt_m = _itc_inputs(N, D)
         xf, yf = _leaves(img, txt)
         xe, ye = _leaves(img, txt)

@@ -70,7 +70,7 @@ def set_fused(model: nn.Module, flag: bool) -> nn.Module:
     Returns ``model``; a non-bool ``flag`` raises ``TypeError``."""
     check.flag("flag", flag)
     for m in model.modules():
-        if hasattr(m, "fused") and isinstance(getattr(m, "fused"), bool):
+        if hasattr(m, "fused") and isinstance(m.fused, bool):
             m.fused = flag
     return model
 

@@ -160,11 +160,12 @@ def random_captions(batch_size: int, generator: Optional[torch.Generator] = None
 
 def check_text(input_ids, attention_mask, vocab_size: int, max_len: int, batch_size: Optional[int] = None):
     """Validate (input_ids, attention_mask); returns attention_mask as a bool tensor (True = real token)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape (B, L), got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be an integer tensor of shape (B, L), got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, L), got {tuple(input_ids.shape)}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     B, L = input_ids.shape
     if batch_size is not None and B != batch_size:
         raise ValueError(f"batch sizes differ: images have {batch_size}, input_ids have {B}")
@@ -175,9 +176,11 @@ def check_text(input_ids, attention_mask, vocab_size: int, max_len: int, batch_s
                          f"[{int(input_ids.min())}, {int(input_ids.max())}]")
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor of shape {(B, L)}, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != (B, L):
         raise ValueError(f"attention_mask must have the shape of input_ids {(B, L)}, got "
-                         f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
+                         f"{tuple(attention_mask.shape)}")
     if attention_mask.device != input_ids.device:
         raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
     mask = attention_mask.bool()

@@ -8,7 +8,6 @@ with a 1000-class head has 86,567,656 parameters).  Attention is
 :func:`vlfast.models.set_fused`) selects the fused op or plain PyTorch math.
 """
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch

@@ -5,5 +5,5 @@ from .contrastive import ClipLoss, ITCLoss, MoCoQueueLoss, MoCoV3Loss, SigLipLos
 from .ema import EMA, MomentumEncoder
 from .masking import RandomMasking, UnshuffleTokens
 
-__all__ = ["EMA", "MomentumEncoder", "RandomMasking", "UnshuffleTokens", "Attention", "CrossAttention", "MultiheadAttention",
-           "ClipLoss", "SigLipLoss", "MoCoQueueLoss", "MoCoV3Loss", "ITCLoss"]
+__all__ = ["EMA", "MomentumEncoder", "RandomMasking", "UnshuffleTokens", "Attention", "CrossAttention",
+           "MultiheadAttention", "ClipLoss", "SigLipLoss", "MoCoQueueLoss", "MoCoV3Loss", "ITCLoss"]

@@ -11,4 +11,5 @@ from .ema import ema_update_
 from .mask_generators import block_masking, tube_masking
 from .masking import random_masking, unshuffle_tokens
 
-__all__ = ["attention", "contrastive_loss", "siglip_rows", "clip_loss", "siglip_loss", "ema_update_", "random_masking", "unshuffle_tokens", "block_masking", "tube_masking"]
+__all__ = ["attention", "contrastive_loss", "siglip_rows", "clip_loss", "siglip_loss", "ema_update_", "random_masking",
+           "unshuffle_tokens", "block_masking", "tube_masking"]

@@ -171,7 +171,8 @@ def _(q, k, scale, sq, sk, soft_scale, backend):
 
 
 @torch.library.custom_op("vlfast::contrastive_loss_lse_backward", mutates_args=())
-def _contrastive_loss_lse_backward_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor, g_lse: torch.Tensor,
+def _contrastive_loss_lse_backward_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor,
+                                      g_lse: torch.Tensor,
                      sq: Optional[torch.Tensor], sk: Optional[torch.Tensor], soft_scale: float,
                      soft_lse: Optional[torch.Tensor], g_soft: Optional[torch.Tensor],
                      backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,7 +206,8 @@ def _contrastive_loss_lse_autograd_backward(ctx, g_lse, g_soft, _g_soft_lse):
     return dq, dk, dscale.to(scale.dtype).reshape(scale.shape), None, None, None, None
 
 
-torch.library.register_autograd("vlfast::contrastive_loss_lse", _contrastive_loss_lse_autograd_backward, setup_context=_contrastive_loss_lse_setup)
+torch.library.register_autograd("vlfast::contrastive_loss_lse", _contrastive_loss_lse_autograd_backward,
+                                setup_context=_contrastive_loss_lse_setup)
 
 
 @torch.library.custom_op("vlfast::siglip_rows", mutates_args=())

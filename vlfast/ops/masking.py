@@ -156,7 +156,8 @@ def _random_masking_gather_backward(ctx, grad):
     return grad_src, None, None, grad_pos, None
 
 
-torch.library.register_autograd("vlfast::random_masking_gather", _random_masking_gather_backward, setup_context=_random_masking_gather_setup)
+torch.library.register_autograd("vlfast::random_masking_gather", _random_masking_gather_backward,
+                                setup_context=_random_masking_gather_setup)
 
 
 @torch.library.custom_op("vlfast::unshuffle_tokens", mutates_args=())
@@ -192,7 +193,8 @@ def _unshuffle_tokens_backward(ctx, grad):
     return grad_src, None, grad_fill, None
 
 
-torch.library.register_autograd("vlfast::unshuffle_tokens", _unshuffle_tokens_backward, setup_context=_unshuffle_tokens_setup)
+torch.library.register_autograd("vlfast::unshuffle_tokens", _unshuffle_tokens_backward,
+                                setup_context=_unshuffle_tokens_setup)
 
 
 # ------------------------------------------------------------------ validation

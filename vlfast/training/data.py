@@ -1,6 +1,7 @@
 """Data sources for ``vlfast train``.
 
-* ``synthetic``: batch ``i`` is ``model.synthetic_batch(batch_size, generator=Generator().manual_seed(seed * 1_000_003 + i))``;
+* ``synthetic``: batch ``i`` is
+  ``model.synthetic_batch(batch_size, generator=Generator().manual_seed(seed * 1_000_003 + i))``;
   the data position is the step index.
 * ``csv:PATH``: a CSV with columns ``image`` (path, relative to the CSV's folder or
   absolute), ``caption`` and optionally ``label``.
@@ -269,12 +270,14 @@ class CsvData(_RealData):
             with open(path, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"cannot read CSV {path!r}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise DataError(f"cannot read CSV {path!r}: {why}") from None
         if not rows:
             raise DataError(f"CSV {path!r} has no rows")
         cols = set(rows[0])
         if "image" not in cols:
-            raise DataError(f"CSV {path!r} needs an 'image' column (has: {', '.join(sorted(c for c in cols if c)) or 'none'})")
+            has = ", ".join(sorted(c for c in cols if c)) or "none"
+            raise DataError(f"CSV {path!r} needs an 'image' column (has: {has})")
         if self.spec.takes_text and "caption" not in cols:
             raise DataError(f"CSV {path!r} needs a 'caption' column for model with text input")
         base = os.path.dirname(os.path.abspath(path))

@@ -9,8 +9,8 @@
   on ``W`` ranks sees the same samples as the single-process run; the logged loss is the
   mean over the ranks, and only rank 0 writes ``metrics.jsonl``.
 * ``--nproc N`` (single node): the process re-launches itself as ``N`` ranks
-  (``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR=127.0.0.1/MASTER_PORT``, the port ``$MASTER_PORT`` when set, else a free one; ``DS_ACCELERATOR=cpu``
-  without CUDA), waits, and exits non-zero when a rank fails.
+  (``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR=127.0.0.1/MASTER_PORT``, the port ``$MASTER_PORT`` when set,
+  else a free one; ``DS_ACCELERATOR=cpu`` without CUDA), waits, and exits non-zero when a rank fails.
 * Multi-node: DeepSpeed's own launcher, unchanged; each rank reads ``RANK``,
   ``WORLD_SIZE`` and ``LOCAL_RANK`` from its environment::
 
@@ -470,7 +470,8 @@ def _zero_stage(s: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Train a registered vlfast model (one process, or DeepSpeed ranks with --zero).")
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Train a registered vlfast model (one process, or DeepSpeed ranks with --zero).")
     p.add_argument("--model", required=True, help="model name (see vlfast.models.list_models())")
     p.add_argument("--data", default="synthetic", help="synthetic | csv:PATH | wds:PATTERN (default: synthetic)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
