@@ -3,13 +3,16 @@
 #   make bench   the same set-up, then the benchmark harness (vlfast bench)
 # Also: make test-fast (no slow or distributed tests), make lint (ruff), make info.
 #
-# TORCH_SPEC pins torch.  On a machine without a GPU, torch==2.13.0 resolves to
-# the local CPU wheel; never let an install here pull a CUDA build of torch.
-# On a GPU machine, `make TORCH_SPEC=torch test` takes the registry's CUDA build.
+# TORCH_SPEC pins torch and torchvision.  timm and open_clip import torchvision, and the
+# integration tests run against the real libraries: on a machine without a GPU the local
+# package mirror holds torch 2.14.1 + torchvision 0.29.1 (a CUDA build that runs on the CPU,
+# installed from disk, no download). PyPI's torchvision does not import beside the CPU-only
+# torch 2.13 wheel. On a GPU machine `make TORCH_SPEC="torch torchvision" test` takes the
+# registry's builds.
 
 PYTHON     ?= python3
 VENV       ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PIP_FLAGS  ?= -q --disable-pip-version-check
 VPY        := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
@@ -24,7 +27,7 @@ PYTEST_ARGS?=
 
 $(DEPS_STAMP): Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(VPY) -m pip install $(PIP_FLAGS) $(TORCH_SPEC)
 	# unpinned deps that torch does not constrain; torch itself is never re-resolved.
 	# pyproject.toml declares each of them (dependencies or an extra); tests/test_packaging.py checks it
 	$(VPY) -m pip install $(PIP_FLAGS) triton numpy tqdm matplotlib pillow pytest pytest-benchmark pybind11 ninja \
@@ -35,6 +38,9 @@ $(DEPS_STAMP): Makefile
 	DS_BUILD_OPS=0 $(VPY) -m pip install $(PIP_FLAGS) --no-build-isolation --no-deps deepspeed==0.19.8 hjson==3.1.0 \
 		msgpack==1.2.4 einops==0.8.2 py-cpuinfo==9.0.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
 		typing-inspection==0.4.5 psutil==7.2.2
+	# the libraries vlfast.patch drops into, at the versions the integration tests ran against
+	# (pyproject.toml's `integrations` extra, exactly); torch is already installed and satisfies them
+	$(VPY) -m pip install $(PIP_FLAGS) timm==1.0.31 open_clip_torch==3.3.0 transformers==5.24.0
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(INSTALL_SRC)
