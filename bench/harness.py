@@ -66,7 +66,7 @@ __all__ = [
 
 #: Benchmark modules of this package, imported as ``<this package>.<name>``.
 #: A name containing a dot is imported as an absolute module name instead.
-MODULES: list[str] = ["ema", "masking", "attention", "contrastive", "models", "zero"]
+MODULES: list[str] = ["ema", "masking", "attention", "contrastive", "models", "dropin", "zero"]
 
 # Timing knobs: (cuda warmup ms, cuda rep ms, cpu min_run_time s, min runs).
 _TIMING = {False: (25, 100, 0.5, 5), True: (5, 20, 0.05, 3)}
@@ -330,6 +330,37 @@ def time_fn(fn: Callable[[], Any], device: torch.device, quick: bool = False,
     merged = Measurement.merge(ms_list)[0] if len(ms_list) > 1 else ms_list[0]
     runs = sum(len(m.times) * m.number_per_run for m in ms_list)
     return float(merged.median) * 1e3, runs
+
+
+def training_step(params, loss_fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], None]:
+    """One training step as a provider: ``loss_fn()`` (bf16 autocast on CUDA), backward, AdamW, zero_grad."""
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else torch.autocast("cpu", enabled=False))
+
+    def step():
+        with amp:
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peak_memory_mb(step: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak CUDA memory of one call of ``step`` above what was allocated before it (after a warm-up
+    call: compilation, allocator); ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    step()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def measure_copy_bandwidth(device: torch.device, quick: bool = False) -> float:

@@ -16,7 +16,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Target, register
+from .harness import Case, Target, peak_memory_mb, register, training_step
 
 CUDA_CASES = [("clip_vit_b16", 256), ("mae_vit_large_patch16", 256), ("albef_base", 64)]
 CPU_CASES = [("vit_micro", 16), ("mae_micro", 16), ("clip_micro", 16), ("moco_v3_micro", 16), ("vilt_micro", 16),
@@ -25,33 +25,13 @@ QUICK_CASES = [("vit_micro", 4)]
 
 
 def _step_fn(model, batch, device, compiled: bool):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     fwd = torch.compile(model) if compiled else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                      enabled=False)
 
-    def step():
-        with amp:
-            out = fwd(**batch)
-            loss = out["loss"] if isinstance(out, dict) else F.cross_entropy(out.float(), batch["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def loss_fn():
+        out = fwd(**batch)
+        return out["loss"] if isinstance(out, dict) else F.cross_entropy(out.float(), batch["labels"])
 
-    return step
-
-
-def _peak_mb(step, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    step()  # warm-up (compilation, allocator)
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return training_step(model.parameters(), loss_fn, device)
 
 
 @register("models")
@@ -74,7 +54,7 @@ def cases(device: torch.device, quick: bool):
         for label, (fused, compiled) in variants.items():
             model = models.set_fused(copy.deepcopy(base), fused)
             providers[label] = _step_fn(model, batch, device, compiled)
-            peak = _peak_mb(providers[label], device)
+            peak = peak_memory_mb(providers[label], device)
             if peak is not None:
                 extra[label] = {"peak_mb": peak}
         targets = [
