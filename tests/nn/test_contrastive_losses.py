@@ -59,8 +59,9 @@ def test_clip_loss_matches_open_clip(device, dtype):
     m = ClipLoss()
     out = m(img, txt, scale, logit_bias=torch.tensor(-3.0, device=device), output_dict=True)
     assert set(out) == {"contrastive_loss"}
-    torch.testing.assert_close(out["contrastive_loss"], loss.detach(), atol=1e-5, rtol=1e-5)
-    assert torch.equal(m(img, txt, scale), loss.detach())
+    assert out["contrastive_loss"].dtype == dtype  # open_clip's dtype: the features'
+    torch.testing.assert_close(out["contrastive_loss"], loss.detach().to(dtype), atol=1e-5, rtol=1e-5)
+    assert torch.equal(m(img, txt, scale), loss.detach().to(dtype))
 
 
 def test_clip_loss_float_scale_and_gather_without_process_group():
@@ -87,7 +88,8 @@ def test_siglip_loss_matches_reference(device, dtype):
                           (b.grad, br.grad, "bias")):
         _close(got, want, dtype, nm)
     out = SigLipLoss()(img, txt, scale, bias, output_dict=True)
-    torch.testing.assert_close(out["contrastive_loss"], loss.detach(), atol=1e-5, rtol=1e-5)
+    assert out["contrastive_loss"].dtype == dtype  # open_clip's dtype: the features'
+    torch.testing.assert_close(out["contrastive_loss"], loss.detach().to(dtype), atol=1e-5, rtol=1e-5)
 
 
 def test_generic_reference_agrees_with_specialized_references():
@@ -444,14 +446,14 @@ def _dist_checks(rank, world):
     cases = {
         "clip": (lambda X, Y, s, b: clip_loss(X[rows], Y[rows], s),
                  lambda X, Y, s, b: clip_loss_reference(X, Y, s) + 0 * b),
-        "ClipLoss": (lambda X, Y, s, b: ClipLoss()(X[rows], Y[rows], s),
+        "ClipLoss": (lambda X, Y, s, b: ClipLoss(local_loss=True, gather_with_grad=True)(X[rows], Y[rows], s),
                      lambda X, Y, s, b: clip_loss_reference(X, Y, s) + 0 * b),
         "siglip": (lambda X, Y, s, b: siglip_loss(X[rows], Y[rows], s, b),
                    lambda X, Y, s, b: siglip_loss_reference(X, Y, s, b)),
         "SigLipLoss": (lambda X, Y, s, b: SigLipLoss()(X[rows], Y[rows], s, b),
                        lambda X, Y, s, b: siglip_loss_reference(X, Y, s, b)),
         # the eager formulas, gathered with their gradients as open_clip does
-        "ClipLoss(fused=False)": (lambda X, Y, s, b: ClipLoss(fused=False)(X[rows], Y[rows], s),
+        "ClipLoss(fused=False)": (lambda X, Y, s, b: ClipLoss(gather=True, fused=False)(X[rows], Y[rows], s),
                                   lambda X, Y, s, b: clip_loss_reference(X, Y, s) + 0 * b),
         "SigLipLoss(fused=False)": (lambda X, Y, s, b: SigLipLoss(fused=False)(X[rows], Y[rows], s, b),
                                     lambda X, Y, s, b: siglip_loss_reference(X, Y, s, b)),

@@ -34,9 +34,12 @@ def _storages(tensors):
 def test_flat_fp32_copy_of_bf16_model():
     model = _model(torch.bfloat16)
     ema = EMA(model, decay=0.99)
-    avg = list(ema.module.parameters()) + [b for b in ema.module.buffers() if b.is_floating_point()]
+    avg = ema._averaged()  # float32 masters; the module keeps the model's bf16 (one twin buffer)
     assert all(t.dtype == torch.float32 for t in avg)
     assert len(_storages(avg)) == 1  # one contiguous buffer
+    mod = list(ema.module.parameters()) + [b for b in ema.module.buffers() if b.is_floating_point()]
+    assert all(t.dtype == torch.bfloat16 for t in mod) and len(_storages(mod)) == 1
+    assert all(v.dtype == torch.float32 for k, v in ema.state_dict().items() if "num_batches" not in k)
     assert not any(p.requires_grad for p in ema.module.parameters())
     assert ema.module.training is False
     assert ema.module[1].num_batches_tracked.dtype == torch.int64
@@ -46,11 +49,11 @@ def test_flat_fp32_copy_of_bf16_model():
 def test_update_matches_formula(include_buffers):
     model = _model(torch.bfloat16)
     ema = EMA(model, decay=0.9, include_buffers=include_buffers)
-    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    before = {k[len("module."):]: v.clone() for k, v in ema.state_dict().items()}  # the float32 averages
     _perturb(model)
     ema.update(model)
     cur = model.state_dict()
-    for k, v in ema.module.state_dict().items():
+    for k, v in ((k[len("module."):], v) for k, v in ema.state_dict().items()):
         avg_it = k in dict(model.named_parameters()) or (include_buffers and v.is_floating_point())
         if avg_it:
             want = before[k].double() * 0.9 + cur[k].double() * 0.1

@@ -10,7 +10,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..nn.ema import EMA
+from ..nn.ema import AUTO, EMA, _average_dtype, _lerp_stochastic_round_bf16_
 from ..ops.ema import ema_update_
 from ..reference.ema import model_ema_update_
 from ..sharding import check_plain_shards, gather_full, is_available, is_zero3_param, shard_slice
@@ -36,8 +36,10 @@ class ZeroEMA(EMA):
 
     :func:`make_ema` returns one when ``model``'s parameters are partitioned (create it
     after ``deepspeed.initialize``); subclass this class for a custom ZeRO-3 EMA.  For each
-    partitioned parameter the average is a ``dtype`` (fp32 by default) copy of the local
-    shard ``p.ds_tensor``, so an EMA of a bf16 model keeps the small updates;
+    partitioned parameter the average is a copy of the local shard ``p.ds_tensor`` in the
+    ``dtype`` of :class:`vlfast.nn.EMA` (``"auto"``: float32 for bf16 / fp16 / fp32 shards; a
+    ``torch.dtype``: that one; ``None``: the shard's, bf16 ones updated with timm's stochastic
+    rounding when ``stochastic_rounding``), so an EMA of a bf16 model keeps the small updates;
     ``update(model, step)`` is one :func:`vlfast.ops.ema_update_` over the shards
     (``avg <- d * avg + (1 - d) * shard``, the schedule of :class:`vlfast.nn.EMA`), with no
     communication.  Buffers (replicated under ZeRO) are averaged or copied whole, as
@@ -53,6 +55,9 @@ class ZeroEMA(EMA):
     evaluate the model inside :meth:`swapped_into`, or write the average into it for good
     with :meth:`copy_to`.
 
+    The arguments are :class:`vlfast.nn.EMA`'s (timm ``ModelEmaV3``'s, in its order, and
+    vlfast's keywords); ``device`` must be None.
+
     ZeRO++ quantized non-trainable weights are refused; with hpZ
     (``zero_hpz_partition_size > 1``) the average works but :meth:`copy_to` /
     :meth:`swapped_into` are refused (see :func:`vlfast.sharding.check_plain_shards`).
@@ -60,14 +65,18 @@ class ZeroEMA(EMA):
 
     _shard_local = True
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: bool = False,
-                 warmup_gamma: float = 1.0, warmup_power: float = 2 / 3, min_decay: float = 0.0,
-                 update_after_step: int = 0, include_buffers: bool = True,
-                 dtype: Optional[torch.dtype] = torch.float32, device=None, backend: Optional[str] = None,
-                 fused: bool = True):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, min_decay: float = 0.0, update_after_step: int = 0,
+                 use_warmup: bool = False, warmup_gamma: float = 1.0, warmup_power: float = 2 / 3, device=None,
+                 dtype=AUTO, stochastic_rounding: bool = True, stochastic_rounding_seed: int = 0,
+                 foreach: bool = True, exclude_buffers: bool = False, *, warmup: Optional[bool] = None,
+                 include_buffers: Optional[bool] = None, backend: Optional[str] = None, fused: bool = True):
         nn.Module.__init__(self)
-        self._init_schedule(model, decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step,
-                            include_buffers, dtype, backend, fused)
+        self._init_schedule(model, decay=decay, min_decay=min_decay, update_after_step=update_after_step,
+                            use_warmup=use_warmup, warmup_gamma=warmup_gamma, warmup_power=warmup_power, dtype=dtype,
+                            stochastic_rounding=stochastic_rounding, stochastic_rounding_seed=stochastic_rounding_seed,
+                            foreach=foreach, exclude_buffers=exclude_buffers, warmup=warmup,
+                            include_buffers=include_buffers, backend=backend, fused=fused)
+        include_buffers = not self.exclude_buffers
         if device is not None:
             raise ValueError("device is not supported for a ZeRO-3 EMA (the shards stay with the model's)")
         self._params = dict(model.named_parameters())
@@ -92,9 +101,10 @@ class ZeroEMA(EMA):
                 if b is not None and leaf not in mod._non_persistent_buffers_set:
                     self._entries.append((pre + leaf,) + where[id(b)])
         with torch.no_grad():
-            self._avg = [self._local(p).detach().to(dtype or p.dtype).clone() for p in self._params.values()]
-            self._avg += [buffers[n].detach().to(dtype or buffers[n].dtype).clone()
-                          for n in self._avg_buffer_names]
+            avg = [self._local(p).detach() for p in self._params.values()]
+            avg += [buffers[n].detach() for n in self._avg_buffer_names]
+            self._avg = [t.to(dtype if isinstance(dtype, torch.dtype) else _average_dtype(dtype, t)).clone()
+                         for t in avg]
             self._copies = [buffers[n].detach().clone() for n in self._copy_buffer_names]
 
     @staticmethod
@@ -132,10 +142,29 @@ class ZeroEMA(EMA):
         params, buffers = self._check_model(model)
         src = [self._local(params[n]) for n in self._param_names] + [buffers[n] for n in self._avg_buffer_names]
         src = [s if s.device == d.device else s.to(d.device) for s, d in zip(src, self._avg)]
-        if self.fused:
-            ema_update_(self._avg, src, decay, backend=self.backend)
-        else:
-            model_ema_update_(self._avg, src, decay)
+        sr = [self.stochastic_rounding and d.dtype == torch.bfloat16 for d in self._avg]
+        dst = [d for d, r in zip(self._avg, sr) if not r]
+        cur = [s for s, r in zip(src, sr) if not r]
+        if dst and self.fused:
+            ema_update_(dst, cur, decay, backend=self.backend)
+        elif dst:
+            model_ema_update_(dst, cur, decay)
+        if any(sr):  # bf16 averages (dtype=None of a bf16 model): timm's stochastic rounding
+            ema = [d for d, r in zip(self._avg, sr) if r]
+            cur = [s for s, r in zip(src, sr) if r]
+            pairs = [(ema, cur)] if self.foreach else [([e], [c]) for e, c in zip(ema, cur)]
+            for e, c in pairs:
+                _lerp_stochastic_round_bf16_(e, c, 1.0 - decay, self._generator(e[0].device))
+        for t, n in zip(self._copies, self._copy_buffer_names):
+            t.copy_(buffers[n])
+
+    @torch.no_grad()
+    def set(self, model: nn.Module) -> None:
+        """Copy ``model``'s local shards and buffers into this EMA (timm's ``ModelEmaV3.set``; no communication)."""
+        params, buffers = self._check_model(model)
+        src = [self._local(params[n]) for n in self._param_names] + [buffers[n] for n in self._avg_buffer_names]
+        for d, s in zip(self._avg, src):
+            d.copy_(s)
         for t, n in zip(self._copies, self._copy_buffer_names):
             t.copy_(buffers[n])
 

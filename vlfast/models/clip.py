@@ -215,7 +215,7 @@ class CLIP(nn.Module):
         self.ln_final = nn.LayerNorm(text_width)
         self.text_projection = nn.Parameter(torch.empty(text_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.ones([]) * init_logit_scale)
-        self.loss_fn = ClipLoss()
+        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True)  # vlfast's data-parallel form
         self.init_parameters()
 
     def init_parameters(self) -> None:

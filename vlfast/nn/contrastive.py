@@ -10,9 +10,10 @@ global batch (CLIP, SigLIP) only cost O((N + K) D) memory.  With ``fused=False``
 baseline that materializes the logits.
 """
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _validation as check
@@ -110,94 +111,296 @@ class MoCoV3Loss(nn.Module):
         return f"temperature={self.temperature}, fused={self.fused}"
 
 
-def _gather_pairs(image_features, text_features, gather: bool, group, images_too: bool = True):
-    """Eager data parallelism (open_clip's ``gather_features(gather_with_grad=True)``): every rank's
-    texts (and images), gathered with their gradients, and this rank's offset; ``{}`` on one process."""
-    rank, world = world_info(group) if gather else (0, 1)
-    if world == 1:
-        return {}
-    keys = dict(text_keys=all_gather_with_grad(text_features, group), offset=rank * image_features.shape[0])
-    if images_too:
-        keys["image_keys"] = all_gather_with_grad(image_features, group)
-    return keys
+#: dtype of open_clip's loss for a configuration, see :func:`_open_clip_dtype`
+_OPEN_CLIP_DTYPES: Dict[tuple, torch.dtype] = {}
+
+
+def _open_clip_dtype(kind: str, features: torch.Tensor, scale: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of the loss open_clip's ``ClipLoss`` (``kind="clip"``) / ``SigLipLoss`` returns.
+
+    open_clip computes the logits ``scale * x @ y.T (+ bias)`` in the features' dtype and
+    ``cross_entropy`` / ``-logsigmoid(z * logits).sum() / N`` on them, so the loss has the
+    features' dtype, except under autocast, whose op lists decide (e.g. ``cross_entropy`` and,
+    on CUDA, ``sum`` run in float32).  Rather than copying those lists, the same ops run once on
+    a 1 x 1 slice of the inputs (same device, same autocast state) and the answer is cached per
+    configuration: one dictionary lookup per call afterwards.
+    """
+    dev = features.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    key = (kind, dev, features.dtype, scale.dtype, None if bias is None else bias.dtype, autocast,
+           torch.get_autocast_dtype(dev) if autocast else None)
+    dtype = _OPEN_CLIP_DTYPES.get(key)
+    if dtype is None:
+        with torch.no_grad():
+            x = features[:1].detach()
+            logits = scale.detach() * x @ x.T
+            if bias is not None:
+                logits += bias.detach()
+            if kind == "clip":
+                out = F.cross_entropy(logits, torch.zeros(1, dtype=torch.long, device=x.device))
+            else:
+                labels = torch.ones((1, 1), dtype=x.dtype, device=x.device)
+                out = -F.logsigmoid(labels * logits).sum() / 1
+        dtype = _OPEN_CLIP_DTYPES[key] = out.dtype
+    return dtype
+
+
+def _bias_term(bias: Optional[torch.Tensor]):
+    """``0 * logit_bias``: a softmax ignores a shift of every logit, but open_clip's ``ClipLoss``
+    adds ``logit_bias`` to its logits, so the bias gets a (zero) gradient: DDP then sees it used."""
+    return None if bias is None or not bias.requires_grad else 0.0 * bias
+
+
+def _replace_own_rows(gathered: torch.Tensor, local: torch.Tensor, rank: int) -> torch.Tensor:
+    """open_clip's ``gather_features(gather_with_grad=False, local_loss=False)``: the gathered rows
+    (no gradient) with this rank's own block replaced by ``local`` (which keeps its gradient)."""
+    n = local.shape[0]
+    return torch.cat([gathered[:rank * n], local, gathered[(rank + 1) * n:]], 0)
 
 
 class _PairLoss(nn.Module):
-    """The constructor shared by :class:`ClipLoss` and :class:`SigLipLoss` (open_clip's losses)."""
+    """What :class:`ClipLoss` and :class:`SigLipLoss` share: open_clip's ``rank`` / ``world_size``
+    (``None``: from ``torch.distributed``), vlfast's ``gather`` / ``group`` / ``backend`` / ``fused``."""
 
-    def __init__(self, gather: bool = True, group=None, backend: Optional[str] = None, *, fused: bool = True):
-        super().__init__()
-        self.gather = check.flag("gather", gather)
+    def _init_common(self, cache_labels, rank, world_size, gather, group, backend, fused) -> None:
+        self.cache_labels = check.flag("cache_labels", cache_labels)
+        self.rank = None if rank is None else check.integer("rank", rank, 0)
+        self.world_size = None if world_size is None else check.positive_int("world_size", world_size)
+        self.gather = None if gather is None else check.flag("gather", gather)
+        if self.gather is False and self.world_size is not None and self.world_size > 1:
+            raise ValueError(f"gather=False (no gather) contradicts world_size={self.world_size}; pass one of them")
+        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
+            raise ValueError(f"rank must be < world_size, got rank={self.rank}, world_size={self.world_size}")
         self.group = group
         self.backend = backend
         #: False runs the eager formula of vlfast.reference; see ``vlfast.models.set_fused``
         self.fused = check.flag("fused", fused)
+        # open_clip's label cache (ClipLoss.get_ground_truth)
+        self.prev_num_logits = 0
+        self.labels = {}
+
+    def __deepcopy__(self, memo):
+        # a torch.distributed ProcessGroup cannot be deep-copied (EMA / MomentumEncoder of a model
+        # holding the loss): the copy shares ``group``, the rest is copied as nn.Module's default would
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key == "group" else copy.deepcopy(value, memo)
+        return new
+
+    def _world(self) -> Tuple[int, int]:
+        """``(rank, world_size)`` of this call: open_clip's when given (checked against the process
+        group), else ``torch.distributed``'s; ``(0, 1)`` with ``gather=False``."""
+        if self.gather is False:
+            return 0, 1
+        rank, world = world_info(self.group)
+        if self.world_size is None and self.rank is None:
+            return rank, world
+        ws = world if self.world_size is None else self.world_size
+        if ws == 1:  # open_clip: world_size=1 never gathers, whatever the process group
+            return 0, 1
+        r = rank if self.rank is None else self.rank
+        if (r, ws) != (rank, world):
+            where = ("torch.distributed is not initialized" if world == 1 and rank == 0 else
+                     f"this process is rank {rank} of {world} in the process group")
+            raise ValueError(f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}): {where}; "
+                             f"pass this process's rank and world size (or leave both None to read them "
+                             f"from torch.distributed)")
+        return r, ws
 
 
 class ClipLoss(_PairLoss):
-    r"""CLIP's symmetric InfoNCE (Radford et al., 2021, arXiv:2103.00020), a drop-in for open_clip's ``ClipLoss``.
+    r"""CLIP's symmetric InfoNCE (Radford et al., 2021, arXiv:2103.00020): open_clip's ``ClipLoss``
+    with its arguments and their meaning, on the tile-wise op (never the N x N logits).
 
-    ``loss = (CE(logit_scale * img @ txt.T, arange) + CE(logit_scale * txt @ img.T, arange)) / 2``,
-    see :func:`vlfast.ops.contrastive_losses.clip_loss`.  When ``torch.distributed`` is
-    initialized and ``gather``, it behaves like open_clip's ``ClipLoss(local_loss=True,
-    gather_with_grad=True)``: local rows against the gathered batch, and gradients averaged
-    by DDP equal the single-process gradients of the global-batch loss.
+    ``loss = (CE(logit_scale * img @ txt.T, labels) + CE(logit_scale * txt @ img.T, labels)) / 2``.
+    Data parallel (``world_size > 1``), exactly as open_clip's ``gather_features``:
 
-    Args:
-        gather: all-gather features across ranks when distributed.
+    ======================================  ==================================================================
+    ``local_loss``, ``gather_with_grad``    every rank computes
+    ======================================  ==================================================================
+    False, False (open_clip's default)      the global loss (W N x W N) of the gathered features; the other
+                                            ranks' rows carry no gradient, its own rows do (as queries and
+                                            keys): after DDP's averaging the features' gradients are the
+                                            global loss's divided by W (open_clip's behaviour), logit_scale's
+                                            are the global loss's
+    False, True                             the global loss; the gather is differentiable
+    True, False                             its N rows against the W N gathered rows (labels
+                                            ``arange(N) + rank * N``); the gathered keys, its own included,
+                                            carry no gradient
+    True, True                              as above with a differentiable gather: after DDP's averaging every
+                                            gradient equals the single-process gradient of the global loss
+                                            (vlfast's ``gather=True``, :func:`vlfast.ops.clip_loss`)
+    ======================================  ==================================================================
+
+    The global loss runs the same tile-wise op on the W N gathered rows (O(W N D) memory, W times
+    the local form's compute, as open_clip's full logit matrix does).
+
+    ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)``:
+    features (N, D) normalized by the caller; ``logit_scale`` float or one-element tensor;
+    ``logit_bias`` (added to every logit by open_clip) leaves a softmax unchanged and gets a zero
+    gradient.  Returns the 0-dim loss, or ``{"contrastive_loss": loss}`` with ``output_dict``, in
+    the dtype open_clip returns (the features' dtype; float32 under autocast): the op
+    accumulates in float32 and the result is cast once.
+
+    Args (open_clip's, in its order):
+        local_loss, gather_with_grad: the table above.
+        cache_labels: cache the label tensor per device (open_clip's :meth:`get_ground_truth`).
+        rank, world_size: this process's place in the data-parallel group, as open_clip's
+            training code passes them.  ``None`` (the default here; open_clip's defaults are 0
+            and 1): read from ``torch.distributed`` (``group``) at each call, so one process
+            computes the local loss and a process group gathers.  Given explicitly,
+            ``world_size=1`` never gathers (open_clip) and values that contradict the process
+            group raise ``ValueError``.
+        use_horovod: must be False (vlfast gathers with ``torch.distributed`` only).
+
+    vlfast's keyword arguments:
+        gather: ``None``: gather when the world (above) has several ranks.  ``True``:
+            vlfast's data-parallel form, ``local_loss=True, gather_with_grad=True`` (the default
+            of :func:`vlfast.ops.clip_loss`); ``False``: never gather (the local loss).
         group: process group (default: the world group).
         backend: backend of the contrastive op (``None`` = automatic).
-        fused: True: :func:`vlfast.ops.clip_loss` (0-dim fp32, never forms the N x N logits);
-            False: open_clip's eager formula :func:`vlfast.reference.clip_loss_reference`
+        fused: True: :func:`vlfast.ops.clip_loss` / :func:`vlfast.ops.contrastive_loss`
+            (tile-wise); False: open_clip's eager formula :func:`vlfast.reference.clip_loss_reference`
             (the logits materialized, in the features' dtype; gathered the same way).
     """
 
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: Optional[int] = None, world_size: Optional[int] = None, use_horovod: bool = False, *,
+                 gather: Optional[bool] = None, group=None, backend: Optional[str] = None, fused: bool = True):
+        super().__init__()
+        self.local_loss = check.flag("local_loss", local_loss)
+        self.gather_with_grad = check.flag("gather_with_grad", gather_with_grad)
+        if check.flag("use_horovod", use_horovod):
+            raise ValueError("use_horovod=True is not supported: vlfast.nn.ClipLoss gathers with torch.distributed "
+                             "(initialize a process group, e.g. with torchrun, instead of horovod)")
+        self.use_horovod = False
+        self._init_common(cache_labels, rank, world_size, gather, group, backend, fused)
+        if self.gather:
+            if self.local_loss != self.gather_with_grad:
+                raise ValueError(f"gather=True is open_clip's local_loss=True, gather_with_grad=True; it contradicts "
+                                 f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}")
+            self.local_loss = self.gather_with_grad = True
+
+    def extra_repr(self) -> str:
+        return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, rank={self.rank}, "
+                f"world_size={self.world_size}, fused={self.fused}")
+
+    def get_ground_truth(self, device, num_logits: int) -> torch.Tensor:
+        """open_clip's labels: ``arange(num_logits)`` (``+ num_logits * rank`` for the local loss of
+        several ranks), cached per device with ``cache_labels``."""
+        if self.prev_num_logits != num_logits or device not in self.labels:
+            labels = torch.arange(num_logits, device=device, dtype=torch.long)
+            rank, world = self._world()
+            if world > 1 and self.local_loss:
+                labels = labels + num_logits * rank
+            if self.cache_labels:
+                self.labels[device] = labels
+                self.prev_num_logits = num_logits
+        else:
+            labels = self.labels[device]
+        return labels
+
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None,
                 output_dict: bool = False):
-        """Loss of image_features (N, D) and text_features (N, D) (normalized) at ``logit_scale``.
-
-        ``logit_bias`` (open_clip's optional shift of every logit) leaves a softmax
-        cross-entropy unchanged, so it is accepted and ignored.  Returns the 0-dim loss, or
-        ``{"contrastive_loss": loss}`` when ``output_dict``.
-        """
-        if self.fused:
-            loss = clip_loss(image_features, text_features, logit_scale, gather=self.gather, group=self.group,
-                             backend=self.backend)
-        else:
-            img, txt = check.feature_pair(image_features, text_features)
-            tau = check.scalar_tensor("logit_scale", logit_scale, img.device)
-            loss = clip_loss_reference(img, txt, tau, **_gather_pairs(img, txt, self.gather, self.group))
+        """Loss of image_features (N, D) and text_features (N, D) at ``logit_scale`` (see the class)."""
+        img, txt = check.feature_pair(image_features, text_features)
+        tau = check.scalar_tensor("logit_scale", logit_scale, img.device)
+        bias = None if logit_bias is None else check.scalar_tensor("logit_bias", logit_bias, img.device)
+        out_dtype = _open_clip_dtype("clip", img, tau, bias)
+        rank, world = self._world()
+        n = img.shape[0]
+        if world == 1:
+            if self.fused:
+                loss = clip_loss(img, txt, tau, gather=False, backend=self.backend)
+            else:
+                loss = clip_loss_reference(img, txt, tau)
+        elif self.local_loss and self.fused and self.gather_with_grad:  # vlfast's data-parallel form
+            loss = clip_loss(img, txt, tau, gather=True, group=self.group, backend=self.backend)
+        elif self.local_loss:
+            gather = all_gather_with_grad if self.gather_with_grad else all_gather_no_grad
+            all_img, all_txt = gather(img, self.group), gather(txt, self.group)
+            if self.fused:
+                pos = self.get_ground_truth(img.device, n)
+                loss = 0.5 * (contrastive_loss(img, all_txt, tau, positives=pos, backend=self.backend)
+                              + contrastive_loss(txt, all_img, tau, positives=pos, backend=self.backend))
+            else:
+                loss = clip_loss_reference(img, txt, tau, image_keys=all_img, text_keys=all_txt, offset=rank * n)
+        else:  # the global loss, on every rank
+            if self.gather_with_grad:
+                all_img, all_txt = all_gather_with_grad(img, self.group), all_gather_with_grad(txt, self.group)
+            else:
+                all_img = _replace_own_rows(all_gather_no_grad(img, self.group), img, rank)
+                all_txt = _replace_own_rows(all_gather_no_grad(txt, self.group), txt, rank)
+            if self.fused:
+                loss = 0.5 * (contrastive_loss(all_img, all_txt, tau, backend=self.backend)
+                              + contrastive_loss(all_txt, all_img, tau, backend=self.backend))
+            else:
+                loss = clip_loss_reference(all_img, all_txt, tau)
+        zero = _bias_term(bias)
+        if zero is not None:
+            loss = loss + zero
+        loss = loss.to(out_dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
 class SigLipLoss(_PairLoss):
-    r"""SigLIP's pairwise sigmoid loss (Zhai et al., 2023, arXiv:2303.15343), a drop-in for open_clip's ``SigLipLoss``.
+    r"""SigLIP's pairwise sigmoid loss (Zhai et al., 2023, arXiv:2303.15343): open_clip's ``SigLipLoss``
+    with its arguments and their meaning, on the tile-wise op (never the N x N logits).
 
-    ``loss = -sum_ij log sigmoid(z_ij (logit_scale * x_i . y_j + logit_bias)) / N`` with
-    ``z = 2 I - 1``; see :func:`vlfast.ops.contrastive_losses.siglip_loss` (the data-parallel
-    form gathers texts once instead of open_clip's neighbour exchange; same loss and, after
-    gradient averaging, same gradients).
+    ``loss = -sum_ij log sigmoid(z_ij (logit_scale * x_i . y_j + logit_bias)) / N``, ``z = 2 I - 1``.
+    Data parallel (``world_size > 1``): rank r's N images against the texts of every rank
+    (positives: its own), divided by its N; the texts of other ranks carry their gradient back.
+    open_clip's ``dist_impl`` values ``"bidir"`` (its default), ``"shift"``, ``"reduce"`` and
+    ``"gather"`` are four communication patterns of this one loss with the same gradients; here
+    each runs as one differentiable all-gather of the texts (:func:`vlfast.ops.siglip_loss`):
+    same loss and gradients, O(W N D) memory for the gathered texts, where ``"bidir"`` /
+    ``"shift"`` hold one or two peers' texts at a time at the price of W - 1 exchanges.
 
-    Args:
-        gather: all-gather texts across ranks when distributed.
-        group: process group (default: the world group).
-        backend: backend of the SigLIP op (``None`` = automatic).
-        fused: True: :func:`vlfast.ops.siglip_loss` (row tiles, never the N x N logits);
-            False: :func:`vlfast.reference.siglip_loss_reference` (materialized logits).
+    ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)``
+    returns the 0-dim loss or ``{"contrastive_loss": loss}``, in the dtype open_clip returns.
+
+    Args (open_clip's, in its order):
+        cache_labels: accepted (open_clip keeps it for a label cache it does not use).
+        rank, world_size: as :class:`ClipLoss` (``None``: from ``torch.distributed``).
+        dist_impl: ``None`` (= ``"bidir"``), ``"bidir"``, ``"shift"``, ``"reduce"`` or ``"gather"``.
+
+    vlfast's keyword arguments: ``gather`` (``None``: gather when there are several ranks;
+    ``False``: never), ``group``, ``backend``, ``fused`` (False:
+    :func:`vlfast.reference.siglip_loss_reference`, materialized logits), as :class:`ClipLoss`.
     """
+
+    DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+    def __init__(self, cache_labels: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 dist_impl: Optional[str] = None, *, gather: Optional[bool] = None, group=None,
+                 backend: Optional[str] = None, fused: bool = True):
+        super().__init__()
+        self._init_common(cache_labels, rank, world_size, gather, group, backend, fused)
+        self.dist_impl = check.choice("dist_impl", dist_impl or "bidir", self.DIST_IMPLS)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}, fused={self.fused}"
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
         """Loss of image_features (N, D), text_features (N, D); returns the loss or ``{"contrastive_loss": loss}``."""
+        img, txt = check.feature_pair(image_features, text_features)
+        scale = check.scalar_tensor("logit_scale", logit_scale, img.device)
+        bias = check.scalar_tensor("logit_bias", logit_bias, img.device)
+        out_dtype = _open_clip_dtype("siglip", img, scale, bias)
+        rank, world = self._world()
         if self.fused:
-            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, gather=self.gather,
-                               group=self.group, backend=self.backend)
+            loss = siglip_loss(img, txt, scale, bias, gather=world > 1, group=self.group, backend=self.backend)
+        elif world > 1:
+            loss = siglip_loss_reference(img, txt, scale, bias, text_keys=all_gather_with_grad(txt, self.group),
+                                         offset=rank * img.shape[0])
         else:
-            img, txt = check.feature_pair(image_features, text_features)
-            scale = check.scalar_tensor("logit_scale", logit_scale, img.device)
-            bias = check.scalar_tensor("logit_bias", logit_bias, img.device)
-            loss = siglip_loss_reference(img, txt, scale, bias,
-                                         **_gather_pairs(img, txt, self.gather, self.group, images_too=False))
+            loss = siglip_loss_reference(img, txt, scale, bias)
+        loss = loss.to(out_dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
