@@ -13,7 +13,7 @@ from typing import List, Optional, Union
 
 from torch import nn
 
-from . import torch_nn
+from . import open_clip, timm, torch_nn, transformers
 from ._core import Left, PatchContext, PatchReport, Replaced, walk_and_swap
 
 __all__ = ["patch", "PatchReport", "Replaced", "Left", "INTEGRATIONS"]
@@ -21,7 +21,7 @@ __all__ = ["patch", "PatchReport", "Replaced", "Left", "INTEGRATIONS"]
 log = logging.getLogger("vlfast")
 
 #: The integrations :func:`patch` consults, in order (the first that converts a module wins).
-INTEGRATIONS: List = [torch_nn.INTEGRATION]
+INTEGRATIONS: List = [transformers.INTEGRATION, timm.INTEGRATION, open_clip.INTEGRATION, torch_nn.INTEGRATION]
 
 
 def patch(model: nn.Module, *, attention: bool = True, masking: bool = True, backend: Optional[str] = None,
