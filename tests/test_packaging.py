@@ -96,7 +96,8 @@ def test_hard_requirements_are_torch_numpy_and_triton_on_linux_only(pyproject):
     assert {"bench", "data", "deepspeed", "integrations", "dev"} <= set(extras)
     assert sorted(_name(r) for r in extras["bench"]) == ["matplotlib", "tqdm"]
     assert [_name(r) for r in extras["data"]] == ["pillow"]
-    assert sorted(_name(r) for r in extras["integrations"]) == ["open-clip-torch", "timm", "torchvision", "transformers"]
+    assert sorted(_name(r) for r in extras["integrations"]) == ["open-clip-torch", "timm", "torchvision",
+                                                                "transformers"]
     assert all("==" in r for r in extras["deepspeed"]), extras["deepspeed"]
     assert pyproject["project"]["scripts"] == {"vlfast": "vlfast.cli:main"}
 
