@@ -82,7 +82,8 @@ def _hf_clip(device, quick, big):
         cfg = CLIPConfig(vision_config=dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
                                             num_hidden_layers=2, num_attention_heads=4),
                          text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, max_position_embeddings=16, vocab_size=1000),
+                                          num_attention_heads=4, max_position_embeddings=16, vocab_size=1000,
+                                          pad_token_id=1, bos_token_id=0, eos_token_id=2),
                          projection_dim=32)
     model = CLIPModel(cfg)
     n = 256 if big else (2 if quick else 16)

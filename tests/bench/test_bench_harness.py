@@ -366,3 +366,18 @@ def test_self_timed_providers(tmp_path, monkeypatch, capsys):
     assert rows["bad"]["status"] == "error" and "rank 1 exited" in rows["bad"]["error"]
     assert rows["wrong"]["status"] == "error" and "not Measured" in rows["wrong"]["error"]
     assert "[met] selftimed / ranks: 5x base (measured x8.00" in cap.out
+
+
+def test_quick_dropin_run(tmp_path, capsys):
+    # the drop-in case patches a real timm model and times both providers side by side
+    rc = harness.main(["--quick", "--out", str(tmp_path), "--filter", "dropin", "--no-plot"])
+    cap = capsys.readouterr()
+    assert rc == 0, f"harness returned {rc}\nstdout:\n{cap.out}\nstderr:\n{cap.err}"
+    ok = [r for r in _rows(tmp_path) if r["status"] == "ok"]
+    assert {r["op"] for r in ok} == {"dropin"}
+    (case,) = {r["case"] for r in ok}
+    assert case.startswith("timm vit_base_patch16_224 train step (2 timm Attention)"), case
+    by_provider = {r["provider"]: r for r in ok}
+    assert set(by_provider) == {"unpatched", "vlfast.patch"}
+    assert set(by_provider["vlfast.patch"]["speedups"]) == {"unpatched"}
+    assert all(r["ms"] > 0 and math.isfinite(r["ms"]) for r in ok)
