@@ -41,7 +41,7 @@ from .comm import free_port
 __all__ = [
     "DEVICES", "Tolerance", "FORWARD_TOLERANCE", "GRAD_TOLERANCE", "EAGER_ERROR_FLOOR", "FORWARD_FACTOR",
     "GRAD_FACTOR", "tolerance", "assert_close", "max_abs_error", "assert_within_eager_error", "cases_for",
-    "fake_zero3_param", "free_port",
+    "fake_zero3_param", "free_port", "run_gloo_ranks",
 ]
 
 #: Devices every device-parametrized test runs on here: ``"cpu"``, and ``"cuda"`` when torch sees a GPU.
@@ -319,3 +319,45 @@ def fake_zero3_param(full: torch.Tensor, rank: int, world: int, dtype: torch.dty
     p.ds_status = types.SimpleNamespace(name="NOT_AVAILABLE")
     p.ds_tensor = flat[rank * size:(rank + 1) * size].to(dtype).clone()
     return p
+
+
+def _gloo_worker(rank: int, world: int, port: int, fn) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, world)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(fn, world: int = 2, timeout: float = 120.0) -> None:
+    """Run ``fn(rank, world)`` in ``world`` spawned CPU processes joined in a gloo process group.
+
+    ``fn`` must be picklable (a module-level function).  A failing rank re-raises its
+    traceback here (``torch.multiprocessing``'s ``ProcessRaisedException``); ranks still alive
+    after ``timeout`` seconds are killed and an ``AssertionError`` is raised.
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    deadline = time.monotonic() + timeout
+    ctx = mp.start_processes(_gloo_worker, args=(world, free_port(), fn), nprocs=world, join=False,
+                             start_method="spawn")
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"distributed workers did not finish within {timeout:g} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)

@@ -11,23 +11,18 @@ float32; ``dtype=None`` of a bf16 model reproduces timm's stochastic rounding bi
 """
 
 import copy
-import datetime
-import os
-import time
 
 import open_clip.loss as oc
 import pytest
 import timm
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from timm.utils.model_ema import ModelEmaV3
 
 import vlfast.nn.contrastive as vc
 import vlfast.nn.ema as vema
 from vlfast.nn import EMA, ClipLoss, SigLipLoss
-from vlfast.testing import assert_close, free_port
+from vlfast.testing import run_gloo_ranks, assert_close
 
 WHAT = ("loss", "image grad", "text grad", "logit_scale grad", "logit_bias grad")
 
@@ -195,32 +190,9 @@ def _dist_checks(rank, world):
         SigLipLoss(rank=rank, world_size=world + 1)(x, y, scale, bias)
 
 
-def _dist_worker(rank, world, port):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        _dist_checks(rank, world)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.distributed
 def test_losses_on_two_gloo_ranks_match_open_clip():
-    world, deadline = 2, time.monotonic() + 120
-    ctx = mp.start_processes(_dist_worker, args=(world, free_port()), nprocs=world, join=False, start_method="spawn")
-    try:
-        # join() raises ProcessRaisedException with the child's traceback when a child fails
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail("distributed workers did not finish within 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    run_gloo_ranks(_dist_checks, world=2, timeout=120)
 
 
 # ---------------------------------------------------------------- EMA vs timm's ModelEmaV3

@@ -19,7 +19,6 @@ from torch.profiler import ProfilerActivity, profile
 
 import vlfast
 import vlfast.integrations.open_clip as voc
-import vlfast.integrations.timm as vtimm
 import vlfast.nn.attention as vattn
 from vlfast.testing import assert_close, max_abs_error
 
@@ -34,25 +33,6 @@ if _SIGLIP_TOWER not in timm.list_models(_SIGLIP_TOWER):
         args = dict(patch_size=8, img_size=32, embed_dim=64, depth=2, num_heads=4, class_token=False,
                     global_pool="map")
         return build_model_with_cfg(VisionTransformer, _SIGLIP_TOWER, pretrained, **dict(args, **kwargs))
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    calls = []
-
-    def install(module):
-        real = module.attention
-
-        def recording(q, k, v, **kw):
-            calls.append(dict(q=tuple(q.shape), k=tuple(k.shape), causal=kw.get("causal", False),
-                              kpm=kw.get("key_padding_mask"), bias=kw.get("attn_bias")))
-            return real(q, k, v, **kw)
-
-        monkeypatch.setattr(module, "attention", recording)
-
-    install(vattn)  # vlfast.nn.MultiheadAttention / Attention
-    install(vtimm)  # the timm and open_clip wrappers
-    return calls
 
 
 @pytest.fixture

@@ -19,31 +19,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import vlfast
 import vlfast.integrations.timm as vtimm
-import vlfast.nn.attention as vattn
 from vlfast.models import set_fused
 from vlfast.testing import assert_close, max_abs_error
 
 TINY = dict(pretrained=False, depth=2, embed_dim=48, num_heads=3, img_size=32, patch_size=8, num_classes=5)
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Every call of vlfast.ops.attention from vlfast.nn and the timm wrappers: a dict of its arguments."""
-    calls = []
-
-    def install(module):
-        real = module.attention
-
-        def recording(q, k, v, **kw):
-            calls.append(dict(q=tuple(q.shape), k=tuple(k.shape), causal=kw.get("causal", False),
-                              kpm=kw.get("key_padding_mask"), bias=kw.get("attn_bias"), backend=kw.get("backend")))
-            return real(q, k, v, **kw)
-
-        monkeypatch.setattr(module, "attention", recording)
-
-    install(vattn)
-    install(vtimm)
-    return calls
 
 
 def _loss(out):

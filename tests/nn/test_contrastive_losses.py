@@ -6,14 +6,10 @@ Every loss is checked against the eager formulas of :mod:`vlfast.reference.contr
 spawns two gloo processes on CPU.
 """
 
-import datetime
-import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vlfast.distributed import all_gather_no_grad, all_gather_with_grad, world_info
@@ -22,7 +18,7 @@ from vlfast.nn.contrastive import ClipLoss, ITCLoss, MoCoQueueLoss, MoCoV3Loss, 
 from vlfast.ops.contrastive_losses import clip_loss, siglip_loss
 from vlfast.reference.contrastive import (albef_itc_reference, clip_loss_reference, contrastive_loss_reference,
                                           moco_loss_reference, moco_v3_loss_reference, siglip_loss_reference)
-from vlfast.testing import DEVICES, assert_close, free_port
+from vlfast.testing import run_gloo_ranks, DEVICES, assert_close
 
 
 def _unit(n, d, device="cpu", dtype=torch.float32):
@@ -516,34 +512,10 @@ def _dist_checks(rank, world):
     assert world_info() == (rank, world)
 
 
-def _dist_worker(rank, world, port):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        _dist_checks(rank, world)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.distributed
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_distributed_gloo_two_ranks_match_single_process():
-    world, deadline = 2, time.monotonic() + 150
-    ctx = mp.start_processes(_dist_worker, args=(world, free_port()), nprocs=world, join=False,
-                             start_method="spawn")
-    try:
-        # join() raises ProcessRaisedException with the child's traceback when a child fails
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail("distributed workers did not finish within 150 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    run_gloo_ranks(_dist_checks, world=2, timeout=150)
 
 
 class _NoDeepcopy:
