@@ -380,7 +380,8 @@ def test_save_checkpoint_gathers_zero_ema_on_rank0_only(tmp_path, monkeypatch):
     _, z3b = _z3_model()
     emab = make_ema(z3b, decay=0.5)
     ckpt.load_checkpoint(path, _FakeEngine(), emab)
-    assert any(f.endswith("ema.pt") and kw.get("mmap") and kw.get("map_location") == "cpu" for f, kw in loads)
+    assert any(f.endswith("ema.pt") and kw.get("mmap") and kw.get("map_location") == "cpu" and kw.get("weights_only")
+               for f, kw in loads)
     assert all(torch.equal(v, ref[k]) for k, v in emab.state_dict().items())
 
 

@@ -5,10 +5,17 @@ place with :func:`os.replace`; ``latest`` (holding the directory name) is update
 writing ``latest.tmp-<pid>`` and renaming it.  A crash at any point leaves either the
 previous complete checkpoint or the new one; leftover ``.tmp-*`` entries are ignored
 and removed by :func:`clean_tmp`.
+
+Every file is read by :func:`load_file`: ``torch.load(..., weights_only=True)``, so a
+checkpoint from elsewhere cannot run code when it is loaded (a pickle that would call a
+function is refused with :class:`CheckpointError`).  What is saved is therefore only
+tensors and plain containers of numbers and strings: the NumPy RNG state is stored as a
+tensor (:func:`rng_state`).
 """
 
 import json
 import os
+import pickle
 import random
 import shutil
 from typing import Optional
@@ -20,6 +27,35 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 
 
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be read safely or is not one of ours (one line to the user)."""
+
+
+def load_file(path: str, map_location="cpu", *, mmap: bool = False, allow=()):
+    """``torch.load(path, weights_only=True)``: tensors, dicts, lists, tuples, sets and plain
+    scalars/strings only; nothing in the file is called.  A file holding anything else (a
+    class instance, a function reference: what a crafted pickle needs to run code) raises
+    :class:`CheckpointError` naming the file and the object refused.  ``allow``: plain
+    data classes to accept besides (``torch.serialization.safe_globals``; their instances
+    are rebuilt by setting attributes, never by calling code from the file).  ``mmap=True``
+    memory-maps a zip-format file (falls back to a plain read for a legacy file)."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if not mmap or "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = next((ln.strip().rstrip(".") for ln in str(exc).splitlines() if "nsupported" in ln),
+                   "it holds objects other than tensors and plain containers")
+        raise CheckpointError(f"refusing to load {path}: not a plain tensor file (read with weights_only=True; "
+                              f"{why})") from None
+    except (RuntimeError, EOFError) as exc:  # truncated / not a torch file
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
 def ckpt_root(out_dir: str) -> str:
     return os.path.join(out_dir, "checkpoints")
 
@@ -29,7 +65,8 @@ def rng_state() -> dict:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # plain types only (weights_only)
+        state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
     except ImportError:  # pragma: no cover - numpy is a dependency
         pass
     if torch.cuda.is_available():
@@ -43,7 +80,8 @@ def set_rng_state(state: dict) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -169,10 +207,7 @@ def load_checkpoint(path: str, engine, ema=None) -> dict:
         ema_path = os.path.join(path, "ema.pt")
         if os.path.isfile(ema_path):
             # memory-mapped: a ZeroEMA copies just this rank's slices out of it
-            try:
-                ema_state = torch.load(ema_path, map_location="cpu", weights_only=False, mmap=True)
-            except RuntimeError:  # a legacy (not zip) file cannot be memory-mapped
-                ema_state = torch.load(ema_path, map_location="cpu", weights_only=False)
+            ema_state = load_file(ema_path, mmap=True)
             ema.load_state_dict(ema_state)
             del ema_state
-    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    return load_file(os.path.join(path, STATE_FILE))

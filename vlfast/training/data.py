@@ -91,6 +91,14 @@ class ModelSpec:
         self.text_len = int(tmpl["input_ids"].shape[1]) if "input_ids" in tmpl else None
         self.two_views = "x1" in tmpl and "x2" in tmpl
         self.has_labels = "labels" in tmpl
+        unknown = self.keys - {"images", "x1", "x2", "input_ids", "attention_mask", "labels"}
+        if unknown:
+            raise DataError(f"model {type(model).__name__} needs batch entries {sorted(unknown)} that real data "
+                            "(csv:/wds:) does not provide; train it on synthetic data")
+        if self.has_labels and tmpl["labels"].dim() != 1:
+            raise DataError(f"model {type(model).__name__} takes per-token labels of shape "
+                            f"{tuple(tmpl['labels'].shape[1:])} per sample, which real data (csv:/wds: give one class "
+                            "label per image) does not provide; train it on synthetic data")
 
     @property
     def takes_text(self) -> bool:

@@ -83,7 +83,7 @@ class Engine:
         torch.save(self.state_dict(), os.path.join(directory, "engine.pt"))
 
     def load(self, directory: str) -> None:
-        self.load_state_dict(torch.load(os.path.join(directory, "engine.pt"), map_location="cpu", weights_only=False))
+        self.load_state_dict(ckpt.load_file(os.path.join(directory, "engine.pt")))
 
 
 class TorchEngine(Engine):
@@ -141,7 +141,7 @@ class TorchEngine(Engine):
 
     def load(self, directory):
         def ld(name):
-            return torch.load(os.path.join(directory, name), map_location=self.device, weights_only=False)
+            return ckpt.load_file(os.path.join(directory, name), map_location=self.device)
 
         self.model.load_state_dict(ld("model.pt"))
         self.optimizer.load_state_dict(ld("optimizer.pt"))
@@ -192,6 +192,51 @@ def _patched_broadcast():
     finally:
         cls._broadcast_model = orig
         pp.Init._zero_init_param = orig_init
+
+
+# The plain data classes DeepSpeed 0.19 pickles into its ZeRO optimizer files (found by loading
+# ZeRO-1/2/3 checkpoints with weights_only=True); each is rebuilt from its attributes, none runs code.
+_DEEPSPEED_CKPT_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                           "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                           "deepspeed.runtime.zero.config.ZeroStageEnum",
+                           "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _deepspeed_checkpoint_classes() -> list:
+    import importlib
+
+    import deepspeed
+
+    out = []
+    for name in _DEEPSPEED_CKPT_CLASSES:
+        mod, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(mod), attr))
+        except (ImportError, AttributeError):
+            raise TrainError(f"DeepSpeed {deepspeed.__version__}: {name} is gone (vlfast was tested with the "
+                             "versions in pyproject.toml's deepspeed extra); cannot read its checkpoints "
+                             "safely") from None
+    return out
+
+
+@contextlib.contextmanager
+def _safe_deepspeed_loads(engine):
+    """DeepSpeed reads every checkpoint file through ``engine.checkpoint_engine.load`` with
+    ``weights_only=False``; for the duration, read them with :func:`checkpoint.load_file`
+    (``weights_only=True``, allowing only :data:`_DEEPSPEED_CKPT_CLASSES`)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or not callable(getattr(ce, "load", None)):
+        raise TrainError("this DeepSpeed engine has no checkpoint_engine.load to read checkpoints through safely")
+    allow = _deepspeed_checkpoint_classes()
+
+    def load(path, map_location=None):
+        return ckpt.load_file(path, map_location=map_location, allow=allow)
+
+    ce.load = load  # an instance attribute, removed again below
+    try:
+        yield
+    finally:
+        del ce.load
 
 
 class DeepSpeedEngine(Engine):
@@ -275,15 +320,16 @@ class DeepSpeedEngine(Engine):
             torch.save(sd, os.path.join(directory, "model.pt"))
 
     def load(self, directory):
-        path, _ = self.model.load_checkpoint(directory, tag=self.TAG, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+        with _safe_deepspeed_loads(self.model):
+            path, _ = self.model.load_checkpoint(directory, tag=self.TAG, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
         if path is None:
             raise TrainError(f"no DeepSpeed checkpoint in {directory}")
         masters_path = os.path.join(directory, f"momentum_masters_rank{self.rank}.pt")
         encoders = dict(_momentum_encoders(self.module))
         masters = {}
         if os.path.isfile(masters_path):
-            masters = torch.load(masters_path, map_location="cpu", weights_only=False)
+            masters = ckpt.load_file(masters_path)
         for name in masters:
             if name not in encoders:
                 raise TrainError(f"checkpoint {directory} has momentum masters for {name!r}, which this "
@@ -588,6 +634,8 @@ def run(args, parser) -> int:
             total_steps = args.steps
         else:
             total_steps = max(1, math.ceil(args.epochs * data.num_samples / args.batch_size))
+    if callable(getattr(model, "set_total_steps", None)):  # schedules over the run (DINO's momentum, temperature)
+        model.set_total_steps(total_steps)
     engine = make_engine(model, args, device)
     ema = None
     if args.ema is not None:
@@ -625,7 +673,7 @@ def run(args, parser) -> int:
             ckpt.set_rng_state(state["rng"])  # rank 0's; the other ranks' are saved by DeepSpeedEngine
             rank_rng = os.path.join(path, f"rng_rank{rank}.pt")
             if world > 1 and os.path.isfile(rank_rng):
-                ckpt.set_rng_state(torch.load(rank_rng, map_location="cpu", weights_only=False))
+                ckpt.set_rng_state(ckpt.load_file(rank_rng))
             if main_rank:
                 _truncate_metrics(metrics_path, start)
                 print(f"vlfast train: resumed from {path} (step {start})", file=sys.stderr)
@@ -730,7 +778,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--nproc {args.nproc} but the launcher's WORLD_SIZE is {os.environ.get('WORLD_SIZE')}")
     try:
         return run(args, parser)
-    except (TrainError, DataError) as exc:
+    except (TrainError, DataError, ckpt.CheckpointError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
