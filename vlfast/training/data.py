@@ -193,6 +193,7 @@ class _RealData:
         self.rows = _rank_rows(batch_size, rank, world_size)
         self.position = 0  # samples consumed
         self.bad = set()  # indices of unreadable samples
+        self.truncated = 0  # captions of this rank's rows longer than the model's context, cut to fit
         self.warn = warn or (lambda msg: print(f"vlfast train: warning: {msg}", file=sys.stderr))
         if self.spec.takes_text:
             from vlfast.models.tokenizer import ByteTokenizer
@@ -252,6 +253,14 @@ class _RealData:
         else:
             batch["images"] = x
         if self.spec.takes_text:
+            cut = [c for c in captions if len(self.tokenizer.encode(c)) > self.spec.text_len]
+            if cut:
+                if not self.truncated:
+                    self.warn(f"captions are longer than the model's context of {self.spec.text_len} tokens and "
+                              f"are cut (e.g. {cut[0]!r} -> "
+                              f"{self.tokenizer.decode(self.tokenizer(cut[0], self.spec.text_len)[0][0])!r}); "
+                              "the count is logged as 'truncated_captions'")
+                self.truncated += len(cut)
             ids, mask = self.tokenizer(captions, self.spec.text_len)
             batch["input_ids"], batch["attention_mask"] = ids, mask
         if self.spec.has_labels:

@@ -36,6 +36,7 @@ import torch
 from ..comm import free_port
 from . import checkpoint as ckpt
 from .data import DataError, build_data, parse_data_spec
+from .optim import SCHEDULES, lr_at, param_groups, set_lr
 
 PROG = "vlfast train"
 
@@ -73,6 +74,10 @@ class Engine:
     def lr(self) -> float:
         return float("nan")
 
+    def set_lr(self, value: float) -> None:
+        """The learning rate of the next :meth:`step` (every parameter group)."""
+        set_lr(self.optimizer, value)
+
     def state_dict(self) -> dict:
         raise NotImplementedError
 
@@ -90,14 +95,14 @@ class TorchEngine(Engine):
     """AdamW + optional autocast (bf16) / GradScaler (fp16, CUDA only)."""
 
     def __init__(self, model: torch.nn.Module, *, lr: float, precision: str = "fp32", device=None,
-                 weight_decay: float = 0.05):
+                 weight_decay: float = 0.05, grad_clip: float = 0.0):
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if precision == "fp16" and self.device.type != "cuda":
             raise TrainError("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
         self.precision = precision
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.grad_clip = float(grad_clip)
+        self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     def autocast(self):
@@ -110,6 +115,11 @@ class TorchEngine(Engine):
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self):
+        if self.grad_clip > 0:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -250,7 +260,8 @@ class DeepSpeedEngine(Engine):
     TAG = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, *, zero_stage: int, lr: float, precision: str = "fp32",
-                 batch_size: int, world_size: int = 1, device=None, user_config=None, weight_decay: float = 0.05):
+                 batch_size: int, world_size: int = 1, device=None, user_config=None, weight_decay: float = 0.05,
+                 grad_clip: float = 0.0):
         import deepspeed
 
         from vlfast.distributed.zero import deepspeed_config
@@ -259,12 +270,12 @@ class DeepSpeedEngine(Engine):
         try:
             cfg = deepspeed_config(zero_stage, precision, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                    world_size=world_size, user_config=user_config, device=self.device.type,
-                                   gradient_clipping=0.0)  # as TorchEngine (DeepSpeed's default clips)
+                                   gradient_clipping=grad_clip)  # explicit: DeepSpeed's default clips
         except (ValueError, OSError) as exc:
             raise TrainError(f"DeepSpeed config: {exc}") from None
         self.precision = precision
         self.zero_stage = zero_stage
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = param_groups(model, weight_decay)
         if zero_stage == 3:
             from vlfast.distributed.zero import hoist_momentum_updates, register_external_parameters
 
@@ -387,8 +398,10 @@ def make_engine(model, args, device) -> Engine:
         world = _world()[1]
         return DeepSpeedEngine(model, zero_stage=args.zero, lr=args.lr, precision=args.precision,
                                batch_size=args.batch_size // world, world_size=world, device=device,
-                               user_config=args.deepspeed_config)
-    return TorchEngine(model, lr=args.lr, precision=args.precision, device=device)
+                               user_config=args.deepspeed_config, weight_decay=args.weight_decay,
+                               grad_clip=args.grad_clip)
+    return TorchEngine(model, lr=args.lr, precision=args.precision, device=device, weight_decay=args.weight_decay,
+                       grad_clip=args.grad_clip)
 
 
 # --------------------------------------------------------------------------- ranks
@@ -503,6 +516,15 @@ def _float_where(ok, what: str):
 
 _positive_float = _float_where(lambda v: v > 0 and math.isfinite(v), "a positive number")
 _decay = _float_where(lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+_nonneg_float = _float_where(lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+
+
+def _sum_over_ranks(count: int, world: int, device) -> int:
+    if world == 1:
+        return int(count)
+    t = torch.tensor([count], dtype=torch.long, device=device)  # on the device: NCCL needs it there
+    torch.distributed.all_reduce(t)
+    return int(t.item())
 
 
 def _zero_stage(s: str) -> int:
@@ -524,7 +546,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=_positive_int, help="optimizer steps in total (synthetic default: 20)")
     g.add_argument("--epochs", type=_positive_float, help="passes over the data (real data only)")
-    p.add_argument("--lr", type=_positive_float, default=1e-4)
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup-steps", type=_nonneg_int, default=0, metavar="N",
+                   help="linear warmup from 0 over the first N steps")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="after warmup: constant, or cosine decay to --min-lr at the last step")
+    p.add_argument("--min-lr", type=_nonneg_float, default=0.0, help="the cosine schedule's final lr")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.05,
+                   help="AdamW weight decay on weight matrices (not biases, norms, embeddings, temperatures)")
+    p.add_argument("--grad-clip", type=_nonneg_float, default=0.0, metavar="NORM",
+                   help="clip the global gradient norm to NORM (0: off)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--eager", action="store_true", help="build the model with fused=False")
     p.add_argument("--out", default="runs/train", help="output directory (default: runs/train)")
@@ -612,6 +643,8 @@ def run(args, parser) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.precision == "fp16" and device.type != "cuda":
         parser.error("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+    if args.min_lr > args.lr:
+        parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, _ = _world()
@@ -704,6 +737,8 @@ def run(args, parser) -> int:
             with engine.autocast():
                 out = engine.model(**batch)
             loss = _compute_loss(engine.model, out, batch)
+            engine.set_lr(lr_at(step, lr=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
+                                schedule=args.schedule, min_lr=args.min_lr))
             if not torch.isfinite(loss.detach()).all():
                 print(f"vlfast train: warning: non-finite loss at step {step}", file=sys.stderr)
             engine.backward(loss)
@@ -723,6 +758,8 @@ def run(args, parser) -> int:
             if kind != "synthetic":
                 rec["skipped_images"] = data.skipped
                 rec["data_position"] = data.position
+                if data.spec.takes_text:
+                    rec["truncated_captions"] = _sum_over_ranks(data.truncated, world, device)
             mf.write(json.dumps(rec) + "\n")
             mf.flush()
             if tb is not None:

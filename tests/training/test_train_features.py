@@ -1,0 +1,121 @@
+"""Training features of ``vlfast train``: warmup + cosine schedule, weight-decay exclusions, gradient clipping,
+caption truncation warnings."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from vlfast import models
+from vlfast.cli import main
+from vlfast.training.optim import lr_at, no_decay_names, param_groups
+from vlfast.training.trainer import TorchEngine
+
+
+def test_lr_schedule_values():
+    kw = dict(lr=1.0, total_steps=10, warmup_steps=4)
+    assert [lr_at(s, **kw) for s in range(1, 5)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(7, **kw) == 1.0  # constant after warmup
+    cos = [lr_at(s, schedule="cosine", min_lr=0.1, **kw) for s in range(4, 11)]
+    assert cos[0] == 1.0 and abs(cos[-1] - 0.1) < 1e-12
+    assert all(a > b for a, b in zip(cos, cos[1:]))
+    t = (7 - 4) / 6
+    assert abs(lr_at(7, schedule="cosine", min_lr=0.1, **kw) - (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))) < 1e-12
+    for bad in (dict(schedule="linear"), dict(min_lr=2.0)):
+        with pytest.raises(ValueError):
+            lr_at(5, **{**kw, **bad})
+    with pytest.raises(ValueError, match="step"):
+        lr_at(11, **kw)
+
+
+def test_weight_decay_exclusions_match_open_clip_and_timm_rules():
+    clip = models.create("clip_micro")
+    skip = no_decay_names(clip)
+    names = dict(clip.named_parameters())
+    # open_clip's rule: p.ndim < 2 or 'bn'/'ln'/'bias' in name or 'logit_scale' in name
+    for n, p in names.items():
+        if p.ndim < 2 or "logit_scale" in n or n.endswith(".bias") or ".ln_" in n or n.startswith("ln_"):
+            assert n in skip, n
+    assert "positional_embedding" in skip and "token_embedding.weight" in skip
+    decayed = [n for n in names if n not in skip]
+    assert decayed and all(names[n].ndim >= 2 for n in decayed)
+    vit = models.create("vit_micro")
+    vskip = no_decay_names(vit)
+    assert {"pos_embed", "cls_token"} <= vskip and "patch_embed.proj.weight" not in vskip
+    groups = param_groups(vit, 0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in groups) == len(list(vit.parameters()))
+    with pytest.raises(ValueError, match="weight_decay"):
+        param_groups(vit, -1.0)
+
+
+def test_no_weight_decay_hook_and_frozen_params():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.special = nn.Parameter(torch.randn(3, 3))
+            self.frozen = nn.Parameter(torch.randn(3, 3), requires_grad=False)
+
+        def no_weight_decay(self):
+            return {"special"}
+
+    groups = param_groups(M(), 0.05)
+    assert [len(g["params"]) for g in groups] == [1, 2]  # lin.weight | lin.bias, special; frozen left out
+
+
+def test_grad_clip_limits_the_update():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    eng = TorchEngine(model, lr=1.0, grad_clip=0.5, weight_decay=0.0)
+    (model(torch.randn(4, 8)) * 100).sum().backward()
+    before = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert before > 0.5
+    grads = []
+    orig = eng.optimizer.step
+    eng.optimizer.step = lambda *a, **k: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))\
+        or orig(*a, **k)
+    eng.step()
+    assert abs(float(grads[0].norm()) - 0.5) < 1e-5
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_cli_warmup_cosine_lr_logged(tmp_path):
+    out = str(tmp_path / "r")
+    assert main(["train", "--model", "vit_micro", "--steps", "6", "--batch-size", "2", "--out", out, "--no-progress",
+                 "--lr", "0.01", "--warmup-steps", "2", "--schedule", "cosine", "--min-lr", "0.001",
+                 "--weight-decay", "0.1", "--grad-clip", "1.0"]) == 0
+    lrs = [r["lr"] for r in _records(out)]
+    want = [lr_at(s, lr=0.01, total_steps=6, warmup_steps=2, schedule="cosine", min_lr=0.001) for s in range(1, 7)]
+    assert lrs == pytest.approx(want, rel=1e-12)
+
+
+def test_cli_rejects_min_lr_above_lr(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "vit_micro", "--lr", "0.001", "--min-lr", "0.01", "--out", str(tmp_path)])
+    assert "--min-lr" in capsys.readouterr().err
+
+
+def test_truncated_captions_warned_and_counted(tmp_path, capsys):
+    from PIL import Image
+
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = ["image,caption"]
+    for i, cap in enumerate(["six", "a photo of the digit six, written by hand on white paper", "two"]):
+        Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(d / f"{i}.png")
+        rows.append(f"{i}.png,{cap}")
+    (d / "data.csv").write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "r")
+    assert main(["train", "--model", "clip_micro", "--data", f"csv:{d / 'data.csv'}", "--steps", "2",
+                 "--batch-size", "3", "--out", out, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("captions are longer than the model's context") == 1, err
+    assert [r["truncated_captions"] for r in _records(out)] == [1, 2]
