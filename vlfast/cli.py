@@ -1,4 +1,4 @@
-"""The ``vlfast`` command: ``vlfast info``, ``vlfast bench`` and ``vlfast train``."""
+"""The ``vlfast`` command: ``vlfast info``, ``vlfast bench``, ``vlfast train`` and ``vlfast eval``."""
 
 import argparse
 import importlib.metadata
@@ -106,6 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("info", help="versions, devices, and which backend serves each op")
     sub.add_parser("bench", help="run the benchmark harness (vlfast bench --help)", add_help=False)
     sub.add_parser("train", help="train a model (vlfast train --help)", add_help=False)
+    sub.add_parser("eval", help="evaluate a checkpoint: zeroshot, retrieval, knn (vlfast eval --help)", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
@@ -120,6 +121,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from vlfast.training.trainer import main as train_main
 
         return train_main(rest)
+    if args.command == "eval":
+        from vlfast.training.evaluate import main as eval_main
+
+        return eval_main(rest)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -281,7 +281,8 @@ class _RealData:
 class CsvData(_RealData):
     kind = "csv"
 
-    def __init__(self, path: str, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1):
+    def __init__(self, path: str, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1, *,
+                 require_captions: bool = True):
         super().__init__(model, batch_size, warn, rank, world_size)
         try:
             with open(path, newline="", encoding="utf-8") as f:
@@ -295,13 +296,16 @@ class CsvData(_RealData):
         if "image" not in cols:
             has = ", ".join(sorted(c for c in cols if c)) or "none"
             raise DataError(f"CSV {path!r} needs an 'image' column (has: {has})")
-        if self.spec.takes_text and "caption" not in cols:
+        if self.spec.takes_text and require_captions and "caption" not in cols:
             raise DataError(f"CSV {path!r} needs a 'caption' column for model with text input")
+        self.labeled = "label" in cols  # every row has a label (an empty one is refused below)
         base = os.path.dirname(os.path.abspath(path))
         self.samples = []
         for n, r in enumerate(rows):
             img = (r.get("image") or "").strip()
             label = 0
+            if self.labeled and r.get("label") in (None, ""):
+                raise DataError(f"CSV {path!r} row {n + 2}: empty label")
             if r.get("label") not in (None, ""):
                 try:
                     label = int(r["label"])
@@ -322,9 +326,11 @@ class CsvData(_RealData):
 class WdsData(_RealData):
     kind = "wds"
 
-    def __init__(self, pattern: str, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1):
+    def __init__(self, pattern: str, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1, *,
+                 require_captions: bool = True):
         super().__init__(model, batch_size, warn, rank, world_size)
         shards = []
+        n_labels = 0
         for p in expand_braces(pattern):
             hits = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.exists(p) else [])
             if not hits:
@@ -369,12 +375,14 @@ class WdsData(_RealData):
                     if e in g:
                         try:
                             label = int(tf.extractfile(g[e]).read().decode().strip())
+                            n_labels += 1
                         except ValueError:
                             pass
                         break
                 self.samples.append(((shard, img), cap, label))
         if not self.samples:
             raise DataError(f"no image samples in shards {pattern!r}")
+        self.labeled = n_labels == len(self.samples)  # every sample has an integer label
 
     def _image(self, i):
         shard, member = self.samples[i][0]
