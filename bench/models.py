@@ -18,9 +18,12 @@ import torch.nn.functional as F
 
 from .harness import Case, Target, peak_memory_mb, register, training_step
 
-CUDA_CASES = [("clip_vit_b16", 256), ("mae_vit_large_patch16", 256), ("albef_base", 64)]
+CUDA_CASES = [("clip_vit_b16", 256), ("mae_vit_large_patch16", 256), ("albef_base", 64), ("blip_base", 32),
+              ("coca_vit_b32", 128), ("beit_base_patch16_224_pt", 128), ("simclr_vit_small", 256),
+              ("dino_vit_small", 64)]
 CPU_CASES = [("vit_micro", 16), ("mae_micro", 16), ("clip_micro", 16), ("moco_v3_micro", 16), ("vilt_micro", 16),
-             ("albef_micro", 8)]
+             ("albef_micro", 8), ("blip_micro", 8), ("coca_micro", 8), ("beit_micro", 8), ("simclr_micro", 16),
+             ("dino_micro", 8)]
 QUICK_CASES = [("vit_micro", 4)]
 
 

@@ -31,6 +31,12 @@ SigLIP (``u_ij = scale * x_ij + bias``, ``z_ij = +1`` iff ``j == i + pos_offset`
   ``bias = -10`` model keep their relative precision.
 * backward: ``_bwd_kernel`` with ``G_ij = -g_i z_ij sigmoid(-z_ij u_ij)``.
 
+``EXCLUDE_DIAG`` (constexpr, SimCLR's NT-Xent): key i leaves query i's softmax.  The forward
+sets ``s_ii = -inf`` (and ``ŝ_ii``) in the tiles that cross the diagonal, so ``lse_i = log
+sum_{j != i} exp(s_ij)``; the backward gives those elements zero probability (``G_ii = 0``,
+in both launches: the diagonal is ``offs_a == offs_b`` either way).  With the flag off the
+kernels compile exactly as before.
+
 Rows / columns beyond ``Nq`` / ``Nk`` are masked (zero features, ``-inf`` in the max / sum,
 zero in the gradients).  All row offsets are int64; every grid is 1-D.
 Outputs in bf16 are rounded with ``round_to`` (round-to-nearest-even also in the interpreter).
@@ -109,7 +115,7 @@ def _lse_fwd_kernel(
     c_main, c_soft, scale,          # scale * log2(e), soft_scale * log2(e), scale
     D: tl.constexpr, DS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
-    SOFT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SOFT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, EXCLUDE_DIAG: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,19 +132,34 @@ def _lse_fwd_kernel(
         n_ok = offs_n < Nk
         x = _sdot(q_ptr, offs_m, m_ok, s_q, k_ptr, offs_n, n_ok, s_k,
                   D, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
-        s = tl.where(n_ok[None, :], x * c_main, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))         # finite: every tile has a valid column
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if EXCLUDE_DIAG:
+            keep = n_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
+            s = tl.where(keep, x * c_main, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row whose only key so far is excluded
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
+        else:
+            s = tl.where(n_ok[None, :], x * c_main, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))         # finite: every tile has a valid column
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         if SOFT:
             xh = _sdot(sq_ptr, offs_m, m_ok, s_sq, sk_ptr, offs_n, n_ok, s_sk,
                        DS, BLOCK_DS, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
-            sh = tl.where(n_ok[None, :], xh * c_soft, float("-inf"))
-            mh_new = tl.maximum(mh_i, tl.max(sh, 1))
-            beta = tl.exp2(mh_i - mh_new)
-            th = tl.exp2(sh - mh_new[:, None])       # 0 on masked columns, where x is 0 too
+            if EXCLUDE_DIAG:
+                sh = tl.where(keep, xh * c_soft, float("-inf"))
+                mh_new = tl.maximum(mh_i, tl.max(sh, 1))
+                mh_ref = tl.where(mh_new == float("-inf"), 0.0, mh_new)
+                beta = tl.exp2(mh_i - mh_ref)
+                th = tl.exp2(sh - mh_ref[:, None])   # 0 on masked columns and on the diagonal
+            else:
+                sh = tl.where(n_ok[None, :], xh * c_soft, float("-inf"))
+                mh_new = tl.maximum(mh_i, tl.max(sh, 1))
+                beta = tl.exp2(mh_i - mh_new)
+                th = tl.exp2(sh - mh_new[:, None])       # 0 on masked columns, where x is 0 too
             lh_i = lh_i * beta + tl.sum(th, 1)
             acc = acc * beta + tl.sum(th * x, 1)
             mh_i = mh_new
@@ -186,7 +207,7 @@ def _bwd_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
     BLOCK_DO: tl.constexpr,
     SIGLIP: tl.constexpr, SOFT: tl.constexpr, A_IS_Q: tl.constexpr, PARTIALS: tl.constexpr,
-    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, EXCLUDE_DIAG: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     blk = pid // n_dout
@@ -213,6 +234,8 @@ def _bwd_kernel(
         offs_b = tl.cast(start_b, tl.int64) + offs_b0
         b_ok = offs_b < Nb
         valid = a_ok[:, None] & b_ok[None, :]
+        if EXCLUDE_DIAG:
+            valid = valid & (offs_a[:, None] != offs_b[None, :])
         x = _sdot(a_ptr, offs_a, a_ok, s_a, b_ptr, offs_b, b_ok, s_b,
                   D, BLOCK_D, BLOCK_A, BLOCK_B, DOT_PREC, UPCAST)
         if A_IS_Q:
@@ -322,7 +345,8 @@ def _vec(name, v, n, device):
 
 
 # ----------------------------------------------------------------------------- launchers
-def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scale: float = 1.0):
+def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scale: float = 1.0,
+                                 exclude_diagonal: bool = False):
     """InfoNCE statistics without the logits: ``(lse, soft_dot, soft_lse)``, fp32 (Nq,) each.
 
     ``lse_i = log sum_j exp(scale <q_i, k_j>)``; with soft targets
@@ -334,6 +358,8 @@ def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scal
         q: (Nq, D), k: (Nk, D), one dtype of fp32 / fp16 / bf16, one device, any row stride.
         scale, soft_scale: floats.  sq: (Nq, DS), sk: (Nk, DS) soft-target features (one dtype),
             both or neither.
+        exclude_diagonal: drop key i from query i's sums (j != i in every formula above), for
+            each i < min(Nq, Nk); a query left without keys gets lse = -inf.
 
     Returns: ``(lse, soft_dot, soft_lse)``; the soft ones are None without ``sq`` / ``sk``.
     Tiles: ``TILES`` kind ``fwd`` (one program per BLOCK_M queries, BLOCK_N keys per step).
@@ -342,6 +368,7 @@ def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scal
     sq, sk = _check_soft(q, k, sq, sk)
     scale = check.real("scale", scale, finite=False)
     soft_scale = check.real("soft_scale", soft_scale, finite=False)
+    exclude_diagonal = check.flag("exclude_diagonal", exclude_diagonal)
     soft = sq is not None
     Nq, D = q.shape
     Nk = k.shape[0]
@@ -359,18 +386,19 @@ def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scal
         return lse, sdot, slse
     cfg = _config("fwd", q.dtype, D, DS)
     grid = (triton.cdiv(Nq, cfg["bm"]),)
+    extra = dict(EXCLUDE_DIAG=True) if exclude_diagonal else {}  # flag off: the launch of before, unchanged
     _lse_fwd_kernel[grid](
         q, k, sq if soft else q, sk if soft else k, lse, sdot if soft else lse, slse if soft else lse,
         q.stride(0), k.stride(0), sq.stride(0) if soft else 0, sk.stride(0) if soft else 0,
         Nq, Nk, scale * LOG2E, soft_scale * LOG2E, scale,
         D=D, DS=DS, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_D=cfg["bd"], BLOCK_DS=cfg["bds"],
         SOFT=soft, DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
     return lse, sdot, slse
 
 
 def _launch_bwd(a, b, sa, sb, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0.0, pos_offset=0,
-                siglip, a_is_q, partials):
+                siglip, a_is_q, partials, exclude_diagonal=False):
     """``scale * G @ b`` (A = queries) or ``scale * G^T @ b`` (A = keys), G over A x B, and
     (partials) the fp32 partial sums of ``G * x`` and ``G``, shape (2, n_programs).
     Arguments are checked by the callers."""
@@ -384,6 +412,7 @@ def _launch_bwd(a, b, sa, sb, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0
     n_prog = triton.cdiv(Na, cfg["bm"]) * n_dout
     part = torch.empty(2, n_prog, dtype=torch.float32, device=a.device) if partials else g
     dummy = lse if lse is not None else g
+    extra = dict(EXCLUDE_DIAG=True) if exclude_diagonal else {}  # flag off: the launch of before, unchanged
     _bwd_kernel[(n_prog,)](
         a, b, sa if soft else a, sb if soft else b,
         dummy, g, slse if soft else dummy, gs if soft else dummy,
@@ -394,12 +423,12 @@ def _launch_bwd(a, b, sa, sb, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0
         D=D, DS=DS, BLOCK_A=cfg["bm"], BLOCK_B=cfg["bn"], BLOCK_D=cfg["bd"], BLOCK_DS=cfg["bds"],
         BLOCK_DO=cfg["bdo"], SIGLIP=siglip, SOFT=soft, A_IS_Q=a_is_q, PARTIALS=partials,
         OUT_BF16=a.dtype == torch.bfloat16, DOT_PREC=dot_precision(a.dtype), UPCAST=upcast_dot(a.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
     return out, (part if partials else None)
 
 
 def contrastive_loss_lse_backward(q, k, scale: float, lse, g_lse, sq=None, sk=None, soft_scale: float = 1.0,
-                                  soft_lse=None, g_soft=None):
+                                  soft_lse=None, g_soft=None, exclude_diagonal: bool = False):
     """Gradients of ``sum_i g_lse_i lse_i + g_soft_i soft_dot_i`` (the soft target t constant).
 
     ``G_ij = g_lse_i p_ij + g_soft_i t_ij`` with ``p_ij = exp(scale <q_i, k_j> - lse_i)``;
@@ -411,6 +440,7 @@ def contrastive_loss_lse_backward(q, k, scale: float, lse, g_lse, sq=None, sk=No
         lse, soft_lse: (Nq,) from the forward; g_lse, g_soft: (Nq,) upstream gradients (any
             floating dtype, read as fp32).  ``g_lse`` None counts as zeros; ``g_soft`` None drops
             the soft term (``g_soft`` needs sq, sk and soft_lse).
+        exclude_diagonal: as given to the forward (``G_ii = 0``).
 
     Tiles: ``TILES`` kind ``bwd``, launched twice (A = queries for dq and the dscale partials,
     A = keys for dk): one program per BLOCK_M rows of A and BLOCK_DO output features.
@@ -418,6 +448,7 @@ def contrastive_loss_lse_backward(q, k, scale: float, lse, g_lse, sq=None, sk=No
     q, k = _check_pair("q", q, "k", k)
     scale = check.real("scale", scale, finite=False)
     soft_scale = check.real("soft_scale", soft_scale, finite=False)
+    exclude_diagonal = check.flag("exclude_diagonal", exclude_diagonal)
     Nq, D = q.shape
     Nk = k.shape[0]
     dev = q.device
@@ -436,7 +467,7 @@ def contrastive_loss_lse_backward(q, k, scale: float, lse, g_lse, sq=None, sk=No
         g_soft = _vec("g_soft", g_soft, Nq, dev)
     else:
         sq = sk = soft_lse = None
-    kw = dict(scale=scale, soft_scale=soft_scale, siglip=False)
+    kw = dict(scale=scale, soft_scale=soft_scale, siglip=False, exclude_diagonal=exclude_diagonal)
     dq, part = _launch_bwd(q, k, sq, sk, lse, g_lse, soft_lse, g_soft, a_is_q=True, partials=True, **kw)
     dk, _ = _launch_bwd(k, q, sk, sq, lse, g_lse, soft_lse, g_soft, a_is_q=False, partials=False, **kw)
     return dq, dk, part[0].sum()

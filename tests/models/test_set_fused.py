@@ -22,6 +22,7 @@ def _one_of_each():
         "SigLipLoss": vlfast.nn.SigLipLoss(),
         "MoCoQueueLoss": vlfast.nn.MoCoQueueLoss(8, queue_size=16),
         "ITCLoss": vlfast.nn.ITCLoss(8, queue_size=16),
+        "NTXentLoss": vlfast.nn.NTXentLoss(),
         "RandomMasking": vlfast.nn.RandomMasking(0.5),
         "UnshuffleTokens": vlfast.nn.UnshuffleTokens(),
         "MomentumEncoder": vlfast.nn.MomentumEncoder(nn.Linear(4, 4)),
@@ -55,6 +56,7 @@ def test_fused_constructor_argument_of_every_nn_module():
         "SigLipLoss": vlfast.nn.SigLipLoss(fused=False),
         "MoCoQueueLoss": vlfast.nn.MoCoQueueLoss(8, queue_size=16, fused=False),
         "ITCLoss": vlfast.nn.ITCLoss(8, queue_size=16, fused=False),
+        "NTXentLoss": vlfast.nn.NTXentLoss(fused=False),
         "RandomMasking": vlfast.nn.RandomMasking(0.5, fused=False),
         "UnshuffleTokens": vlfast.nn.UnshuffleTokens(fused=False),
     }
@@ -69,7 +71,8 @@ def test_create_fused_false_reaches_every_flag(name):
     flagged = [x for x in m.modules() if isinstance(getattr(x, "fused", None), bool)]
     assert flagged and all(x.fused is False for x in flagged)
     # no model keeps a wrapper that only adds the switch: every flagged module is a vlfast.nn one
-    # (or a model head with its own eager variant, ViLT's MLM head)
+    # (or a model part with its own eager variant: ViLT's MLM head, BEiT's attention with timm's
+    # q_bias/v_bias layout and relative position bias, DINO's loss as DINO's double loop)
     kinds = {type(x).__module__ for x in flagged}
     assert kinds <= {"vlfast.nn.attention", "vlfast.nn.contrastive", "vlfast.nn.masking", "vlfast.nn.ema",
-                     "vlfast.models.clip", "vlfast.models.vilt"}, kinds
+                     "vlfast.models.clip", "vlfast.models.vilt", "vlfast.models.beit", "vlfast.models.dino"}, kinds

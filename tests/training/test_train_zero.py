@@ -315,7 +315,8 @@ def test_csv_data_two_ranks_match_single_process(tmp_path):
     with open(d / "data.csv", "w") as f:
         f.write("image,caption\n")
         f.writelines(f"{img},{cap}\n" for img, cap in rows)
-    common = ("--model", "clip_micro", "--data", f"csv:{d / 'data.csv'}", "--steps", "4", "--batch-size", "4")
+    common = ("--model", "clip_micro", "--data", f"csv:{d / 'data.csv'}", "--steps", "4", "--batch-size", "4",
+              "--no-shuffle", "--workers", "1")  # file order: the bad rows fall where the comments say
     recs = {}
     for name, extra in {"single": (), "zero0": ("--nproc", "2", "--zero", "0")}.items():
         out = str(tmp_path / name)

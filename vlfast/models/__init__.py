@@ -48,7 +48,7 @@ def _register_config(name: str, cfg: dict, cls: Callable[..., nn.Module], family
 def _load_all() -> None:
     import importlib
 
-    for mod in ("vit", "mae", "clip", "moco", "vilt", "albef"):
+    for mod in ("vit", "mae", "clip", "moco", "vilt", "albef", "blip", "coca", "beit", "simclr", "dino"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as exc:

@@ -69,6 +69,24 @@ from .tokenizer import CLS, MASK, NUM_SPECIAL, PAD, SEP
 __all__ = ["ALBEF", "AlbefBert", "albef_base", "albef_micro", "convert_albef_checkpoint"]
 
 
+def add_itc_itm_heads(model: nn.Module, vision_width: int, text_width: int, embed_dim: int, *, queue_size: int,
+                      temp: float, alpha: float, global_batch: bool, momentum: float) -> None:
+    """ALBEF's / BLIP's heads on ``model`` (which has ``visual_encoder`` and ``text_encoder``), in their
+    state_dict order: ``vision_proj``, ``text_proj`` (-> ``embed_dim``), ``itm_head`` (-> 2), the ITC
+    loss ``itc`` with its queues, and the momentum copies ``visual_encoder_m``, ``vision_proj_m``,
+    ``text_encoder_m``, ``text_proj_m``."""
+    model.vision_proj = nn.Linear(vision_width, embed_dim)
+    model.text_proj = nn.Linear(text_width, embed_dim)
+    model.itm_head = nn.Linear(text_width, 2)
+    for m in (model.vision_proj, model.text_proj, model.itm_head):
+        bert_init(m)
+    model.itc = ITCLoss(embed_dim, queue_size=queue_size, temperature=temp, alpha=alpha, gather=global_batch)
+    model.visual_encoder_m = MomentumEncoder(model.visual_encoder, momentum)
+    model.vision_proj_m = MomentumEncoder(model.vision_proj, momentum)
+    model.text_encoder_m = MomentumEncoder(model.text_encoder, momentum)
+    model.text_proj_m = MomentumEncoder(model.text_proj, momentum)
+
+
 # ------------------------------------------------------------------------------------------ BERT
 class AlbefBert(nn.Module):
     """ALBEF's ``BertForMaskedLM`` with the ``bert`` level flattened: ``embeddings``, ``encoder.layer``, ``cls``.
@@ -199,17 +217,8 @@ class ALBEF(nn.Module):
                                       intermediate_size, max_position_embeddings, type_vocab_size,
                                       drop=hidden_dropout, attn_drop=attention_dropout, encoder_width=vision_width,
                                       pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings)
-        self.vision_proj = nn.Linear(vision_width, embed_dim)
-        self.text_proj = nn.Linear(text_width, embed_dim)
-        self.itm_head = nn.Linear(text_width, 2)
-        for m in (self.vision_proj, self.text_proj, self.itm_head):
-            bert_init(m)
-        self.itc = ITCLoss(embed_dim, queue_size=queue_size, temperature=temp, alpha=alpha, gather=global_batch)
-
-        self.visual_encoder_m = MomentumEncoder(self.visual_encoder, momentum)
-        self.vision_proj_m = MomentumEncoder(self.vision_proj, momentum)
-        self.text_encoder_m = MomentumEncoder(self.text_encoder, momentum)
-        self.text_proj_m = MomentumEncoder(self.text_proj, momentum)
+        add_itc_itm_heads(self, vision_width, text_width, embed_dim, queue_size=queue_size, temp=temp, alpha=alpha,
+                          global_batch=global_batch, momentum=momentum)
 
     # ------------------------------------------------------------------ helpers
     def zero3_external_parameters(self):

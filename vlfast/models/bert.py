@@ -46,7 +46,8 @@ def bert_init(module: nn.Module) -> None:
 
 
 class BertEmbeddings(nn.Module):
-    """``dropout(LayerNorm(word(ids) + position(arange(L)) + token_type(0)))`` (HF ``BertEmbeddings``).
+    """``dropout(LayerNorm(word(ids) + position(arange(L)) + token_type(0)))`` (HF ``BertEmbeddings``);
+    ``type_vocab_size=0`` drops the token-type term and its parameter (BLIP's text embeddings).
 
     ``forward(input_ids)``: (B, L) int64 with L <= ``max_positions`` -> (B, L, width).
     """
@@ -56,14 +57,16 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=pad_token_id)
         self.position_embeddings = nn.Embedding(max_positions, width)
-        self.token_type_embeddings = nn.Embedding(type_vocab_size, width)
+        # type_vocab_size=0: no token types (BLIP's med.py BertEmbeddings, HF BlipTextEmbeddings)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, width) if type_vocab_size else None
         self.LayerNorm = nn.LayerNorm(width, eps=eps)
         self.dropout = nn.Dropout(drop)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None] \
-            + self.token_type_embeddings.weight[0]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings.weight[0]
         return self.dropout(self.LayerNorm(x))
 
 

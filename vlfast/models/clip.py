@@ -133,13 +133,17 @@ class VisionTransformer(nn.Module):
         if tuple(x.shape[2:]) != (self.image_size, self.image_size):
             raise ValueError(f"images must be {self.image_size}x{self.image_size}, got {x.shape[2]}x{x.shape[3]}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> the transformer's output (B, 1 + N, width), class token first, before
+        ``ln_post`` (CoCa's attentional pooler reads these)."""
         self.check(x)
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        x = self.ln_post(x)
+        return self.transformer(self.ln_pre(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_post(self.forward_tokens(x))
         return x[:, 0] @ self.proj
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from . import register_configs
 from ..nn.contrastive import MoCoV3Loss
 from ..nn.ema import MomentumEncoder
+from .layers import flatten_momentum_keys
 from .vit import ViT, synthetic_images
 
 __all__ = ["MoCoV3", "VisionTransformerMoCo", "build_mlp"]
@@ -131,8 +132,7 @@ class MoCoV3(nn.Module):
         self.momentum_encoder = MomentumEncoder(self.base_encoder, momentum)
         self.predictor = build_mlp(2, dim, mlp_dim, dim)
         self.criterion = MoCoV3Loss(temperature)
-        self._register_state_dict_hook(_save_hook)
-        self._register_load_state_dict_pre_hook(_load_hook)
+        flatten_momentum_keys(self, "momentum_encoder")
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: Optional[float] = None) -> Dict[str, torch.Tensor]:
         for name, x in (("x1", x1), ("x2", x2)):
@@ -169,24 +169,6 @@ class MoCoV3(nn.Module):
         return {"x1": x1.to(dev), "x2": x2.to(dev)}
 
 
-_WRAP = "momentum_encoder.module."
-_PLAIN = "momentum_encoder."
-
-
-def _save_hook(module, state_dict, prefix, local_metadata):
-    """Drop the MomentumEncoder's ``module.`` level (moco-v3's ``momentum_encoder.*`` keys), in order."""
-    mine = [k for k in state_dict if k.startswith(prefix)]
-    items = [(k, state_dict.pop(k)) for k in mine]
-    for k, v in items:
-        if k.startswith(prefix + _WRAP):
-            k = prefix + _PLAIN + k[len(prefix + _WRAP):]
-        state_dict[k] = v
-
-
-def _load_hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """Accept moco-v3's ``momentum_encoder.*`` keys (and the wrapped ``momentum_encoder.module.*``)."""
-    for k in [k for k in state_dict if k.startswith(prefix + _PLAIN) and not k.startswith(prefix + _WRAP)]:
-        state_dict[prefix + _WRAP + k[len(prefix + _PLAIN):]] = state_dict.pop(k)
 
 
 _CONFIGS = {

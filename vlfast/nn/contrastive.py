@@ -21,9 +21,9 @@ from ..comm import all_gather_no_grad, all_gather_with_grad, world_info
 from ..ops.contrastive import contrastive_loss
 from ..ops.contrastive_losses import clip_loss, siglip_loss
 from ..reference.contrastive import (albef_itc_reference, clip_loss_reference, moco_loss_reference,
-                                     moco_v3_loss_reference, siglip_loss_reference)
+                                     moco_v3_loss_reference, ntxent_loss_reference, siglip_loss_reference)
 
-__all__ = ["ClipLoss", "SigLipLoss", "MoCoQueueLoss", "MoCoV3Loss", "ITCLoss"]
+__all__ = ["ClipLoss", "SigLipLoss", "MoCoQueueLoss", "MoCoV3Loss", "ITCLoss", "NTXentLoss"]
 
 
 def _random_unit(rows: int, dim: int) -> torch.Tensor:
@@ -703,3 +703,56 @@ class ITCLoss(nn.Module):
         _check_divides(img_all.shape[0], self.queue_size, "global batch size")
         offset = world_info(self.group)[0] * image_feat_m.shape[0] if self.gather else 0
         return img_all, txt_all, ids_all, offset
+
+
+class NTXentLoss(nn.Module):
+    r"""SimCLR's NT-Xent (Chen et al., 2020, "A Simple Framework for Contrastive Learning of Visual
+    Representations", arXiv:2002.05709, eq. 1; google-research/simclr ``tf2/objective.py``).
+
+    ``forward(z1, z2)``: the projections (N, D) of two views of N images (fp32 / fp16 / bf16, one
+    dtype).  With :math:`z = \mathrm{normalize}(\mathrm{cat}(z_1, z_2))` (2N, D) and
+    :math:`s_{ij} = \langle z_i, z_j\rangle / T`, row i's positive is its other view
+    :math:`p(i) = (i + N) \bmod 2N` and its negatives the other 2N - 2 rows:
+
+    .. math::
+        \mathrm{loss} = \frac{1}{2N} \sum_{i} -\log \frac{e^{s_{i p(i)}}}{\sum_{j \ne i} e^{s_{ij}}}
+
+    Returns a 0-dim loss (fp32 when fused; in z's dtype when not).  google-research/simclr
+    reports ``reduce_mean(loss_a + loss_b)``, twice this mean over the 2N rows.  The negatives are
+    this process's 2N views (no gather across ranks).
+
+    Args:
+        temperature: T (SimCLR: 0.1, the default of google-research/simclr and of the paper's
+            ImageNet runs at batch 4096 with LARS; the paper's CIFAR-10 ablations use 0.5).
+        backend: backend of the contrastive op (``None`` = automatic).
+        fused: True: :func:`vlfast.ops.contrastive_loss` with ``exclude_diagonal=True`` at
+            ``logit_scale = 1 / T`` (tile-wise, never stores the 2N x 2N logits); False: the eager
+            formula :func:`vlfast.reference.ntxent_loss_reference` (materialized logits).
+    """
+
+    def __init__(self, temperature: float = 0.1, *, backend: Optional[str] = None, fused: bool = True):
+        super().__init__()
+        self.temperature = check.positive_real("temperature", temperature)
+        self.backend = backend
+        #: False runs the eager formula of vlfast.reference; see ``vlfast.models.set_fused``
+        self.fused = check.flag("fused", fused)
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        z1 = check.features("z1", z1)
+        z2 = check.features("z2", z2, z1.shape[1])
+        if z2.dtype != z1.dtype:
+            raise TypeError(f"z2 must have the dtype of z1, got {z2.dtype} and {z1.dtype}")
+        if z2.shape[0] != z1.shape[0]:
+            raise ValueError(f"z1 and z2 must hold the two views of one batch: got {z1.shape[0]} and "
+                             f"{z2.shape[0]} rows")
+        check.same_device("z2", z2, z1.device, "z1")
+        if not self.fused:
+            return ntxent_loss_reference(z1, z2, self.temperature)
+        z = F.normalize(torch.cat([z1, z2], 0), dim=1)
+        n2 = z.shape[0]
+        positives = (torch.arange(n2, device=z.device) + n2 // 2) % n2
+        return contrastive_loss(z, z, 1.0 / self.temperature, positives=positives, exclude_diagonal=True,
+                                backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, fused={self.fused}"

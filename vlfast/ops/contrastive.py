@@ -14,6 +14,10 @@ their gradient.  Here the loss is split into
 
 So ``loss_i = lse_i - (1 - alpha) * sum_j h_ij s_ij - alpha * sum_j t^soft_ij s_ij``
 with exact gradients for query, keys and logit_scale.
+
+``exclude_diagonal`` (SimCLR's NT-Xent over 2N views) removes key i from query i's softmax:
+every backend sets ``s_ii = -inf`` inside its tiles (``lse_i = log sum_{j != i} exp(s_ij)``,
+zero probability in the backward), and the hard-target term leaves key i out.
 """
 
 from typing import Optional, Tuple
@@ -39,8 +43,13 @@ def _chunks(Nq: int, Nk: int):
     return cq, ck
 
 
+def _diag_tile(i0, ni, j0, nj, device):
+    """(ni, nj) bool: True where query ``i0 + r`` meets key ``j0 + c`` of the same index."""
+    return torch.arange(i0, i0 + ni, device=device)[:, None] == torch.arange(j0, j0 + nj, device=device)[None, :]
+
+
 @OP.implement("torch", "forward")
-def _contrastive_loss_lse_forward_torch(q, k, scale, sq=None, sk=None, soft_scale=1.0):
+def _contrastive_loss_lse_forward_torch(q, k, scale, sq=None, sk=None, soft_scale=1.0, exclude_diagonal=False):
     Nq, Nk = q.shape[0], k.shape[0]
     cq, ck = _chunks(Nq, Nk)
     soft = sq is not None
@@ -56,11 +65,28 @@ def _contrastive_loss_lse_forward_torch(q, k, scale, sq=None, sk=None, soft_scal
             ms, ls_, acc = m.clone(), l.clone(), l.clone()
         for j0 in range(0, Nk, ck):
             s = (qi @ k[j0:j0 + ck].float().T).mul_(scale)
-            m_new = torch.maximum(m, s.max(1).values)
-            l = l * torch.exp(m - m_new) + torch.exp(s - m_new[:, None]).sum(1)
+            if exclude_diagonal:
+                diag = _diag_tile(i0, qi.shape[0], j0, s.shape[1], q.device)
+                s = s.masked_fill_(diag, float("-inf"))
+                m_new = torch.maximum(m, s.max(1).values)
+                m_ref = m_new.clamp_min(torch.finfo(torch.float32).min)  # a row whose keys so far are all excluded
+                l = l * torch.exp(m - m_ref) + torch.exp(s - m_ref[:, None]).sum(1)
+            else:
+                m_new = torch.maximum(m, s.max(1).values)
+                l = l * torch.exp(m - m_new) + torch.exp(s - m_new[:, None]).sum(1)
             m = m_new
             if soft:
                 sh = (sqi @ sk[j0:j0 + ck].float().T).mul_(soft_scale)
+                if exclude_diagonal:
+                    sh = sh.masked_fill_(diag, float("-inf"))
+                    ms_new = torch.maximum(ms, sh.max(1).values)
+                    ms_ref = ms_new.clamp_min(torch.finfo(torch.float32).min)
+                    w = torch.exp(sh - ms_ref[:, None])
+                    r = torch.exp(ms - ms_ref)
+                    ls_ = ls_ * r + w.sum(1)
+                    acc = acc * r + (w * s.masked_fill(diag, 0.0)).sum(1)  # w is 0 there; s is -inf
+                    ms = ms_new
+                    continue
                 ms_new = torch.maximum(ms, sh.max(1).values)
                 w = torch.exp(sh - ms_new[:, None])
                 r = torch.exp(ms - ms_new)
@@ -76,7 +102,7 @@ def _contrastive_loss_lse_forward_torch(q, k, scale, sq=None, sk=None, soft_scal
 
 @OP.implement("torch", "backward")
 def _contrastive_loss_lse_backward_torch(q, k, scale, lse, g_lse, sq=None, sk=None, soft_scale=1.0, soft_lse=None,
-                                         g_soft=None):
+                                         g_soft=None, exclude_diagonal=False):
     Nq, Nk = q.shape[0], k.shape[0]
     cq, ck = _chunks(Nq, Nk)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -97,6 +123,8 @@ def _contrastive_loss_lse_backward_torch(q, k, scale, lse, g_lse, sq=None, sk=No
             G = torch.exp(raw * scale - li).mul_(gl)
             if soft:
                 G += torch.exp((sqi @ sk[j0:j0 + ck].float().T).mul_(soft_scale) - sli).mul_(gs)
+            if exclude_diagonal:
+                G = G.masked_fill_(_diag_tile(i0, qi.shape[0], j0, kj.shape[0], q.device), 0.0)
             dscale += (G * raw).sum()
             dq[i0:i0 + cq] += G @ kj
             dk[j0:j0 + ck] += G.T @ qi
@@ -156,15 +184,19 @@ SIGLIP_OP.implement("triton", "backward")(_backend.triton_launcher("contrastive"
 @torch.library.custom_op("vlfast::contrastive_loss_lse", mutates_args=())
 def _contrastive_loss_lse_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, sq: Optional[torch.Tensor],
                  sk: Optional[torch.Tensor], soft_scale: float,
-                 backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lse, soft_dot, soft_lse = OP.impl(backend, "forward")(q, k, float(scale), sq, sk, soft_scale)
+                 backend: str, exclude_diagonal: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if exclude_diagonal:
+        lse, soft_dot, soft_lse = OP.impl(backend, "forward")(q, k, float(scale), sq, sk, soft_scale,
+                                                              exclude_diagonal=True)
+    else:
+        lse, soft_dot, soft_lse = OP.impl(backend, "forward")(q, k, float(scale), sq, sk, soft_scale)
     if soft_dot is None:
         soft_dot, soft_lse = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     return lse, soft_dot, soft_lse
 
 
 @_contrastive_loss_lse_op.register_fake
-def _(q, k, scale, sq, sk, soft_scale, backend):
+def _(q, k, scale, sq, sk, soft_scale, backend, exclude_diagonal=False):
     n = q.shape[0] if sq is not None else 0
     f = dict(dtype=torch.float32)
     return q.new_empty(q.shape[0], **f), q.new_empty(n, **f), q.new_empty(n, **f)
@@ -175,22 +207,27 @@ def _contrastive_loss_lse_backward_op(q: torch.Tensor, k: torch.Tensor, scale: t
                                       g_lse: torch.Tensor,
                      sq: Optional[torch.Tensor], sk: Optional[torch.Tensor], soft_scale: float,
                      soft_lse: Optional[torch.Tensor], g_soft: Optional[torch.Tensor],
-                     backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dscale = OP.impl(backend, "backward")(q, k, float(scale), lse, g_lse, sq, sk, soft_scale,
-                                                  soft_lse, g_soft)
+                     backend: str, exclude_diagonal: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if exclude_diagonal:
+        dq, dk, dscale = OP.impl(backend, "backward")(q, k, float(scale), lse, g_lse, sq, sk, soft_scale,
+                                                      soft_lse, g_soft, exclude_diagonal=True)
+    else:
+        dq, dk, dscale = OP.impl(backend, "backward")(q, k, float(scale), lse, g_lse, sq, sk, soft_scale,
+                                                      soft_lse, g_soft)
     return dq, dk, dscale.clone()  # a custom op's outputs must not alias (kernels may return views)
 
 
 @_contrastive_loss_lse_backward_op.register_fake
-def _(q, k, scale, lse, g_lse, sq, sk, soft_scale, soft_lse, g_soft, backend):
+def _(q, k, scale, lse, g_lse, sq, sk, soft_scale, soft_lse, g_soft, backend, exclude_diagonal=False):
     return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=torch.float32)
 
 
 def _contrastive_loss_lse_setup(ctx, inputs, output):
-    q, k, scale, sq, sk, soft_scale, backend = inputs
+    q, k, scale, sq, sk, soft_scale, backend = inputs[:7]
     lse, soft_dot, soft_lse = output
     ctx.save_for_backward(q, k, scale, lse, sq, sk, soft_lse)
     ctx.soft_scale, ctx.backend = soft_scale, backend
+    ctx.exclude_diagonal = bool(inputs[7]) if len(inputs) > 7 else False
     ctx.soft = sq is not None
 
 
@@ -202,8 +239,9 @@ def _contrastive_loss_lse_autograd_backward(ctx, g_lse, g_soft, _g_soft_lse):
     else:
         g_soft = None
     dq, dk, dscale = torch.ops.vlfast.contrastive_loss_lse_backward(
-        q, k, scale, lse, g_lse, sq, sk, ctx.soft_scale, soft_lse if ctx.soft else None, g_soft, ctx.backend)
-    return dq, dk, dscale.to(scale.dtype).reshape(scale.shape), None, None, None, None
+        q, k, scale, lse, g_lse, sq, sk, ctx.soft_scale, soft_lse if ctx.soft else None, g_soft, ctx.backend,
+        ctx.exclude_diagonal)
+    return dq, dk, dscale.to(scale.dtype).reshape(scale.shape), None, None, None, None, None
 
 
 torch.library.register_autograd("vlfast::contrastive_loss_lse", _contrastive_loss_lse_autograd_backward,
@@ -260,8 +298,11 @@ def _reduce(loss, reduction):
 
 
 # ------------------------------------------------------------------ public ops
-def _positive_keys(keys_f, positives, Nq, Nk):
-    """(Nq, D) fp32: the mean of each query's positive keys (differentiable)."""
+def _positive_keys(keys_f, positives, Nq, Nk, exclude_diagonal=False):
+    """(Nq, D) fp32: the mean of each query's positive keys (differentiable); with
+    ``exclude_diagonal`` key i is never a positive of query i."""
+    if exclude_diagonal:
+        return _positive_keys_excluding_diagonal(keys_f, positives, Nq, Nk)
     if positives is None:
         if Nk < Nq:
             raise ValueError(f"default positives pair query i with key i: need Nk >= Nq, got Nq={Nq}, Nk={Nk}")
@@ -299,10 +340,36 @@ def _positive_keys(keys_f, positives, Nq, Nk):
     raise TypeError("positives must be None, a LongTensor (Nq,) of key indices, or a pair (query_ids, key_ids)")
 
 
+def _positive_keys_excluding_diagonal(keys_f, positives, Nq, Nk):
+    """:func:`_positive_keys` when key i has left query i's softmax (``exclude_diagonal``)."""
+    if positives is None:
+        raise ValueError("exclude_diagonal removes key i from query i's softmax, which is the default positive: "
+                         "pass positives (e.g. NT-Xent's (i + N) % 2N)")
+    if isinstance(positives, torch.Tensor):
+        kpos = _positive_keys(keys_f, positives, Nq, Nk)
+        if not torch.compiler.is_compiling():
+            own = positives.long() == torch.arange(Nq, device=positives.device)
+            if bool(own.any()):
+                i = int(own.nonzero()[0, 0])
+                raise ValueError(f"exclude_diagonal: positives[{i}] = {i} is the excluded key of query {i}")
+        return kpos
+    kpos = _positive_keys(keys_f, positives, Nq, Nk)  # validates the ids; the mean over all matching keys
+    qid, kid = positives
+    self_pos = (kid[:Nq].long() == qid.long()).to(keys_f.dtype)           # key i is among query i's positives
+    uniq, inv = torch.unique(kid.long(), return_inverse=True)
+    counts = torch.bincount(inv, minlength=uniq.numel()).to(keys_f.dtype)
+    n = counts[torch.searchsorted(uniq, qid.long()).clamp(max=uniq.numel() - 1)]
+    rest = n - self_pos
+    if not torch.compiler.is_compiling() and bool((rest == 0).any()):
+        i = int((rest == 0).nonzero()[0, 0])
+        raise ValueError(f"exclude_diagonal: query {i}'s only positive is its own key {i}, which is excluded")
+    return (kpos * n[:, None] - self_pos[:, None] * keys_f[:Nq]) / rest.clamp_min(1)[:, None]
+
+
 def contrastive_loss(query: torch.Tensor, keys: torch.Tensor, logit_scale, *, positives=None,
                      soft_query: Optional[torch.Tensor] = None, soft_keys: Optional[torch.Tensor] = None,
                      alpha: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
-                     backend: Optional[str] = None) -> torch.Tensor:
+                     backend: Optional[str] = None, exclude_diagonal: bool = False) -> torch.Tensor:
     r"""InfoNCE / cross-entropy over all keys, with hard, smoothed and soft targets, never storing Nq x Nk.
 
     Logits :math:`s_{ij} = \tau \langle q_i, k_j\rangle` (``tau = logit_scale``; features are
@@ -328,6 +395,15 @@ def contrastive_loss(query: torch.Tensor, keys: torch.Tensor, logit_scale, *, po
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-query losses, fp32).
         backend: ``None``/``"auto"``, ``"triton"`` (CUDA; CPU under TRITON_INTERPRET=1)
             or ``"torch"`` (chunked tiles inside a custom autograd op).
+        exclude_diagonal: remove key i from query i's softmax (its logit is ``-inf``) for every
+            i < Nq, when the queries are (the first Nq of) the keys themselves, as in SimCLR's
+            NT-Xent over 2N views (``query = keys = normalize(cat(z1, z2))``, ``positives =
+            (arange(2N) + N) % 2N``):
+            :math:`\mathrm{loss}_i = -\sum_{j \ne i} t_{ij} \log \frac{e^{s_{ij}}}{\sum_{l \ne i}
+            e^{s_{il}}}`.  Needs Nk >= Nq, Nk >= 2 and ``positives`` other than key i; label
+            smoothing spreads ``eps / (Nk - 1)`` over the keys j != i, soft targets are the
+            softmax over j != i too, and with ``(query_ids, key_ids)`` query i's positives are
+            the other keys with its id.
 
     Memory is O((Nq + Nk) D) plus one tile on every backend.  Returns an fp32 loss.
     """
@@ -357,10 +433,23 @@ def contrastive_loss(query: torch.Tensor, keys: torch.Tensor, logit_scale, *, po
             raise TypeError("soft_query and soft_keys must have one dtype")
     elif alpha > 0:
         raise ValueError("alpha > 0 needs soft_query and soft_keys")
+    exclude = check.flag("exclude_diagonal", exclude_diagonal)
+    if exclude and (Nk < Nq or Nk < 2):
+        raise ValueError(f"exclude_diagonal removes key i from query i: needs Nk >= Nq and Nk >= 2 (the queries "
+                         f"are the first Nq keys), got Nq={Nq}, Nk={Nk}")
     name = OP.select(query.device, backend)
     if soft and name == "triton" and soft_query.dtype != query.dtype:
         # the Triton kernel runs the soft dots with the query's dot settings (dtype, TF32)
         soft_query, soft_keys = soft_query.to(query.dtype), soft_keys.to(query.dtype)
+    if exclude:
+        kpos = _positive_keys(keys.float(), positives, Nq, Nk, exclude_diagonal=True)
+        lse, soft_dot, _ = torch.ops.vlfast.contrastive_loss_lse(query, keys, tau, soft_query, soft_keys,
+                                                                 float(tau.detach()) if soft else 1.0, name, True)
+        kf = keys.float()
+        qf = query.float()
+        hard = (qf * ((1.0 - eps) * kpos + (eps / (Nk - 1)) * (kf.sum(0) - kf[:Nq]))).sum(1) * tau
+        loss = lse - (1.0 - alpha) * hard - alpha * soft_dot if soft else lse - hard
+        return _reduce(loss, reduction)
     kpos = _positive_keys(keys.float(), positives, Nq, Nk)
     lse, soft_dot, _ = torch.ops.vlfast.contrastive_loss_lse(query, keys, tau, soft_query, soft_keys,
                                                  float(tau.detach()) if soft else 1.0, name)

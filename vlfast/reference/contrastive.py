@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["contrastive_loss_reference", "clip_loss_reference", "siglip_loss_reference", "moco_loss_reference",
-           "moco_v3_loss_reference", "albef_itc_reference"]
+           "moco_v3_loss_reference", "albef_itc_reference", "ntxent_loss_reference"]
 
 
 def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, logit_scale, positives=None,
                                soft_query: Optional[torch.Tensor] = None, soft_keys: Optional[torch.Tensor] = None,
                                alpha: float = 0.0, label_smoothing: float = 0.0,
-                               reduction: str = "mean") -> torch.Tensor:
+                               reduction: str = "mean", exclude_diagonal: bool = False) -> torch.Tensor:
     r"""Oracle of :func:`vlfast.ops.contrastive_loss`: ``loss_i = -sum_j t_ij log_softmax(s_i)_j``.
 
     ``s = logit_scale * query @ keys.T`` (Nq, Nk), computed in the inputs' dtype (pass
@@ -25,9 +25,17 @@ def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, logit_sc
     uniform over keys with the query's id), smoothed ``(1 - eps) h + eps / Nk``.  With soft
     features ``t = (1 - alpha) h + alpha softmax(logit_scale * soft_query @ soft_keys.T)``
     (no gradient through the soft part).  ``reduction``: ``"mean" | "sum" | "none"``.
+
+    ``exclude_diagonal`` (NT-Xent, SimCLR): key i leaves query i's softmax for every i < Nq
+    (``s_ii = -inf``, in the soft logits too), and the hard target puts no mass there: the
+    positive must be another key and smoothing spreads ``eps / (Nk - 1)`` over the other keys;
+    with ``(query_ids, key_ids)`` the positives are the keys with the query's id but key i.
     """
     s = logit_scale * query @ keys.T
     Nq, Nk = s.shape
+    if exclude_diagonal:
+        return _contrastive_loss_exclude_diagonal_reference(s, logit_scale, positives, soft_query, soft_keys, alpha,
+                                                            label_smoothing, reduction)
     if positives is None:
         h = torch.zeros_like(s)
         h[torch.arange(Nq), torch.arange(Nq)] = 1
@@ -45,6 +53,54 @@ def contrastive_loss_reference(query: torch.Tensor, keys: torch.Tensor, logit_sc
         h = alpha * soft + (1 - alpha) * h
     loss = -(F.log_softmax(s, dim=1) * h).sum(1)
     return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
+
+
+def _contrastive_loss_exclude_diagonal_reference(s, logit_scale, positives, soft_query, soft_keys, alpha,
+                                                 label_smoothing, reduction):
+    """:func:`contrastive_loss_reference` with ``exclude_diagonal=True`` on the logits ``s`` (Nq, Nk)."""
+    Nq, Nk = s.shape
+    diag = torch.zeros(Nq, Nk, dtype=torch.bool, device=s.device)
+    diag[torch.arange(Nq), torch.arange(Nq)] = True
+    if positives is None:
+        raise ValueError("exclude_diagonal removes the default positive (key i of query i): pass positives")
+    h = torch.zeros_like(s)
+    if isinstance(positives, torch.Tensor):
+        h[torch.arange(Nq), positives] = 1
+    else:
+        qid, kid = positives
+        pos = ((qid.view(-1, 1) == kid.view(1, -1)) & ~diag).to(s.dtype)
+        h = pos / pos.sum(1, keepdim=True)
+    h = ((1 - label_smoothing) * h + label_smoothing / (Nk - 1)).masked_fill(diag, 0.0)
+    if soft_query is not None:
+        with torch.no_grad():
+            sh = logit_scale * soft_query.to(s.dtype) @ soft_keys.to(s.dtype).T
+            soft = F.softmax(sh.masked_fill(diag, float("-inf")), dim=1)
+        h = alpha * soft + (1 - alpha) * h
+    logp = F.log_softmax(s.masked_fill(diag, float("-inf")), dim=1).masked_fill(diag, 0.0)
+    loss = -(logp * h).sum(1)
+    return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
+
+
+def ntxent_loss_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    r"""SimCLR's NT-Xent (Chen et al., 2020, arXiv:2002.05709, eq. 1) over the 2N views of N pairs.
+
+    ``z = normalize(cat([z1, z2]))`` (2N, D), ``sim = z @ z.T / temperature`` with the
+    diagonal set to ``-inf`` (a view is never its own negative), the positive of row i is its
+    other view ``(i + N) mod 2N``::
+
+        loss = (1 / 2N) sum_i -log( exp(sim[i, pos(i)]) / sum_{j != i} exp(sim[i, j]) )
+
+    The mean over the 2N rows is the paper's ``1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)]``.
+    google-research/simclr (``tf2/objective.py`` ``add_contrastive_loss``) writes the same rows
+    as ``softmax_cross_entropy(labels, [logits_ab, logits_aa - 1e9 * I])`` and returns
+    ``reduce_mean(loss_a + loss_b)``: twice this value (the mean over N of the two rows' sum).
+    z1, z2: (N, D) projections of the two views; computed in their dtype.
+    """
+    z = F.normalize(torch.cat([z1, z2], 0), dim=1)
+    n2 = z.shape[0]
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
+    labels = (torch.arange(n2, device=z.device) + n2 // 2) % n2
+    return F.cross_entropy(sim, labels)
 
 
 def clip_loss_reference(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *,

@@ -9,10 +9,18 @@
   ``data/{000..003}.tar``); members are grouped by basename; ``.jpg/.jpeg/.png/.webp``
   is the image, ``.txt`` the caption, ``.cls``/``.label`` an optional label.
 
-Real data are read in a fixed order (no shuffle); the data position is the number of
-samples consumed (wrapping around at epoch ends).  An unreadable image is skipped,
+Real data are read in a seeded random order, a new permutation every epoch (epoch ``e``:
+``randperm(N, Generator().manual_seed(seed * 1_000_003 + e))``), or in file order with
+``shuffle=False`` (``--no-shuffle``); the data position is the number of samples consumed
+over the concatenated epoch orders, and with the seed it is the whole state, so a resumed
+run reads exactly what the uninterrupted one reads.  An unreadable image is skipped,
 warned about once and counted; it is remembered so a later epoch skips it without
 another warning.
+
+Images are decoded by a ``torch.utils.data.DataLoader`` with ``workers`` persistent worker
+processes (0: in the training process), each prefetching ``prefetch`` samples, pinned on
+CUDA; the loader is fed lazily with this rank's rows of the planned batches, so the samples
+of the next steps are decoded while the current step trains.
 
 Data-parallel ranks (``rank``/``world_size``): ``next_batch`` returns rank ``r``'s rows
 ``[r*B/W, (r+1)*B/W)`` of the global batch ``B``, which is exactly the one process's batch.
@@ -137,6 +145,32 @@ def load_image(src, size: Tuple[int, int], in_chans: int = 3) -> torch.Tensor:
     return x
 
 
+class _Decode:
+    """Map-style dataset of the decoding workers: ``ds[i] -> (i, image (C, H, W) fp32 | None, error | None)``.
+    A source is a path or ``(tar shard, data offset, size)`` (read with a plain ``open``: no tar
+    handle is shared between processes)."""
+
+    def __init__(self, sources: list, size: Tuple[int, int], in_chans: int):
+        self.sources, self.size, self.in_chans = sources, size, in_chans
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int):
+        src = self.sources[i]
+        try:
+            if isinstance(src, tuple):
+                shard, offset, n = src
+                with open(shard, "rb") as f:
+                    f.seek(offset)
+                    src = f.read(n)
+            elif not src:
+                raise FileNotFoundError("empty image path")
+            return i, load_image(src, self.size, self.in_chans), None
+        except Exception as exc:  # corrupt / missing image: reported to the main process, skipped there
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
 # --------------------------------------------------------------------------- sources
 def _rank_rows(batch_size: int, rank: int, world_size: int) -> slice:
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
@@ -180,19 +214,35 @@ class SyntheticData:
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
 
+    def close(self) -> None:
+        """Nothing to stop (batches are generated in the training process)."""
+
 
 class _RealData:
     """Fixed-order samples ``(image_src, caption, label)``; subclasses implement ``_read(i)``."""
 
     kind = "real"
 
-    def __init__(self, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1):
+    def __init__(self, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1, *, seed: int = 0,
+                 shuffle: bool = True, workers: int = 0, pin_memory: bool = False, prefetch: int = 2):
         self.spec = ModelSpec(model)
         self.batch_size = batch_size
         self.world_size = world_size
         self.rows = _rank_rows(batch_size, rank, world_size)
-        self.position = 0  # samples consumed
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+        self.seed, self.shuffle, self.workers, self.pin_memory, self.prefetch = (
+            int(seed), bool(shuffle), workers, bool(pin_memory), prefetch)
+        self.position = 0  # samples consumed (stream position over the epochs' orders)
         self.bad = set()  # indices of unreadable samples
+        self._perms: Dict[int, List[int]] = {}
+        self._iter = None  # the DataLoader iterator, made at the first batch
+        self._ready: Dict[int, torch.Tensor] = {}  # decoded, not yet used
+        self._errors: Dict[int, str] = {}  # failed to decode, not yet reported
+        self._inflight = set()  # asked of the loader, not yet arrived
+        self._replan = False
         self.truncated = 0  # captions of this rank's rows longer than the model's context, cut to fit
         self.warn = warn or (lambda msg: print(f"vlfast train: warning: {msg}", file=sys.stderr))
         if self.spec.takes_text:
@@ -214,36 +264,126 @@ class _RealData:
     def _describe(self, i: int) -> str:
         raise NotImplementedError
 
+    # ---- the order: a seeded permutation per epoch (or file order), the same on every rank
+    def _order(self, epoch: int) -> List[int]:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            N = self.num_samples
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm = torch.randperm(N, generator=g).tolist()
+            else:
+                perm = list(range(N))
+            self._perms = {e: v for e, v in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = perm
+        return perm
+
+    def _plan(self, pos: int) -> Tuple[List[int], int]:
+        """The global batch starting at stream position ``pos``: the next ``batch_size`` samples not
+        known to be bad, and the position after it."""
+        N = self.num_samples
+        if len(self.bad) >= N:
+            raise DataError("no readable image in the data set")
+        chosen = []
+        while len(chosen) < self.batch_size:
+            i = self._order(pos // N)[pos % N]
+            pos += 1
+            if i not in self.bad:
+                chosen.append(i)
+        return chosen, pos
+
+    # ---- decoding: a torch DataLoader (``workers`` processes) fed lazily with the planned rows
+    @property
+    def _ahead(self) -> int:
+        """Batches decoded ahead: the prefetch window in batches of this rank's rows, plus two."""
+        rows = self.rows.stop - self.rows.start
+        return 2 + (self.workers * self.prefetch) // max(1, rows)
+
+    def _requests(self):
+        """Sample indices to decode, in the order they will be needed: this rank's rows of the
+        planned batches, from the current position on (restarted when a failure changes the plan).
+        Within the next :attr:`_ahead` batches nothing decoded, waiting or in flight is asked for
+        twice; past them every row is asked for (so the walk never spins on a small data set)."""
+        cursor = None
+        while True:
+            if cursor is None or self._replan:
+                cursor, self._replan = self.position, False
+            near = cursor - self.position < self._ahead * self.batch_size
+            chosen, cursor = self._plan(cursor)
+            for i in chosen[self.rows]:
+                if self._replan:
+                    break
+                if near and (i in self._ready or i in self._errors or i in self._inflight):
+                    continue
+                self._inflight.add(i)
+                yield i
+
+    def _loader(self):
+        if self._iter is None:
+            from torch.utils.data import DataLoader
+
+            w = self.workers
+            owner = self
+
+            class _Requests:  # an endless sampler reading the plan at the moment each index is taken
+                def __iter__(self):
+                    return owner._requests()
+
+            loader = DataLoader(_Decode(self._sources(), self.spec.image_size, self.spec.in_chans), batch_size=None,
+                                sampler=_Requests(), num_workers=w, pin_memory=self.pin_memory,
+                                prefetch_factor=self.prefetch if w else None, persistent_workers=w > 0)
+            self._iter = iter(loader)
+        return self._iter
+
+    def _wait_for(self, i: int) -> None:
+        """Pull decoded samples until sample ``i`` has arrived (as an image or as an error)."""
+        limit = self.batch_size * 4 + self.workers * self.prefetch + 8
+        for _ in range(limit):
+            if i in self._ready or i in self._errors:
+                return
+            j, img, err = next(self._loader())
+            self._inflight.discard(j)
+            if err is None:
+                self._ready[j] = img
+            else:
+                self._errors[j] = err
+        raise RuntimeError(f"internal error: sample {i} was never requested from the data loader")
+
+    def close(self) -> None:
+        """Stop the decoding workers."""
+        it, self._iter = self._iter, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._ready.clear()
+        self._errors.clear()
+        self._inflight.clear()
+
     def next_batch(self) -> Dict[str, torch.Tensor]:
         """This rank's rows of the next global batch: the next ``batch_size`` readable samples."""
         _pil()
-        N = self.num_samples
-        decoded: Dict[int, torch.Tensor] = {}
         while True:
-            if len(self.bad) >= N:
-                raise DataError("no readable image in the data set")
-            chosen, pos = [], self.position
-            while len(chosen) < self.batch_size:  # the global batch, skipping known-bad samples
-                i = pos % N
-                pos += 1
-                if i not in self.bad:
-                    chosen.append(i)
+            chosen, pos = self._plan(self.position)
             mine = chosen[self.rows]
             failed = []
             for i in mine:
-                if i in decoded or i in failed:
-                    continue
-                try:
-                    decoded[i] = load_image(self._image(i), self.spec.image_size, self.spec.in_chans)
-                except Exception as exc:  # corrupt / missing image: skip, count, never fatal
+                self._wait_for(i)
+                if i in self._errors and i not in failed:
                     failed.append(i)
-                    self.warn(f"skipping unreadable image {self._describe(i)}: {type(exc).__name__}: {exc}")
+                    self.warn(f"skipping unreadable image {self._describe(i)}: {self._errors.pop(i)}")
             failed = _union_over_ranks(failed, self.world_size)
             if not failed:
                 break
             self.bad.update(failed)  # every rank: the same set; re-choose the batch
+            self._replan = True
         self.position = pos
-        images = [decoded[i] for i in mine]
+        images = [self._ready[i] for i in mine]
+        keep = set()  # decoded samples of the next planned batches stay; the rest are dropped
+        nxt = pos
+        for _ in range(self._ahead + 1):
+            ahead, nxt = self._plan(nxt)
+            keep.update(ahead[self.rows])
+        for i in [i for i in self._ready if i not in keep]:
+            del self._ready[i]
         captions = [self.samples[i][1] if isinstance(self.samples[i][1], str) else self._caption(i) for i in mine]
         labels = [self.samples[i][2] for i in mine]
         x = torch.stack(images)
@@ -271,19 +411,30 @@ class _RealData:
         return ""
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "position": self.position, "bad": sorted(self.bad)}
+        return {"kind": self.kind, "position": self.position, "bad": sorted(self.bad), "shuffle": self.shuffle,
+                "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        if "shuffle" in state and (bool(state["shuffle"]), int(state["seed"])) != (self.shuffle, self.seed):
+            raise DataError(f"the checkpoint's data order (shuffle={state['shuffle']}, seed={state['seed']}) differs "
+                            f"from this run's (shuffle={self.shuffle}, seed={self.seed}): resume with the same "
+                            "--seed and --shuffle/--no-shuffle")
+        self.close()  # decoded-ahead samples belong to the old position
         self.position = int(state["position"])
         self.bad = set(int(i) for i in state.get("bad", ()))
+        self._replan = True
+
+    def _sources(self) -> list:
+        """What a worker needs to read sample ``i`` (picklable): a path, or (shard, offset, size)."""
+        raise NotImplementedError
 
 
 class CsvData(_RealData):
     kind = "csv"
 
     def __init__(self, path: str, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1, *,
-                 require_captions: bool = True):
-        super().__init__(model, batch_size, warn, rank, world_size)
+                 require_captions: bool = True, **pipeline):
+        super().__init__(model, batch_size, warn, rank, world_size, **pipeline)
         try:
             with open(path, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
@@ -322,13 +473,16 @@ class CsvData(_RealData):
     def _describe(self, i):
         return repr(self.samples[i][0])
 
+    def _sources(self):
+        return [p for p, _, _ in self.samples]
+
 
 class WdsData(_RealData):
     kind = "wds"
 
     def __init__(self, pattern: str, model, batch_size: int, warn=None, rank: int = 0, world_size: int = 1, *,
-                 require_captions: bool = True):
-        super().__init__(model, batch_size, warn, rank, world_size)
+                 require_captions: bool = True, **pipeline):
+        super().__init__(model, batch_size, warn, rank, world_size, **pipeline)
         shards = []
         n_labels = 0
         for p in expand_braces(pattern):
@@ -392,13 +546,26 @@ class WdsData(_RealData):
         shard, member = self.samples[i][0]
         return f"{member.name!r} in {shard!r}"
 
+    def _sources(self):
+        return [(shard, m.offset_data, m.size) for (shard, m), _, _ in self.samples]
 
-def build_data(spec: str, model, batch_size: int, seed: int, warn=None, rank: int = 0, world_size: int = 1):
+
+def default_workers(local_world_size: int = 1) -> int:
+    """Decoding workers per rank when ``--workers`` is not given: the cores left per rank after the
+    training process itself, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, local_world_size) - 1))
+
+
+def build_data(spec: str, model, batch_size: int, seed: int, warn=None, rank: int = 0, world_size: int = 1, *,
+               shuffle: bool = True, workers: int = 0, pin_memory: bool = False):
     """The data source of ``--data spec``; ``batch_size`` is the global batch, of which
-    ``next_batch()`` returns rank ``rank``'s rows (see the module docstring)."""
+    ``next_batch()`` returns rank ``rank``'s rows (see the module docstring).  Real data:
+    ``shuffle`` (a permutation per epoch from ``seed``), ``workers`` decoding processes,
+    ``pin_memory`` (CUDA)."""
     kind, arg = parse_data_spec(spec)
     if kind == "synthetic":
         return SyntheticData(model, batch_size, seed, rank, world_size)
-    if kind == "csv":
-        return CsvData(arg, model, batch_size, warn, rank, world_size)
-    return WdsData(arg, model, batch_size, warn, rank, world_size)
+    cls = CsvData if kind == "csv" else WdsData
+    return cls(arg, model, batch_size, warn, rank, world_size, seed=seed, shuffle=shuffle, workers=workers,
+               pin_memory=pin_memory)

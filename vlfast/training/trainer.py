@@ -35,7 +35,7 @@ import torch
 
 from ..comm import free_port
 from . import checkpoint as ckpt
-from .data import DataError, build_data, parse_data_spec
+from .data import DataError, build_data, default_workers, parse_data_spec
 from .optim import SCHEDULES, lr_at, param_groups, set_lr
 
 PROG = "vlfast train"
@@ -543,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model name (see vlfast.models.list_models())")
     p.add_argument("--data", default="synthetic", help="synthetic | csv:PATH | wds:PATTERN (default: synthetic)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--workers", type=_nonneg_int, default=None, metavar="N",
+                   help="real data: image-decoding worker processes per rank (default: the cores per rank - 1, "
+                        "at most 8; 0: decode in the training process)")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="real data: read in file order (default: a seeded permutation per epoch)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=_positive_int, help="optimizer steps in total (synthetic default: 20)")
     g.add_argument("--epochs", type=_positive_float, help="passes over the data (real data only)")
@@ -661,7 +666,10 @@ def run(args, parser) -> int:
     _seed_all(args.seed)
     model = M.create(args.model, fused=not args.eager).to(device)
     model.train()
-    data = build_data(args.data, model, args.batch_size, args.seed, rank=rank, world_size=world)
+    workers = args.workers if args.workers is not None else default_workers(int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                                              world)))
+    data = build_data(args.data, model, args.batch_size, args.seed, rank=rank, world_size=world,
+                      shuffle=not args.no_shuffle, workers=workers, pin_memory=device.type == "cuda")
     if kind != "synthetic":
         if args.steps is not None:
             total_steps = args.steps
@@ -771,6 +779,7 @@ def run(args, parser) -> int:
             if args.save_every and step % args.save_every == 0:
                 save(step)
                 last_saved = step
+    data.close()
     if bar is not None:
         bar.close()
     if tb is not None:
