@@ -119,3 +119,99 @@ def test_truncated_captions_warned_and_counted(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("captions are longer than the model's context") == 1, err
     assert [r["truncated_captions"] for r in _records(out)] == [1, 2]
+
+
+def test_log_every_writes_every_step_with_the_same_losses(tmp_path):
+    runs = {}
+    for every in (1, 4):
+        out = str(tmp_path / f"r{every}")
+        assert main(["train", "--model", "vit_micro", "--steps", "6", "--batch-size", "2", "--out", out,
+                     "--no-progress", "--log-every", str(every), "--save-every", "3"]) == 0
+        runs[every] = _records(out)
+    assert [r["step"] for r in runs[4]] == list(range(1, 7))
+    assert [r["loss"] for r in runs[4]] == [r["loss"] for r in runs[1]]
+    # a window's samples/s is its average: steps 1-3 (flushed by the step-3 checkpoint) share one value
+    assert len({r["samples_per_s"] for r in runs[4][:3]}) == 1
+
+
+def test_rank_zero_filter(monkeypatch):
+    import logging
+
+    from vlfast.training.metrics import RankZeroFilter
+
+    f = RankZeroFilter()
+    rec = logging.LogRecord("vlfast.train", logging.WARNING, __file__, 1, "m", (), None)
+    monkeypatch.setenv("RANK", "1")
+    assert not f.filter(rec)
+    rec.all_ranks = True
+    assert f.filter(rec)
+    monkeypatch.setenv("RANK", "0")
+    assert f.filter(logging.LogRecord("vlfast.train", logging.INFO, __file__, 1, "m", (), None))
+
+
+def test_grad_checkpointing_same_gradients_and_recomputes():
+    from vlfast.training.activation import checkpoint_blocks
+
+    torch.manual_seed(0)
+    ref = models.create("albef_micro")
+    ckp = models.create("albef_micro")
+    ckp.load_state_dict(ref.state_dict())
+    n = checkpoint_blocks(ckp)
+    assert n > 0 and checkpoint_blocks(ckp) == 0  # wrapped once
+    assert list(ckp.state_dict()) == list(ref.state_dict())
+    calls = []
+    # a submodule's pre-hook: it runs again when its block is recomputed in the backward (post-hooks
+    # may not: the recomputation stops once the tensors the backward needs are rebuilt)
+    ckp.visual_encoder.blocks[0].attn.register_forward_pre_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    batch = ref.synthetic_batch(4, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for m in (ref, ckp):
+        torch.manual_seed(3)
+        out = m(**batch)
+        out["loss"].backward()
+        losses.append(out["loss"].detach())
+    assert torch.equal(losses[0], losses[1])
+    assert len(calls) == 2  # the forward, and the recomputation in the backward
+    for (name, a), b in zip(ref.named_parameters(), ckp.parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_cli_grad_checkpointing_and_bad_flags(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert main(["train", "--model", "clip_micro", "--steps", "2", "--batch-size", "2", "--out", out,
+                 "--no-progress", "--grad-checkpointing"]) == 0
+    assert "activation checkpointing on" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "clip_micro", "--eval-every", "2", "--out", out])
+    assert "--eval-data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_compile(tmp_path):
+    out = str(tmp_path / "r")
+    assert main(["train", "--model", "vit_micro", "--steps", "2", "--batch-size", "2", "--out", out,
+                 "--no-progress", "--compile"]) == 0
+    assert len(_records(out)) == 2
+
+
+def test_eval_every_logs_metrics(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = ["image,caption,label"]
+    for i in range(6):
+        Image.new("RGB", (20, 20), (40 * i, 200 - 30 * i, 90)).save(d / f"{i}.png")
+        rows.append(f"{i}.png,picture {i},{i % 2}")
+    (d / "data.csv").write_text("\n".join(rows) + "\n")
+    (d / "classes.txt").write_text("cat\ndog\n")
+    out = str(tmp_path / "r")
+    spec = f"csv:{d / 'data.csv'}"
+    assert main(["train", "--model", "clip_micro", "--data", spec, "--steps", "4", "--batch-size", "2", "--out", out,
+                 "--no-progress", "--eval-data", spec, "--eval-every", "2", "--eval-task", "zeroshot",
+                 "--classnames", str(d / "classes.txt")]) == 0
+    evals = [r for r in _records(out) if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval"]["task"] == "zeroshot" and 0 <= r["eval"]["top1"] <= 1 for r in evals)
+    assert len([r for r in _records(out) if "loss" in r]) == 4

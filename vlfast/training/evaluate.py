@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_classnames(path: Optional[str]) -> List[str]:
+def read_classnames(path: Optional[str]) -> List[str]:
     if path is None:
         raise EvalError("--task zeroshot needs --classnames FILE (one class name per line, in label order)")
     try:
@@ -315,25 +315,63 @@ def _read_classnames(path: Optional[str]) -> List[str]:
     return names
 
 
+def check_prompt(prompt: str) -> None:
+    if "{}" not in prompt:
+        raise EvalError(f"--prompt {prompt!r} has no '{{}}' for the class name")
+
+
 def run(args) -> Dict[str, object]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    classnames = None
     if args.task == "zeroshot":
-        classnames = _read_classnames(args.classnames)
-        if "{}" not in args.prompt:
-            raise EvalError(f"--prompt {args.prompt!r} has no '{{}}' for the class name")
+        classnames = read_classnames(args.classnames)
+        check_prompt(args.prompt)
     if args.task == "knn" and args.knn_train is None:
         raise EvalError("--task knn needs --knn-train SPEC (the labelled memory bank)")
     model, step = load_model(args.model, args.checkpoint, ema=args.ema, fused=not args.eager, device=device)
-    data = _open_data(args.data, model, need_captions=args.task == "retrieval", need_labels=args.task != "retrieval")
-    if args.task == "zeroshot":
-        metrics = zeroshot(model, data, classnames, args.prompt, args.batch_size, device)
-    elif args.task == "retrieval":
-        metrics = retrieval(model, data, args.batch_size, device)
-    else:
-        train = _open_data(args.knn_train, model, need_captions=False, need_labels=True)
-        metrics = knn(model, data, train, args.knn_k, args.knn_temperature, args.batch_size, device)
-    metrics["skipped_images"] = len(data.bad)
-    return {"task": args.task, "model": args.model, "checkpoint": step, **metrics}
+    task = Evaluation(model, args.task, args.data, classnames=classnames if args.task == "zeroshot" else None,
+                      prompt=args.prompt, knn_train=args.knn_train, knn_k=args.knn_k,
+                      knn_temperature=args.knn_temperature, batch_size=args.batch_size)
+    return {"task": args.task, "model": args.model, "checkpoint": step, **task(model, device)}
+
+
+class Evaluation:
+    """One task on one data set, opened once and run on a model whenever called (``vlfast train
+    --eval-every``): ``Evaluation(model, task, data_spec, ...)(model, device) -> metrics``.  The model
+    is put in ``eval()`` mode for the call and back into its previous mode after."""
+
+    def __init__(self, model, task: str, data: str, *, classnames: Optional[List[str]] = None,
+                 prompt: str = "a photo of a {}.", knn_train: Optional[str] = None, knn_k: int = 20,
+                 knn_temperature: float = 0.07, batch_size: int = 64):
+        if task not in TASKS:
+            raise EvalError(f"task must be one of {TASKS}, got {task!r}")
+        if task == "zeroshot" and not classnames:
+            raise EvalError("--task zeroshot needs --classnames FILE (one class name per line, in label order)")
+        if task == "knn" and knn_train is None:
+            raise EvalError("--task knn needs --knn-train SPEC (the labelled memory bank)")
+        if task in ("zeroshot", "retrieval"):
+            image_text_encoders(model)  # refuse a model without the embedding space now, not mid-run
+        else:
+            image_features(model)
+        self.task, self.classnames, self.prompt = task, classnames, prompt
+        self.k, self.temperature, self.batch_size = knn_k, knn_temperature, batch_size
+        self.data = _open_data(data, model, need_captions=task == "retrieval", need_labels=task != "retrieval")
+        self.train = _open_data(knn_train, model, need_captions=False, need_labels=True) if task == "knn" else None
+
+    def __call__(self, model, device) -> Dict[str, object]:
+        was_training = model.training
+        model.eval()
+        try:
+            if self.task == "zeroshot":
+                out = zeroshot(model, self.data, self.classnames, self.prompt, self.batch_size, device)
+            elif self.task == "retrieval":
+                out = retrieval(model, self.data, self.batch_size, device)
+            else:
+                out = knn(model, self.data, self.train, self.k, self.temperature, self.batch_size, device)
+        finally:
+            model.train(was_training)
+        out["skipped_images"] = len(self.data.bad)
+        return {"task": self.task, **out}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

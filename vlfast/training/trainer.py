@@ -36,61 +36,15 @@ import torch
 from ..comm import free_port
 from . import checkpoint as ckpt
 from .data import DataError, build_data, default_workers, parse_data_spec
-from .optim import SCHEDULES, lr_at, param_groups, set_lr
+from .engine import Engine, TrainError
+from .activation import checkpoint_blocks
+from .metrics import StepMetrics, get_logger
+from .optim import SCHEDULES, lr_at, param_groups
 
 PROG = "vlfast train"
 
 
-class TrainError(Exception):
-    """A user-facing error: printed as one ``vlfast train: error: ...`` line."""
-
-
 # --------------------------------------------------------------------------- engines
-class Engine:
-    """What the loop needs from an optimisation engine (plain torch, DeepSpeed, ...).
-
-    ``autocast()`` is the forward context; ``backward(loss)``; ``step()`` (optimizer
-    step + zero grads); ``state_dict()/load_state_dict()``; ``save(dir)/load(dir)``.
-    ``model`` is the module to call; ``lr`` the current learning rate.
-    """
-
-    model: torch.nn.Module
-    rank: int = 0
-    world_size: int = 1
-
-    def autocast(self):
-        return contextlib.nullcontext()
-
-    def barrier(self) -> None:
-        """Wait for every rank (no-op in one process)."""
-
-    def backward(self, loss: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def step(self) -> None:
-        raise NotImplementedError
-
-    @property
-    def lr(self) -> float:
-        return float("nan")
-
-    def set_lr(self, value: float) -> None:
-        """The learning rate of the next :meth:`step` (every parameter group)."""
-        set_lr(self.optimizer, value)
-
-    def state_dict(self) -> dict:
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
-
-    def save(self, directory: str) -> None:
-        torch.save(self.state_dict(), os.path.join(directory, "engine.pt"))
-
-    def load(self, directory: str) -> None:
-        self.load_state_dict(ckpt.load_file(os.path.join(directory, "engine.pt")))
-
-
 class TorchEngine(Engine):
     """AdamW + optional autocast (bf16) / GradScaler (fp16, CUDA only)."""
 
@@ -393,7 +347,13 @@ def _momentum_masters(module: torch.nn.Module) -> dict:
 
 
 def make_engine(model, args, device) -> Engine:
-    """Engine factory: :class:`TorchEngine`, or :class:`DeepSpeedEngine` with ``--zero``."""
+    """Engine factory: :class:`TorchEngine`, :class:`DeepSpeedEngine` with ``--zero``, or
+    :class:`vlfast.training.fsdp.FSDPEngine` with ``--fsdp``."""
+    if getattr(args, "fsdp", False):
+        from .fsdp import FSDPEngine
+
+        return FSDPEngine(model, lr=args.lr, precision=args.precision, device=device, weight_decay=args.weight_decay,
+                          grad_clip=args.grad_clip)
     if getattr(args, "zero", None) is not None:
         world = _world()[1]
         return DeepSpeedEngine(model, zero_stage=args.zero, lr=args.lr, precision=args.precision,
@@ -561,6 +521,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW weight decay on weight matrices (not biases, norms, embeddings, temperatures)")
     p.add_argument("--grad-clip", type=_nonneg_float, default=0.0, metavar="NORM",
                    help="clip the global gradient norm to NORM (0: off)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each transformer block's activations in the backward (less memory)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    p.add_argument("--log-every", type=_positive_int, default=10, metavar="N",
+                   help="write the metrics every N steps (losses stay on the device in between; default 10)")
+    p.add_argument("--eval-data", default=None, metavar="SPEC", help="evaluate on csv:PATH | wds:PATTERN")
+    p.add_argument("--eval-every", type=_nonneg_int, default=0, metavar="N",
+                   help="evaluate every N steps and at the end")
+    p.add_argument("--eval-task", choices=("zeroshot", "retrieval", "knn"), default=None)
+    p.add_argument("--classnames", default=None, metavar="FILE", help="--eval-task zeroshot: class names")
+    p.add_argument("--prompt", default="a photo of a {}.", help="--eval-task zeroshot: class text template")
+    p.add_argument("--knn-train", default=None, metavar="SPEC", help="--eval-task knn: the memory bank's data")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--eager", action="store_true", help="build the model with fused=False")
     p.add_argument("--out", default="runs/train", help="output directory (default: runs/train)")
@@ -572,10 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--zero", type=_zero_stage, default=None, metavar="{0,1,2,3}",
                    help="train with DeepSpeed at this ZeRO stage (0: DeepSpeed, ZeRO off)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="train with PyTorch FSDP2 (fully_shard per block; not with --zero)")
     p.add_argument("--deepspeed-config", default=None, metavar="FILE",
                    help="DeepSpeed JSON merged into the generated config (needs --zero)")
     p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
-                   help="launch N local ranks (needs --zero; multi-node: use the deepspeed launcher)")
+                   help="launch N local ranks (needs --zero or --fsdp; multi-node: the deepspeed launcher / torchrun)")
     return p
 
 
@@ -632,6 +606,15 @@ def _tensorboard(out_dir: str):
 def run(args, parser) -> int:
     import vlfast.models as M
 
+    log = get_logger()
+    if args.compile and args.zero is not None:
+        parser.error("--compile is not supported with --zero (DeepSpeed wraps the module; compile it through "
+                     "DeepSpeed's own 'compile' config instead)")
+    if (args.eval_every or args.eval_task) and args.eval_data is None:
+        parser.error("--eval-every / --eval-task need --eval-data SPEC")
+    if args.eval_data is not None and not (args.eval_every and args.eval_task):
+        parser.error("--eval-data needs --eval-every N and --eval-task {zeroshot,retrieval,knn}")
+
     names = M.list_models()
     if args.model not in names:
         parser.error(f"unknown model {args.model!r}; available: {', '.join(names)}")
@@ -653,23 +636,51 @@ def run(args, parser) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, _ = _world()
-    if args.zero is None and world > 1:
-        raise TrainError(f"{world} ranks (WORLD_SIZE) need DeepSpeed: add --zero {{0,1,2,3}}")
+    if args.zero is None and not args.fsdp and world > 1:
+        raise TrainError(f"{world} ranks (WORLD_SIZE) need DeepSpeed or FSDP2: add --zero {{0,1,2,3}} or --fsdp")
     if args.batch_size % world:
         raise TrainError(f"--batch-size {args.batch_size} (the global batch) is not divisible by the "
                          f"{world} ranks")
-    if args.zero is not None:
-        _init_distributed(device)
+    if args.zero is not None or args.fsdp:
+        if args.fsdp:
+            from .fsdp import init_process_group
+
+            init_process_group(device)
+        else:
+            _init_distributed(device)
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     main_rank = rank == 0
 
     _seed_all(args.seed)
     model = M.create(args.model, fused=not args.eager).to(device)
+    if args.grad_checkpointing:
+        n = checkpoint_blocks(model)
+        if n == 0:
+            raise TrainError(f"--grad-checkpointing: model {args.model!r} has no blocks (nn.ModuleList children)")
+        log.info(f"activation checkpointing on {n} blocks")
     model.train()
     workers = args.workers if args.workers is not None else default_workers(int(os.environ.get("LOCAL_WORLD_SIZE",
                                                                                               world)))
     data = build_data(args.data, model, args.batch_size, args.seed, rank=rank, world_size=world,
-                      shuffle=not args.no_shuffle, workers=workers, pin_memory=device.type == "cuda")
+                      shuffle=not args.no_shuffle, workers=workers, pin_memory=device.type == "cuda",
+                      warn=lambda msg: log.warning(msg, extra={"all_ranks": True}))  # this rank's own finding
+    evaluation = None
+    if args.eval_data is not None:
+        from .evaluate import EvalError, Evaluation, check_prompt, read_classnames
+
+        try:
+            classnames = read_classnames(args.classnames) if args.eval_task == "zeroshot" else None
+            if args.eval_task == "zeroshot":
+                check_prompt(args.prompt)
+            task = Evaluation(model, args.eval_task, args.eval_data, classnames=classnames, prompt=args.prompt,
+                              knn_train=args.knn_train, batch_size=args.batch_size)
+        except EvalError as exc:
+            raise TrainError(str(exc)) from None
+
+        def evaluation(m):
+            res = task(m, device)
+            log.info(f"eval: {json.dumps(res)}")
+            return res
     if kind != "synthetic":
         if args.steps is not None:
             total_steps = args.steps
@@ -698,12 +709,10 @@ def run(args, parser) -> int:
         removed = ckpt.clean_tmp(args.out) if main_rank else []
         engine.barrier()
         if removed:
-            print(f"vlfast train: warning: removed partial checkpoint(s): {', '.join(removed)}", file=sys.stderr)
+            log.warning(f"removed partial checkpoint(s): {', '.join(removed)}")
         path = ckpt.find_latest(args.out)
         if path is None:
-            if main_rank:
-                print(f"vlfast train: warning: no checkpoint in {ckpt.ckpt_root(args.out)}; starting from step 0",
-                      file=sys.stderr)
+            log.warning(f"no checkpoint in {ckpt.ckpt_root(args.out)}; starting from step 0")
         else:
             state = ckpt.load_checkpoint(path, engine, ema)
             saved_model = state.get("args", {}).get("model")
@@ -717,13 +726,10 @@ def run(args, parser) -> int:
                 ckpt.set_rng_state(ckpt.load_file(rank_rng))
             if main_rank:
                 _truncate_metrics(metrics_path, start)
-                print(f"vlfast train: resumed from {path} (step {start})", file=sys.stderr)
+            log.info(f"resumed from {path} (step {start})")
     elif main_rank and os.path.exists(metrics_path):
         os.remove(metrics_path)
     engine.barrier()
-
-    def save(step):
-        ckpt.save_checkpoint(args.out, step, engine, {"data": data.state_dict()}, ema=ema, args=arg_dict)
 
     tb = _tensorboard(args.out) if main_rank else None
     bar = None
@@ -735,61 +741,52 @@ def run(args, parser) -> int:
                        file=sys.stderr, dynamic_ncols=True)
         except ImportError:
             bar = None
+    metrics = StepMetrics(metrics_path if main_rank else None, batch_size=args.batch_size, log_every=args.log_every,
+                          world_size=world, tb=tb, bar=bar, logger=log)
+
+    def save(step):
+        metrics.flush()  # the log holds every step up to a checkpoint (a resume truncates to it)
+        ckpt.save_checkpoint(args.out, step, engine, {"data": data.state_dict()}, ema=ema, args=arg_dict)
+
+    forward = engine.model
+    if args.compile:
+        forward = torch.compile(engine.model)
     last_saved = start if args.resume and start else None
-    loss_val = float("nan")
-    with (open(metrics_path, "a") if main_rank else open(os.devnull, "w")) as mf:
-        for step in range(start + 1, total_steps + 1):
-            t0 = time.perf_counter()
-            batch = data.next_batch()  # this rank's rows of the global batch
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with engine.autocast():
-                out = engine.model(**batch)
-            loss = _compute_loss(engine.model, out, batch)
-            engine.set_lr(lr_at(step, lr=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
-                                schedule=args.schedule, min_lr=args.min_lr))
-            if not torch.isfinite(loss.detach()).all():
-                print(f"vlfast train: warning: non-finite loss at step {step}", file=sys.stderr)
-            engine.backward(loss)
-            engine.step()
-            if ema is not None:
-                ema.update(model, step)
-            loss_det = loss.detach().float()
-            if world > 1:
-                loss_det = loss_det.clone()
-                torch.distributed.all_reduce(loss_det)
-                loss_det /= world
-            loss_val = float(loss_det)
-            dt = time.perf_counter() - t0
-            sps = args.batch_size / dt if dt > 0 else float("inf")
-            rec = {"step": step, "loss": loss_val, "samples_per_s": sps, "lr": engine.lr, "time": time.time(),
-                   "step_time_s": dt}
-            if kind != "synthetic":
-                rec["skipped_images"] = data.skipped
-                rec["data_position"] = data.position
-                if data.spec.takes_text:
-                    rec["truncated_captions"] = _sum_over_ranks(data.truncated, world, device)
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
-            if tb is not None:
-                tb.add_scalar("loss", loss_val, step)
-                tb.add_scalar("samples_per_s", sps, step)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_val:.4f}", sps=f"{sps:.1f}")
-                bar.update(1)
-            if args.save_every and step % args.save_every == 0:
-                save(step)
-                last_saved = step
+    for step in range(start + 1, total_steps + 1):
+        batch = data.next_batch()  # this rank's rows of the global batch
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with engine.autocast():
+            out = forward(**batch)
+        loss = _compute_loss(engine.model, out, batch)
+        lr = lr_at(step, lr=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
+                   schedule=args.schedule, min_lr=args.min_lr)
+        engine.set_lr(lr)
+        engine.backward(loss)
+        engine.step()
+        if ema is not None:
+            ema.update(model, step)
+        host = {}
+        if kind != "synthetic":
+            host = {"skipped_images": data.skipped, "data_position": data.position}
+        metrics.record(step, loss, lr=lr, truncated=data.truncated if kind != "synthetic" and data.spec.takes_text
+                       else None, **host)
+        if args.save_every and step % args.save_every == 0:
+            save(step)
+            last_saved = step
+        if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
+            metrics.write_record({"step": step, "eval": evaluation(model)})
     data.close()
+    metrics.flush()
     if bar is not None:
         bar.close()
-    if tb is not None:
-        tb.close()
     if last_saved != total_steps:
         save(total_steps)
+    metrics.close()
+    if tb is not None:
+        tb.close()
     skipped = f", skipped {data.skipped} unreadable image(s)" if data.skipped else ""
-    if main_rank:
-        print(f"vlfast train: done: {total_steps} steps, final loss {loss_val:.4f}{skipped}; "
-              f"checkpoint {os.path.join(ckpt.ckpt_root(args.out), f'step_{total_steps}')}", file=sys.stderr)
+    log.info(f"done: {total_steps} steps, final loss {metrics.last_loss:.4f}{skipped}; "
+             f"checkpoint {os.path.join(ckpt.ckpt_root(args.out), f'step_{total_steps}')}")
     engine.barrier()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         _release_cpu_shm()
@@ -813,9 +810,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.deepspeed_config is not None and args.zero is None:
         parser.error("--deepspeed-config needs --zero")
+    if args.fsdp and args.zero is not None:
+        parser.error("--fsdp and --zero are exclusive (FSDP2 or DeepSpeed)")
     if args.nproc is not None:
-        if args.zero is None:
-            parser.error("--nproc needs --zero {0,1,2,3} (DeepSpeed)")
+        if args.zero is None and not args.fsdp:
+            parser.error("--nproc needs --zero {0,1,2,3} (DeepSpeed) or --fsdp (FSDP2)")
         if args.batch_size % args.nproc:
             parser.error(f"--batch-size {args.batch_size} (the global batch) is not divisible by --nproc {args.nproc}")
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
