@@ -66,7 +66,7 @@ __all__ = [
 
 #: Benchmark modules of this package, imported as ``<this package>.<name>``.
 #: A name containing a dot is imported as an absolute module name instead.
-MODULES: list[str] = ["ema", "masking", "attention", "contrastive", "models", "dropin", "zero"]
+MODULES: list[str] = ["ema", "masking", "attention", "contrastive", "models", "dropin", "zero", "data"]
 
 # Timing knobs: (cuda warmup ms, cuda rep ms, cpu min_run_time s, min runs).
 _TIMING = {False: (25, 100, 0.5, 5), True: (5, 20, 0.05, 3)}

@@ -381,3 +381,16 @@ def test_quick_dropin_run(tmp_path, capsys):
     assert set(by_provider) == {"unpatched", "vlfast.patch"}
     assert set(by_provider["vlfast.patch"]["speedups"]) == {"unpatched"}
     assert all(r["ms"] > 0 and math.isfinite(r["ms"]) for r in ok)
+
+
+def test_quick_data_pipeline_run(tmp_path, capsys):
+    # the pipeline case decodes real JPEGs with 0, 1 and 2 workers beside the step they feed
+    rc = harness.main(["--quick", "--out", str(tmp_path), "--filter", "data", "--no-plot"])
+    cap = capsys.readouterr()
+    assert rc == 0, f"harness returned {rc}\nstdout:\n{cap.out}\nstderr:\n{cap.err}"
+    ok = [r for r in _rows(tmp_path) if r["status"] == "ok" and r["op"] == "data"]
+    providers = {r["provider"] for r in ok}
+    assert {"0 workers", "1 worker", "2 workers", "train step", "step fed by 0 workers",
+            "step fed by 2 workers"} <= providers, providers
+    assert all(r["ms"] > 0 and math.isfinite(r["ms"]) for r in ok)
+    assert "truncated" not in cap.err
