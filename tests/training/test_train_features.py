@@ -215,3 +215,41 @@ def test_eval_every_logs_metrics(tmp_path):
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["eval"]["task"] == "zeroshot" and 0 <= r["eval"]["top1"] <= 1 for r in evals)
     assert len([r for r in _records(out) if "loss" in r]) == 4
+
+
+@pytest.mark.parametrize("name", ["clip_micro", "vit_micro"])
+def test_accumulation_equals_the_whole_batch(name):
+    from vlfast.training.trainer import _compute_loss, accumulate
+
+    torch.manual_seed(0)
+    a = models.create(name)
+    b = models.create(name)
+    b.load_state_dict(a.state_dict())
+    batch = a.synthetic_batch(8, generator=torch.Generator().manual_seed(2))
+    ea, eb = TorchEngine(a, lr=1e-3), TorchEngine(b, lr=1e-3)
+    loss_a = _compute_loss(a, a(**batch), batch)
+    ea.backward(loss_a)
+    loss_b = accumulate(eb, b, b, batch, 4)
+    assert torch.allclose(loss_a.detach(), loss_b, rtol=1e-5, atol=1e-6)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, n
+            continue
+        tol = 1e-5 * float(pa.grad.abs().max()) + 1e-8
+        assert float((pa.grad - pb.grad).abs().max()) <= tol, n
+
+
+def test_cli_accumulation_matches_and_refuses_unsupported(tmp_path, capsys):
+    outs = {}
+    for k in (1, 2):
+        out = str(tmp_path / f"k{k}")
+        assert main(["train", "--model", "clip_micro", "--steps", "3", "--batch-size", "4", "--out", out,
+                     "--no-progress", "--lr", "1e-3", "--accum-steps", str(k)]) == 0
+        outs[k] = [r["loss"] for r in _records(out)]
+    assert outs[2] == pytest.approx(outs[1], rel=1e-4)
+    capsys.readouterr()
+    assert main(["train", "--model", "albef_micro", "--steps", "1", "--batch-size", "4", "--out",
+                 str(tmp_path / "albef"), "--no-progress", "--accum-steps", "2"]) == 2
+    assert "--accum-steps" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["train", "--model", "vit_micro", "--steps", "1", "--batch-size", "3", "--out",
+                 str(tmp_path / "v"), "--no-progress", "--accum-steps", "2"]) == 2

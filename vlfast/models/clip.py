@@ -265,6 +265,23 @@ class CLIP(nn.Module):
         return {"loss": loss, "image_features": image_features, "text_features": text_features,
                 "logit_scale": logit_scale}
 
+    def accum_features(self, images: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Gradient accumulation (open_clip's ``--accum-freq``): the per-sample features of a
+        micro-batch, (b, embed_dim) each, L2-normalized; :meth:`accum_loss` of the features of all
+        micro-batches concatenated is :meth:`forward`'s loss on the whole batch."""
+        self.visual.check(images)
+        check_text(input_ids, attention_mask, self.vocab_size, self.context_length, batch_size=images.shape[0])
+        return {"image_features": self.encode_image(images, normalize=True),
+                "text_features": self.encode_text(input_ids, attention_mask, normalize=True)}
+
+    def accum_loss(self, features: Dict[str, torch.Tensor], *, with_globals: bool = True) -> torch.Tensor:
+        """The CLIP loss of concatenated :meth:`accum_features`; ``with_globals=False`` detaches
+        ``logit_scale`` (its gradient must be taken once per optimizer step, not once per micro-batch)."""
+        scale = self.logit_scale.exp()
+        return self.loss_fn(features["image_features"], features["text_features"],
+                            scale if with_globals else scale.detach())
+
     @torch.no_grad()
     def synthetic_batch(self, batch_size: int, *, device=None,
                         generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:

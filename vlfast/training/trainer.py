@@ -521,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW weight decay on weight matrices (not biases, norms, embeddings, temperatures)")
     p.add_argument("--grad-clip", type=_nonneg_float, default=0.0, metavar="NORM",
                    help="clip the global gradient norm to NORM (0: off)")
+    p.add_argument("--accum-steps", type=_positive_int, default=1, metavar="K",
+                   help="split each optimizer step's batch into K micro-batches (same result as the whole batch)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each transformer block's activations in the backward (less memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
@@ -574,6 +576,46 @@ def _compute_loss(model, out, batch):
     raise TrainError("model returned a tensor and the batch has no labels")
 
 
+def accumulate(engine, forward, model, batch, k: int) -> torch.Tensor:
+    """Backward of the whole ``batch`` in ``k`` micro-batches; returns the whole batch's loss (detached).
+
+    * A model with ``accum_features`` / ``accum_loss`` (contrastive: CLIP) runs open_clip's
+      ``--accum-freq`` scheme: the features of every micro-batch first, without gradient; then for
+      each micro-batch its features again with gradient, the loss over the whole batch's features
+      (the others' cached), and its backward.  The sum of the ``k`` backwards is the whole batch's
+      gradient: each feature gets its gradient once, and parameters the loss reads directly
+      (``logit_scale``) only in the first micro-batch's loss.
+    * A model whose loss is a mean over independent samples (one returning logits for a
+      cross-entropy with ``labels``, or with ``accumulation = "independent"``) backs up
+      ``loss_i / k`` per micro-batch.
+    """
+    b = next(iter(batch.values())).shape[0]
+    micro = [{n: v[i * (b // k):(i + 1) * (b // k)] for n, v in batch.items()} for i in range(k)]
+    if callable(getattr(model, "accum_features", None)) and callable(getattr(model, "accum_loss", None)):
+        with torch.no_grad(), engine.autocast():
+            cached = [model.accum_features(**m) for m in micro]
+        total = None
+        for i, m in enumerate(micro):
+            with engine.autocast():
+                live = model.accum_features(**m)
+                feats = {n: torch.cat([live[n] if j == i else cached[j][n] for j in range(k)]) for n in live}
+                loss = model.accum_loss(feats, with_globals=i == 0)
+            engine.backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+        return total / k
+    total = None
+    for m in micro:
+        with engine.autocast():
+            out = forward(**m)
+        if isinstance(out, dict) and getattr(model, "accumulation", None) != "independent":
+            raise TrainError(f"--accum-steps: model {type(model).__name__} has neither accum_features/accum_loss nor "
+                             "a per-sample loss (accumulation = 'independent'); train it with --accum-steps 1")
+        loss = _compute_loss(engine.model, out, m) / k
+        engine.backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
 def _truncate_metrics(path: str, step: int) -> None:
     if not os.path.isfile(path):
         return
@@ -607,6 +649,8 @@ def run(args, parser) -> int:
     import vlfast.models as M
 
     log = get_logger()
+    if args.accum_steps > 1 and args.zero is not None:
+        parser.error("--accum-steps is not supported with --zero yet (the torch engine only)")
     if args.compile and args.zero is not None:
         parser.error("--compile is not supported with --zero (DeepSpeed wraps the module; compile it through "
                      "DeepSpeed's own 'compile' config instead)")
@@ -641,6 +685,9 @@ def run(args, parser) -> int:
     if args.batch_size % world:
         raise TrainError(f"--batch-size {args.batch_size} (the global batch) is not divisible by the "
                          f"{world} ranks")
+    if (args.batch_size // world) % args.accum_steps:
+        raise TrainError(f"each rank's batch of {args.batch_size // world} is not divisible by --accum-steps "
+                         f"{args.accum_steps}")
     if args.zero is not None or args.fsdp:
         if args.fsdp:
             from .fsdp import init_process_group
@@ -755,13 +802,16 @@ def run(args, parser) -> int:
     for step in range(start + 1, total_steps + 1):
         batch = data.next_batch()  # this rank's rows of the global batch
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with engine.autocast():
-            out = forward(**batch)
-        loss = _compute_loss(engine.model, out, batch)
         lr = lr_at(step, lr=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
                    schedule=args.schedule, min_lr=args.min_lr)
         engine.set_lr(lr)
-        engine.backward(loss)
+        if args.accum_steps == 1:
+            with engine.autocast():
+                out = forward(**batch)
+            loss = _compute_loss(engine.model, out, batch)
+            engine.backward(loss)
+        else:
+            loss = accumulate(engine, forward, model, batch, args.accum_steps)
         engine.step()
         if ema is not None:
             ema.update(model, step)
