@@ -30,7 +30,7 @@ $(DEPS_STAMP): Makefile
 	$(VPY) -m pip install $(PIP_FLAGS) $(TORCH_SPEC)
 	# unpinned deps that torch does not constrain; torch itself is never re-resolved.
 	# pyproject.toml declares each of them (dependencies or an extra); tests/test_packaging.py checks it
-	$(VPY) -m pip install $(PIP_FLAGS) triton numpy tqdm matplotlib pillow pytest pytest-benchmark pybind11 ninja \
+	$(VPY) -m pip install $(PIP_FLAGS) triton numpy tqdm matplotlib pillow safetensors pytest pytest-benchmark pybind11 ninja \
 		"setuptools>=64" wheel ruff==0.17.6
 	# DeepSpeed (ZeRO integration): no build isolation and no deps, so its build uses this torch and never
 	# resolves another one; DS_BUILD_OPS=0 builds no ops ahead (the CPU comm op is JIT-built by ninja).

@@ -95,7 +95,7 @@ def test_hard_requirements_are_torch_numpy_and_triton_on_linux_only(pyproject):
     extras = pyproject["project"]["optional-dependencies"]
     assert {"bench", "data", "deepspeed", "integrations", "dev"} <= set(extras)
     assert sorted(_name(r) for r in extras["bench"]) == ["matplotlib", "tqdm"]
-    assert [_name(r) for r in extras["data"]] == ["pillow"]
+    assert [_name(r) for r in extras["data"]] == ["pillow", "safetensors"]
     assert sorted(_name(r) for r in extras["integrations"]) == ["open-clip-torch", "timm", "torchvision",
                                                                 "transformers"]
     assert all("==" in r for r in extras["deepspeed"]), extras["deepspeed"]

@@ -123,3 +123,21 @@ def test_deepspeed_resume_refuses_planted_pickle(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("vlfast train: error: refusing to load") and optim[0] in last, r.stderr
     assert not marker.exists()
+
+
+def test_safetensors_export(tmp_path):
+    from safetensors.torch import load_file as st_load
+
+    from vlfast import models
+
+    out = str(tmp_path / "run")
+    assert main(["train", "--model", "albef_micro", "--batch-size", "2", "--out", out, "--no-progress", "--threads",
+                 "1", "--steps", "1", "--ema", "0.9", "--safetensors"]) == 0
+    step = os.path.join(out, "checkpoints", "step_1")
+    model_pt = ckpt.load_file(os.path.join(step, "model.pt"))
+    exported = st_load(os.path.join(step, "model.safetensors"))
+    assert set(exported) == {k for k, v in model_pt.items() if isinstance(v, torch.Tensor)}  # stored sorted
+    assert all(torch.equal(exported[k], model_pt[k]) for k in exported)
+    m = models.create("albef_micro")
+    m.load_state_dict(exported)  # strict: tied weights stored under every name
+    assert os.path.isfile(os.path.join(step, "ema.safetensors"))

@@ -56,6 +56,30 @@ def load_file(path: str, map_location="cpu", *, mmap: bool = False, allow=()):
         raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
 
 
+def export_safetensors(step_dir: str, names=("model", "ema")) -> list:
+    """Write ``<name>.safetensors`` beside each ``<name>.pt`` of a checkpoint folder (read with
+    :func:`load_file`; tensors made contiguous and unshared, since safetensors stores no aliasing:
+    tied weights are stored once per name).  Each file is written to a temporary name and
+    renamed.  Returns the paths written."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CheckpointError("safetensors export needs the safetensors package: pip install safetensors") from None
+    out = []
+    for name in names:
+        src = os.path.join(step_dir, f"{name}.pt")
+        if not os.path.isfile(src):
+            continue
+        state = load_file(src)
+        tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        dst = os.path.join(step_dir, f"{name}.safetensors")
+        tmp = dst + f".tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata={"format": "pt", "source": f"{name}.pt"})
+        os.replace(tmp, dst)
+        out.append(dst)
+    return out
+
+
 def ckpt_root(out_dir: str) -> str:
     return os.path.join(out_dir, "checkpoints")
 

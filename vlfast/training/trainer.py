@@ -521,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW weight decay on weight matrices (not biases, norms, embeddings, temperatures)")
     p.add_argument("--grad-clip", type=_nonneg_float, default=0.0, metavar="NORM",
                    help="clip the global gradient norm to NORM (0: off)")
+    p.add_argument("--safetensors", action="store_true",
+                   help="also write model.safetensors / ema.safetensors in every checkpoint (export)")
     p.add_argument("--accum-steps", type=_positive_int, default=1, metavar="K",
                    help="split each optimizer step's batch into K micro-batches (same result as the whole batch)")
     p.add_argument("--grad-checkpointing", action="store_true",
@@ -793,7 +795,9 @@ def run(args, parser) -> int:
 
     def save(step):
         metrics.flush()  # the log holds every step up to a checkpoint (a resume truncates to it)
-        ckpt.save_checkpoint(args.out, step, engine, {"data": data.state_dict()}, ema=ema, args=arg_dict)
+        path = ckpt.save_checkpoint(args.out, step, engine, {"data": data.state_dict()}, ema=ema, args=arg_dict)
+        if args.safetensors and main_rank:
+            ckpt.export_safetensors(path)
 
     forward = engine.model
     if args.compile:
