@@ -27,7 +27,8 @@ from .comm import world_info
 from .ops.ema import ema_update_
 
 __all__ = ["is_zero3_param", "is_available", "shard_slice", "gather_full", "check_plain_shards", "check_pairs",
-           "prefetched", "regather_", "zero3_momentum_update_"]
+           "prefetched", "regather_", "zero3_momentum_update_", "is_dtensor", "local_tensor", "shard_spec",
+           "full_from_local", "local_from_full", "local_shard_copy", "dtensor_momentum_update_"]
 
 _HIGH = (torch.float32, torch.float64)
 
@@ -269,3 +270,138 @@ def regather_(params) -> None:
         full = torch.cat([part[offset:offset + size] for part in parts])[:p.ds_numel]
         p.data.copy_(full.view(p.data.shape))
         offset += size
+
+
+# --------------------------------------------------------------------------- FSDP2 (DTensor) shards
+# PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps each parameter as a DTensor sharded along
+# dim 0 over the data-parallel mesh (``Shard(0)``, torch.chunk's split: the last ranks may hold fewer rows,
+# or none); ``p.to_local()`` is this rank's rows, a view of FSDP's sharded storage, so an in-place write
+# there is what FSDP all-gathers next.  A momentum network and its online network sharded the same way
+# have equal local shapes, and the elementwise update runs on the local shards with no communication.
+# Inside an FSDP2 forward the parameters of the units being run are swapped for plain unsharded tensors
+# (writes to them are lost at the reshard), so these updates must run outside the forward (or in a
+# pre-forward hook that precedes FSDP's: vlfast.training.fsdp.shard_model hoists the models' updates).
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. an FSDP2 sharded parameter)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of DTensor ``t`` (a view: in-place writes reach ``t``), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_spec(t) -> tuple:
+    """``(mesh, placements, global shape, global stride)`` of DTensor ``t``: what :func:`full_from_local`
+    and :func:`local_from_full` need to rebuild it from a local shard or a full tensor."""
+    return t.device_mesh, tuple(t.placements), tuple(t.shape), tuple(t.stride())
+
+
+def full_from_local(local: torch.Tensor, spec: tuple) -> torch.Tensor:
+    """The full tensor from every rank's ``local`` shard laid out as ``spec`` (collective over its mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    mesh, placements, shape, stride = spec
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride).full_tensor()
+
+
+def local_from_full(full: torch.Tensor, spec: tuple) -> torch.Tensor:
+    """This rank's shard of ``full`` (the same full tensor on every rank) in ``spec``'s layout: a local
+    slice, no communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh, placements, shape, _ = spec
+    if tuple(full.shape) != tuple(shape):
+        raise ValueError(f"full tensor of shape {tuple(full.shape)} for a sharded tensor of shape {tuple(shape)}")
+    return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
+
+
+def _fsdp_classes(model) -> dict:
+    """``{module: its class before fully_shard}`` for every FSDP2 module of ``model`` (fully_shard gives
+    each one a class ``FSDP<Name>`` deriving from ``(FSDPModule, <Name>)``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = {}
+    for mod in model.modules():
+        cls = type(mod)
+        if isinstance(mod, FSDPModule):
+            orig = [b for b in cls.__bases__ if b is not FSDPModule]
+            if len(orig) != 1:
+                raise TypeError(f"cannot tell the class under FSDP2's {cls.__name__} (bases {cls.__bases__})")
+            out[mod] = orig[0]
+    return out
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
+def local_shard_copy(model: torch.nn.Module):
+    """A deep copy of FSDP2-sharded ``model`` whose every DTensor parameter is a plain parameter holding a
+    clone of this rank's shard; returns ``(copy, specs)`` with ``specs`` ``{parameter name:``
+    :func:`shard_spec` ``}``.  The copy has the model's own classes, buffers and state-dict hooks, but none
+    of FSDP's state or hooks (FSDP2 refuses ``copy.deepcopy``): it stores shard-local averages (an EMA),
+    it is not a module to run."""
+    import copy
+
+    from torch.distributed.fsdp import FSDPModule
+
+    classes = _fsdp_classes(model)
+    memo, specs = {}, {}
+    for name, p in model.named_parameters():
+        if is_dtensor(p):
+            specs[name] = shard_spec(p)
+            memo[id(p)] = torch.nn.Parameter(p.to_local().detach().clone(), requires_grad=p.requires_grad)
+    for mod in classes:
+        for attr in _HOOK_DICTS:  # FSDP's hooks (bound methods of its state) are not copied
+            hooks = mod.__dict__.get(attr)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
+        for key, value in mod.__dict__.items():  # FSDP's composable-API state and registry
+            if key.startswith("__composable_api"):
+                memo[id(value)] = type(value)()
+    fsdp_classes = {mod: type(mod) for mod in classes}
+    try:
+        for mod, cls in classes.items():
+            mod.__class__ = cls
+        out = copy.deepcopy(model, memo)
+    finally:
+        for mod, cls in fsdp_classes.items():
+            mod.__class__ = cls
+    leftover = [n for n, m in out.named_modules() if isinstance(m, FSDPModule)]
+    if leftover:  # pragma: no cover - a torch whose FSDP2 keeps state where this does not look
+        raise TypeError(f"the copy of the FSDP2 model still holds FSDP modules: {leftover[:3]}")
+    return out, specs
+
+
+@torch.no_grad()
+def dtensor_momentum_update_(momentum_params: Sequence[torch.Tensor], online_params: Sequence[torch.Tensor],
+                             m: float, *, master: Optional[List[Optional[torch.Tensor]]] = None,
+                             backend: Optional[str] = None) -> List[Optional[torch.Tensor]]:
+    """``momentum <- m * momentum + (1 - m) * online`` on each rank's local shards of FSDP2 (DTensor)
+    parameters: one :func:`vlfast.ops.ema_update_` over ``p.to_local()`` of every pair, no communication.
+
+    Pairs must be sharded alike (both DTensors with the same global shape and placements) or both plain
+    (parameters FSDP2 does not manage, e.g. 0-dim ones: replicated, updated whole).  Low-precision
+    momentum shards get fp32 masters exactly as in :func:`zero3_momentum_update_` (``master``: the list
+    the previous call returned).  Returns the (new) master list.
+    """
+    mom, onl = check_pairs(momentum_params, online_params)
+    for i, (p, q) in enumerate(zip(mom, onl)):
+        dp, dq = is_dtensor(p), is_dtensor(q)
+        if dp != dq:
+            raise ValueError(f"parameter {i}: one of the pair is an FSDP2 (DTensor) shard and the other a plain "
+                             "tensor (an unsharded parameter inside an FSDP2 forward?)")
+        if dp and (tuple(p.shape) != tuple(q.shape) or tuple(p.placements) != tuple(q.placements)
+                   or p.device_mesh != q.device_mesh):
+            raise ValueError(f"parameter {i}: momentum and online parameters are sharded differently "
+                             f"({tuple(p.shape)} {p.placements} vs {tuple(q.shape)} {q.placements})")
+    return zero3_momentum_update_([local_tensor(p) for p in mom], [local_tensor(q) for q in onl], m,
+                                  master=master, backend=backend)

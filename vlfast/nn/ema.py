@@ -10,7 +10,8 @@ from torch import nn
 from .. import _validation as check
 from ..ops.ema import ema_update_
 from ..reference.ema import model_ema_update_, moco_momentum_update_
-from ..sharding import is_zero3_param, prefetched, regather_, zero3_momentum_update_
+from ..sharding import (dtensor_momentum_update_, full_from_local, is_dtensor, is_zero3_param, local_from_full,
+                        local_shard_copy, local_tensor, prefetched, regather_, zero3_momentum_update_)
 
 
 def _owner(module: nn.Module, name: str):
@@ -133,6 +134,14 @@ class EMA(nn.Module):
             ``state_dict()`` keys are ``module.<name>``, as timm's ``ModelEmaV3``, so a state
             dict loads into either class both ways (values cast to the receiving dtypes).
 
+    PyTorch FSDP2: for a model sharded with ``fully_shard`` (DTensor parameters) the EMA keeps, per
+    rank, the average of that rank's shards only (``p.to_local()``: no gather, no broadcast; fp32
+    averages of a bf16 model as above); ``update`` must run outside the model's forward (where
+    every parameter is sharded). ``state_dict()`` holds this rank's shards, :meth:`full_state_dict`
+    gathers the full averages (collective) and ``load_state_dict`` takes either (a full tensor is
+    sliced to this rank's shard); ``forward`` is refused (there is no full module): load the
+    gathered state dict into an unsharded model, or :meth:`copy_to` the sharded model.
+
     DeepSpeed ZeRO-3: a model whose parameters are partitioned (after
     ``deepspeed.initialize``) has no full weights to copy, and ``EMA(model)`` raises a
     ``TypeError`` naming the factory to use instead: :func:`vlfast.distributed.make_ema`
@@ -142,6 +151,8 @@ class EMA(nn.Module):
 
     #: True in subclasses that average ZeRO-3 shards in place (vlfast.distributed.ZeroEMA)
     _shard_local = False
+    #: FSDP2: parameter name -> sharding (vlfast.sharding.shard_spec) of the averaged DTensors; empty otherwise
+    _shard_specs: Dict[str, tuple] = {}
 
     def _init_schedule(self, model, *, decay, min_decay, update_after_step, use_warmup, warmup_gamma, warmup_power,
                        dtype, stochastic_rounding, stochastic_rounding_seed, foreach, exclude_buffers, warmup,
@@ -205,7 +216,15 @@ class EMA(nn.Module):
                 "vlfast.distributed.make_ema(model, ...), which returns a vlfast.distributed.ZeroEMA averaging each "
                 f"rank's shards, or derive {type(self).__name__} from vlfast.distributed.ZeroEMA")
         self.device = device
-        self.module = copy.deepcopy(model).eval()
+        self._shard_specs: Dict[str, tuple] = {}  # FSDP2: parameter name -> sharding of the model's DTensor
+        if any(is_dtensor(p) for p in model.parameters()):
+            # FSDP2 (DTensor) parameters: average this rank's shards (FSDP2 refuses deepcopy)
+            if device is not None:
+                raise ValueError("device must be None for an FSDP2 model (the averages are its shards' twins)")
+            self.module, self._shard_specs = local_shard_copy(model)
+            self.module.eval()
+        else:
+            self.module = copy.deepcopy(model).eval()
         self.module.requires_grad_(False)
         if device is not None:
             first = next(iter(model.parameters()), None)
@@ -227,6 +246,8 @@ class EMA(nn.Module):
         self._avg_dtypes = {n: _average_dtype(dtype, self._get(n)) for n in names}
         self._mod_dtypes = {n: self._get(n).dtype for n in names}
         self._build({n: self._get(n) for n in names})
+        if self._shard_specs:  # before _load_averages: full tensors of a state dict -> this rank's shards
+            self.register_load_state_dict_pre_hook(_shard_full_tensors)
         self.register_state_dict_post_hook(_save_averages)
         self.register_load_state_dict_pre_hook(_load_averages)
         self.register_load_state_dict_post_hook(_rebuild_after_load)
@@ -367,6 +388,13 @@ class EMA(nn.Module):
 
     def _sources(self, model: nn.Module):
         params = dict(model.named_parameters())
+        if self._shard_specs:  # FSDP2: the local shards (views: copy_to writes through)
+            unsharded = [n for n in self._shard_specs if n in params and not is_dtensor(params[n])]
+            if unsharded:
+                raise RuntimeError(
+                    f"{len(unsharded)} parameter(s) of the FSDP2 model are unsharded right now (e.g. "
+                    f"{unsharded[0]!r}: inside its forward); update / set / copy_to this EMA outside the forward")
+            params = {n: local_tensor(p) for n, p in params.items()}
         buffers = dict(model.named_buffers())
         try:
             src = {n: params[n] for n in self._param_names}
@@ -443,7 +471,47 @@ class EMA(nn.Module):
 
     def forward(self, *args, **kwargs):
         """Run the averaged module (timm's ``ModelEmaV3.forward``)."""
+        if self._shard_specs:
+            raise RuntimeError("this EMA of an FSDP2 model holds this rank's shards of the averages, not a module "
+                               "to run: gather them with full_state_dict() and load them into an unsharded copy "
+                               "of the model, or write them into the model with copy_to(model)")
         return self.module(*args, **kwargs)
+
+    def _sharded_keys(self, prefix: str = "") -> Dict[str, tuple]:
+        """``{state-dict key: sharding}`` of the averages that are FSDP2 shards (every name of a tied weight)."""
+        if not self._shard_specs:
+            return {}
+        by_id = {id(p): self._shard_specs[n] for n, p in self.module.named_parameters() if n in self._shard_specs}
+        return {prefix + "module." + k: by_id[id(t)] for k, t in self.module.state_dict(keep_vars=True).items()
+                if id(t) in by_id}
+
+    @property
+    def full_state_dict(self):
+        """EMA of an FSDP2 model only: ``full_state_dict(rank0_only=True, cpu=True)``, ``state_dict()`` with
+        full tensors for saving (what :func:`vlfast.training.save_checkpoint` writes to ``ema.pt``).
+
+        Collective (every rank calls it, in the same order): each averaged shard is all-gathered into the
+        full tensor, one at a time; ``rank0_only``: only global rank 0 keeps them (the others get ``{}``);
+        ``cpu``: each moved to the CPU right away.  Any other EMA has no such attribute (its
+        ``state_dict()`` is already full, and the checkpoint takes it from rank 0 alone)."""
+        if not self._shard_specs:
+            raise AttributeError("full_state_dict: only an EMA of an FSDP2 (sharded) model has one; "
+                                 "use state_dict()")
+        return self._gather_state_dict
+
+    @torch.no_grad()
+    def _gather_state_dict(self, rank0_only: bool = True, cpu: bool = True) -> Dict[str, torch.Tensor]:
+        rank = torch.distributed.get_rank() if (torch.distributed.is_available()
+                                                and torch.distributed.is_initialized()) else 0
+        keep = rank == 0 or not rank0_only
+        sharded = self._sharded_keys()
+        out: Dict[str, torch.Tensor] = {}
+        for k, v in self.state_dict().items():
+            if k in sharded:
+                v = full_from_local(v, sharded[k])
+            if keep:
+                out[k] = v.detach().to("cpu", copy=True) if cpu else v.detach().clone()
+        return out
 
 
 def _save_averages(ema: EMA, state_dict, prefix, local_metadata) -> None:
@@ -452,6 +520,17 @@ def _save_averages(ema: EMA, state_dict, prefix, local_metadata) -> None:
         full = prefix + "module." + key
         if full in state_dict:
             state_dict[full] = ema._avg_views[n].detach()
+
+
+def _shard_full_tensors(ema: EMA, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs) -> None:
+    """load_state_dict pre-hook of an EMA of an FSDP2 model: a full tensor (a gathered state dict, as
+    :meth:`EMA.full_state_dict` writes) becomes this rank's shard of it (a local slice); a tensor of the
+    shard's own shape (``state_dict()`` of the same rank) is left as it is."""
+    for key, spec in ema._sharded_keys(prefix).items():
+        value = state_dict.get(key)
+        if torch.overrides.is_tensor_like(value) and tuple(value.shape) == tuple(spec[2]):
+            state_dict[key] = local_from_full(value, spec)
 
 
 def _load_averages(ema: EMA, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -490,6 +569,14 @@ class MomentumEncoder(nn.Module):
     of just those), so the forward never sees stale momentum weights.  Low-precision
     (bf16/fp16) momentum weights that are not partitioned get fp32 masters too.
 
+    Under PyTorch FSDP2 (DTensor parameters, the momentum network sharded like the online one)
+    ``update`` averages each rank's local shards (``p.to_local()``) in one fused call, with no
+    communication (fp32 masters for low-precision shards, as above).  It must run while the
+    parameters are sharded, i.e. not inside an FSDP2 forward (there the running units' parameters
+    are unsharded copies whose writes FSDP drops): :func:`vlfast.training.fsdp.shard_model` hoists a
+    model's ``momentum_update`` into a pre-forward hook ahead of FSDP's, and an update that finds
+    unsharded pairs raises a ``RuntimeError``.
+
     Args:
         online: the network to follow (deep-copied once, gradients off).
         momentum: ``m`` in [0, 1].
@@ -519,6 +606,22 @@ class MomentumEncoder(nn.Module):
         if len(mine) != len(theirs):
             raise ValueError(f"online has {len(theirs)} parameters but the momentum encoder has {len(mine)}: "
                              "update() takes the network it was created from")
+        if any(is_dtensor(p) for p in mine + theirs):
+            # FSDP2 shards (DTensor): update the local shards (no communication); every pair must be
+            # sharded: inside an FSDP2 forward the running units' parameters are plain unsharded copies
+            # whose writes are lost at the reshard
+            unsharded = [i for i, (p, q) in enumerate(zip(mine, theirs))
+                         if not (is_dtensor(p) and is_dtensor(q)) and (p.dim() > 0 or q.dim() > 0)]
+            if unsharded:
+                raise RuntimeError(
+                    f"{len(unsharded)} momentum/online parameter pair(s) of an FSDP2 model are not sharded "
+                    "DTensors right now (FSDP2 has unsharded them: the update runs inside the model's forward), "
+                    "so the update would be lost at the reshard. Run it before FSDP's hooks: "
+                    "vlfast.training.fsdp.shard_model(model, mesh) hoists the model's momentum_update into a "
+                    "pre-forward hook that precedes FSDP's, or call MomentumEncoder.update() outside the forward")
+            self.__dict__["_zero_master"] = dtensor_momentum_update_(
+                mine, theirs, m, master=self.__dict__.get("_zero_master"), backend=self.backend)
+            return
         if any(hasattr(p, "ds_tensor") for p in mine + theirs):
             # ZeRO-3 partitioned parameters: their .data is empty outside a gather; update the
             # local shards (no communication), keeping fp32 masters for low-precision weights
