@@ -32,7 +32,8 @@ Cases:
   bf16 momentum weights) run in the same ranks, one after the other.
   Target: ``shard-local`` at least 5x faster than ``gathered`` with 2 or more ranks.
 * ``zero`` / ``<model> train step``: ``vlfast train --zero Z --nproc N`` for Z = 0..3
-  (``zero0``: DeepSpeed with ZeRO off, the baseline) and one process without
+  (``zero0``: DeepSpeed with ZeRO off, the baseline), ``vlfast train --fsdp --nproc N``
+  (``fsdp2``: PyTorch FSDP2) and one process without
   DeepSpeed (``1 process``, using every core, or one GPU), on synthetic data.  The
   time is the median of the ``step_time_s`` that rank 0 logs in ``metrics.jsonl``
   (synthetic batch, forward, backward, optimizer step, loss all-reduce; on CPU fp32,
@@ -425,9 +426,10 @@ def step_time_from_metrics(path: Path | str, skip: int = SKIP_STEPS) -> tuple[fl
 
 
 def measure_train_step(device: torch.device, model: str, batch: int, steps: int, precision: str,
-                       zero: int | None, world: int, timeout: float = TIMEOUT_S) -> Measured:
-    """``vlfast train`` on synthetic data (``--zero zero --nproc world``, or one process when ``zero`` is
-    None); the median step time of rank 0's ``metrics.jsonl`` (see :func:`step_time_from_metrics`)."""
+                       zero: int | str | None, world: int, timeout: float = TIMEOUT_S) -> Measured:
+    """``vlfast train`` on synthetic data (``--zero zero --nproc world``; ``zero="fsdp"``: ``--fsdp --nproc
+    world``; one process when ``zero`` is None); the median step time of rank 0's ``metrics.jsonl``
+    (``--log-every 1``: each step's own time; see :func:`step_time_from_metrics`)."""
     if zero is None:
         threads = _cores() if device.type == "cpu" else 1
     else:
@@ -435,12 +437,16 @@ def measure_train_step(device: torch.device, model: str, batch: int, steps: int,
     with tempfile.TemporaryDirectory(prefix="vlfast-bench-zero-train-") as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "vlfast", "train", "--model", model, "--steps", str(steps), "--batch-size",
-               str(batch), "--precision", precision, "--no-progress", "--seed", "0", "--out", str(out)]
+               str(batch), "--precision", precision, "--no-progress", "--seed", "0", "--out", str(out),
+               "--log-every", "1"]
         if device.type == "cpu":
             cmd += ["--threads", str(threads)]
-        if zero is not None:
+        if zero == "fsdp":
+            cmd += ["--fsdp", "--nproc", str(world)]
+        elif zero is not None:
             cmd += ["--zero", str(zero), "--nproc", str(world)]
-        what = f"vlfast train --model {model} " + ("(1 process)" if zero is None else f"--zero {zero} ({world} ranks)")
+        flag = "--fsdp" if zero == "fsdp" else f"--zero {zero}"
+        what = f"vlfast train --model {model} " + ("(1 process)" if zero is None else f"{flag} ({world} ranks)")
         logs = Path(tmp) / "logs"
         logs.mkdir()
         if zero is None:
@@ -462,15 +468,16 @@ def _train_cases(device: torch.device, quick: bool):
     if batch % world:
         batch = world * max(1, batch // world)  # the global batch must split evenly over the ranks
 
-    def provider(zero: int | None) -> SelfTimed:
+    def provider(zero: int | str | None) -> SelfTimed:
         return SelfTimed(lambda: measure_train_step(device, model, batch, steps, precision, zero, world))
 
     providers = {f"zero{z}": provider(z) for z in stages}
+    providers["fsdp2"] = provider("fsdp")
     if single:
         providers["1 process"] = provider(None)
     yield Case(op="zero", name=f"{model} train step", shape=f"batch {batch}, {world} rank{'s' * (world > 1)}",
                dtype=precision, providers=providers, baselines=["zero0"],
-               candidates=[f"zero{z}" for z in stages if z != 0], items=batch)
+               candidates=[f"zero{z}" for z in stages if z != 0] + ["fsdp2"], items=batch)
 
 
 @register("zero")

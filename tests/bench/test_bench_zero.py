@@ -96,3 +96,11 @@ def test_removes_only_its_own_shm_buffers():
         for p in mine + [other]:
             if os.path.exists(p):
                 os.unlink(p)
+
+
+@pytest.mark.distributed
+def test_fsdp_train_step_measured_by_the_ranks():
+    import torch
+
+    m = zero.measure_train_step(torch.device("cpu"), "vit_micro", 4, 4, "fp32", "fsdp", 2, timeout=300)
+    assert m.ms > 0 and m.runs >= 1
