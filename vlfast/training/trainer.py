@@ -113,96 +113,6 @@ class TorchEngine(Engine):
             self.scaler.load_state_dict(ld("scaler.pt"))
 
 
-@contextlib.contextmanager
-def _patched_broadcast():
-    """DeepSpeed's initial broadcast views each parameter as bytes, which fails for 0-dim
-    parameters (CLIP's ``logit_scale``); broadcast a flat 1-element view of those instead."""
-    from deepspeed.runtime import engine as ds_engine
-
-    cls = ds_engine.DeepSpeedEngine
-    orig = cls._broadcast_model
-
-    def _broadcast_model(self):
-        zero_dim = [p for p in self.module.parameters() if p.dim() == 0]
-        if not zero_dim:
-            return orig(self)
-        saved = [p.data for p in zero_dim]
-        for p in zero_dim:
-            p.data = p.data.reshape(1)
-        try:
-            return orig(self)
-        finally:
-            for p, d in zip(zero_dim, saved):
-                d.copy_(p.data.reshape(()))
-                p.data = d
-
-    from deepspeed.runtime.zero import partition_parameters as pp
-
-    orig_init = pp.Init._zero_init_param
-
-    def _zero_init_param(self, param):  # ZeRO-3's conversion broadcasts the same way
-        if param.dim() != 0:
-            return orig_init(self, param)
-        self._convert_to_deepspeed_param(param)
-        group = self.get_partition_dp_group(param)
-        src = 0 if pp.dist.get_world_group() == group else pp.dist.get_global_rank(group, 0)
-        pp.dist.broadcast(param.data.reshape(1).view(torch.uint8), src, group)
-        param.partition()
-
-    cls._broadcast_model = _broadcast_model
-    pp.Init._zero_init_param = _zero_init_param
-    try:
-        yield
-    finally:
-        cls._broadcast_model = orig
-        pp.Init._zero_init_param = orig_init
-
-
-# The plain data classes DeepSpeed 0.19 pickles into its ZeRO optimizer files (found by loading
-# ZeRO-1/2/3 checkpoints with weights_only=True); each is rebuilt from its attributes, none runs code.
-_DEEPSPEED_CKPT_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                           "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-                           "deepspeed.runtime.zero.config.ZeroStageEnum",
-                           "deepspeed.utils.tensor_fragment.fragment_address")
-
-
-def _deepspeed_checkpoint_classes() -> list:
-    import importlib
-
-    import deepspeed
-
-    out = []
-    for name in _DEEPSPEED_CKPT_CLASSES:
-        mod, _, attr = name.rpartition(".")
-        try:
-            out.append(getattr(importlib.import_module(mod), attr))
-        except (ImportError, AttributeError):
-            raise TrainError(f"DeepSpeed {deepspeed.__version__}: {name} is gone (vlfast was tested with the "
-                             "versions in pyproject.toml's deepspeed extra); cannot read its checkpoints "
-                             "safely") from None
-    return out
-
-
-@contextlib.contextmanager
-def _safe_deepspeed_loads(engine):
-    """DeepSpeed reads every checkpoint file through ``engine.checkpoint_engine.load`` with
-    ``weights_only=False``; for the duration, read them with :func:`checkpoint.load_file`
-    (``weights_only=True``, allowing only :data:`_DEEPSPEED_CKPT_CLASSES`)."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    if ce is None or not callable(getattr(ce, "load", None)):
-        raise TrainError("this DeepSpeed engine has no checkpoint_engine.load to read checkpoints through safely")
-    allow = _deepspeed_checkpoint_classes()
-
-    def load(path, map_location=None):
-        return ckpt.load_file(path, map_location=map_location, allow=allow)
-
-    ce.load = load  # an instance attribute, removed again below
-    try:
-        yield
-    finally:
-        del ce.load
-
-
 class DeepSpeedEngine(Engine):
     """``deepspeed.initialize`` with the config of :func:`vlfast.distributed.zero.deepspeed_config`.
 
@@ -236,7 +146,10 @@ class DeepSpeedEngine(Engine):
             register_external_parameters(model)
             if callable(getattr(model, "momentum_update", None)):
                 hoist_momentum_updates(model)  # before ZeRO-3 prefetches the momentum weights
-        with _patched_broadcast():
+        from vlfast.distributed import compat
+
+        compat.check_version()
+        with compat.zero_dim_broadcast():
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                                                     config=cfg)
         self.module = model
@@ -285,7 +198,13 @@ class DeepSpeedEngine(Engine):
             torch.save(sd, os.path.join(directory, "model.pt"))
 
     def load(self, directory):
-        with _safe_deepspeed_loads(self.model):
+        from vlfast.distributed import compat
+
+        try:
+            loads = compat.checkpoint_loads(self.model, ckpt.load_file)
+        except compat.DeepSpeedCompatError as exc:
+            raise TrainError(str(exc)) from None
+        with loads:
             path, _ = self.model.load_checkpoint(directory, tag=self.TAG, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)
         if path is None:
