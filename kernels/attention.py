@@ -53,9 +53,12 @@ from ._common import LN2_C, LOG2E, LOG2E_C, TileTable, dot_precision, mma, round
 TILES = TileTable(
     "attention",
     doc="Flash attention.  max_BLOCK_D: the padded head dim (max(16, next_pow2(D)), D <= 256) is at "
-        "most this.  fp16/bf16 rows were checked by compiling for sm_90a (ptxas -v) without a GPU: no "
-        "register spills except fwd D in (64, 128] (64 bytes), shared memory <= 100 KB.  Not yet timed "
-        "on a GPU: retune there (wider tiles, TMA descriptors) before relying on them.  bwd_preprocess: "
+        "most this.  fp16/bf16 rows are checked by the sm_90a compile gate (python -m vlfast.kernels.gate, "
+        "triton 3.8, no GPU): every dot is wgmma (>= 64 rows per warpgroup on the MMA's M side: fwd/bwd_q "
+        "BLOCK_M, bwd_kv BLOCK_N), no register spill for D in {40, 64, 72, 80, 128, 256} with padding, bias, "
+        "causal or dropout, shared memory <= 104 KB, 1-2 CTAs per SM.  fp32 rows (IEEE FMA dots) still "
+        "spill (up to ~39 KB, the gate's fp32 budget).  Not yet timed on a GPU: retune there (wider tiles, "
+        "TMA descriptors) before relying on them.  bwd_preprocess: "
         "BLOCK_M is then clamped to [16, 4096 // BLOCK_D]; dropout_mask: BLOCK_N to max(16, next_pow2(Nk)).",
     kernels={
         "fwd": ("_attn_fwd_kernel",),
@@ -69,24 +72,24 @@ TILES = TileTable(
     rows=(
         # kind            dtype        max_BLOCK_D  BLOCK_M  BLOCK_N  num_warps  num_stages
         ("fwd",           "fp32",       64,          64,      64,      4,         2),
-        ("fwd",           "fp16/bf16",  64,          128,     64,      8,         3),
+        ("fwd",           "fp16/bf16",  64,          128,     32,      8,         3),
         ("fwd",           "fp32",       128,         64,      32,      4,         2),
-        ("fwd",           "fp16/bf16",  128,         128,     32,      8,         3),
+        ("fwd",           "fp16/bf16",  128,         64,      64,      8,         2),
         ("fwd",           "fp32",       256,         64,      16,      4,         2),
-        ("fwd",           "fp16/bf16",  256,         32,      32,      8,         2),
+        ("fwd",           "fp16/bf16",  256,         64,      32,      8,         2),
         ("bwd_kv",        "fp32",       64,          32,      64,      4,         2),
         ("bwd_kv",        "fp16/bf16",  64,          32,      128,     8,         3),
         ("bwd_kv",        "fp32",       128,         32,      64,      8,         2),
-        ("bwd_kv",        "fp16/bf16",  128,         32,      32,      8,         3),
+        ("bwd_kv",        "fp16/bf16",  128,         16,      64,      8,         2),
         ("bwd_kv",        "fp32",       256,         16,      32,      8,         1),
-        ("bwd_kv",        "fp16/bf16",  256,         16,      32,      8,         2),
+        ("bwd_kv",        "fp16/bf16",  256,         16,      64,      8,         2),
         ("bwd_q",         "fp32",       64,          64,      32,      4,         2),
         ("bwd_q",         "fp16/bf16",  64,          128,     32,      8,         3),
         ("bwd_q",         "fp32",       128,         64,      32,      4,         2),
-        ("bwd_q",         "fp16/bf16",  128,         32,      32,      8,         3),
+        ("bwd_q",         "fp16/bf16",  128,         128,     16,      8,         2),
         ("bwd_q",         "fp32",       256,         32,      16,      8,         1),
-        ("bwd_q",         "fp16/bf16",  256,         32,      32,      8,         2),
-        ("bwd_preprocess", "any",       None,        64,      None,    None,      None),
+        ("bwd_q",         "fp16/bf16",  256,         64,      16,      8,         2),
+        ("bwd_preprocess", "any",       None,        16,      None,    None,      None),
         ("dropout_mask",  "any",        None,        16,      256,     None,      None),
     ),
 )

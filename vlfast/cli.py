@@ -36,7 +36,9 @@ def optional_packages() -> dict:
     return out
 
 
-def info(out=None) -> int:
+def info(out=None, kernels: bool = False, only: Optional[str] = None) -> int:
+    """Print versions, devices, backends and tile tables; with ``kernels``, also the sm_90a compile gate's
+    table (``vlfast.kernels.gate``, cases matching the regex ``only``) and return its exit status."""
     import torch
 
     import vlfast
@@ -77,7 +79,15 @@ def info(out=None) -> int:
                 p(f"      {b:7s} {'available' if reason is None else 'unavailable: ' + reason}")
     p("")
     _print_tile_tables(p, _backend.triton_interpret())
-    return 0
+    if not kernels:
+        return 0
+    p("")
+    if importlib.util.find_spec("triton") is None:
+        p("kernel compile gate: unavailable (triton is not installed)")
+        return 1
+    from vlfast.kernels import gate
+
+    return gate.main(["--only", only] if only else [], out=out)
 
 
 def _print_tile_tables(p, interpreting: bool) -> None:
@@ -103,7 +113,10 @@ def _print_tile_tables(p, interpreting: bool) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vlfast", description="Fused training kernels for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, devices, and which backend serves each op")
+    info_p = sub.add_parser("info", help="versions, devices, and which backend serves each op")
+    info_p.add_argument("--kernels", action="store_true",
+                        help="also compile every Triton kernel for sm_90a and print the compile gate's table")
+    info_p.add_argument("--only", help="with --kernels: only the gate cases whose label matches this regex")
     sub.add_parser("bench", help="run the benchmark harness (vlfast bench --help)", add_help=False)
     sub.add_parser("train", help="train a model (vlfast train --help)", add_help=False)
     sub.add_parser("eval", help="evaluate a checkpoint: zeroshot, retrieval, knn (vlfast eval --help)", add_help=False)
@@ -112,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return info()
+        return info(kernels=args.kernels, only=args.only)
     if args.command == "bench":
         from vlfast.bench.harness import main as bench_main
 

@@ -1,0 +1,168 @@
+"""The sm_90a compile gate (vlfast.kernels.gate): its rules, its capture, and planted regressions.
+
+The gate needs Triton's compiler, not its interpreter (which this suite runs the kernels in), so
+every test that compiles runs it in a subprocess without TRITON_INTERPRET, with a fresh result
+cache: the planted regressions are really compiled.  Compiling for sm_90a needs no GPU.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlfast.kernels import gate
+
+pytest.importorskip("triton")
+
+ATTN_BF16_D64 = "^attention bf16 N=197 D=64 H=12 plain$"
+
+
+def _env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["VLFAST_GATE_CACHE"] = str(tmp_path / "gate-cache")
+    return env
+
+
+def _gate(tmp_path, *args, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "vlfast.kernels.gate", "--jobs", "2", *args], env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=timeout)
+    return r.returncode, r.stdout + r.stderr
+
+
+def _launch(dtype="bf16"):
+    return gate.Launch("_k", None, {}, ["case"], dtype, dtype in ("bf16", "fp16"))
+
+
+def _result(**kw):
+    r = dict(regs=128, stack=0, spill_stores=0, spill_loads=0, shared=64 * 1024, num_warps=8, sass=1000,
+             hgmma=8, hmma=0, dots=0, wgmma_dots=2, seconds=1.0)
+    r.update(kw)
+    return r
+
+
+# ----------------------------------------------------------------------------- rules (no compile)
+def test_rules_pass_a_clean_wgmma_kernel():
+    assert gate.verdicts(_launch(), _result()) == []
+    assert gate.mma_kind(_result()) == "wgmma"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_rules_fail_half_spill_and_mma_sync(dtype):
+    (v,) = gate.verdicts(_launch(dtype), _result(spill_stores=8, spill_loads=8))
+    assert v.startswith("half-spill") and dtype in v
+    (v,) = gate.verdicts(_launch(dtype), _result(hgmma=0, hmma=48, dots=3, wgmma_dots=0))
+    assert v.startswith("half-wgmma") and "mma.sync" in v
+    (v,) = gate.verdicts(_launch(dtype), _result(hgmma=4, hmma=16, dots=1, wgmma_dots=1))
+    assert v.startswith("half-wgmma") and "wgmma+mma.sync" in v
+
+
+def test_rules_smem_compile_and_fp32_budget():
+    (v,) = gate.verdicts(_launch(), _result(shared=gate.SMEM_LIMIT + 1))
+    assert v.startswith("smem")
+    assert gate.verdicts(_launch(), {"error": "PTXASError: boom"}) == ["compile: PTXASError: boom"]
+    fp32 = _result(hgmma=0, dots=2, wgmma_dots=0)
+    assert gate.mma_kind(fp32) == "fma"
+    assert gate.verdicts(_launch("fp32"), fp32) == []                    # fp32 FMA dots are allowed
+    assert gate.verdicts(_launch("fp32"), dict(fp32, spill_stores=gate.FP32_SPILL_BUDGET)) == []
+    (v,) = gate.verdicts(_launch("fp32"), dict(fp32, spill_stores=gate.FP32_SPILL_BUDGET + 4))
+    assert v.startswith("fp32-spill")
+    assert gate.verdicts(_launch("fp32"), _result(hgmma=0, wgmma_dots=0)) == []   # no dot at all
+    assert gate.mma_kind(_result(hgmma=0, wgmma_dots=0)) == "-"
+
+
+def test_ctas_per_sm():
+    assert gate.ctas_per_sm(255, 8, 64 * 1024) == 1           # registers: 8 warps x 256 x 32 = 65536
+    assert gate.ctas_per_sm(128, 8, 64 * 1024) == 2           # registers (shared memory would allow 3)
+    assert gate.ctas_per_sm(128, 4, 100 * 1024) == 2          # shared memory
+    assert gate.ctas_per_sm(32, 4, 0) == 16                   # threads
+    assert gate.ctas_per_sm(16, 1, 0) == 32                   # the block limit
+
+
+def test_tile_override_parsing():
+    assert gate._parse_tiles(["attention.fwd.BLOCK_M=32,BLOCK_N=32", "attention.bwd_q.num_warps=4"]) == {
+        "attention": {"fwd": {"BLOCK_M": 32, "BLOCK_N": 32}, "bwd_q": {"num_warps": 4}}}
+    with pytest.raises(ValueError, match="TABLE.KIND.COL=VALUE"):
+        gate._parse_tiles(["attention:fwd"])
+
+
+def test_case_lists():
+    full, ci = gate.cases(True), gate.cases(False)
+    labels = [c.label for c in full]
+    assert len(set(labels)) == len(labels)
+    assert {c.label for c in ci} < set(labels)
+    for op in ("attention", "contrastive", "masking", "ema"):
+        assert any(c.op == op for c in ci)
+    # the documented shapes of issue 13 are in the full list
+    for D in (40, 64, 72, 80, 96, 128, 256):
+        for N in (197, 257, 577, 1024, 4096):
+            assert f"attention bf16 N={N} D={D} H={gate.ATTN_HEADS[D]} dropout" in labels
+
+
+# ----------------------------------------------------------------------------- capture (no compile)
+def test_capture_reaches_every_kernel(tmp_path):
+    # every @triton.jit kernel named by a tile table is launched by the CI tier's cases
+    code = (
+        "from vlfast.kernels import gate, tile_tables\n"
+        "launches, n = gate.collect(gate.cases(False))\n"
+        "names = {l.kernel for l in launches}\n"
+        "want = {k for t in tile_tables().values() for ks in t.kernels.values() for k in ks}\n"
+        "assert want <= names, want - names\n"
+        "assert all(l.compile['num_warps'] for l in launches)\n"
+        "print(len(launches), n)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    distinct, calls = map(int, r.stdout.split())
+    assert 0 < distinct < calls
+
+
+def test_capture_refuses_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        with gate.capture([]):
+            pass
+
+
+# ----------------------------------------------------------------------------- compiled
+def test_gate_passes_a_small_subset(tmp_path):
+    rc, out = _gate(tmp_path, "--only", ATTN_BF16_D64 + "|^ema |^masking bf16 B=256 L=196 D=768$")
+    assert rc == 0, out
+    assert "gate passed" in out
+    rows = [line for line in out.splitlines() if line.startswith("_attn_")]
+    assert len(rows) == 4 and all(line.rstrip().endswith("ok") for line in rows), rows
+    assert sum(" wgmma " in line for line in rows) == 3             # fwd, dk/dv, dq; the preprocess has no dot
+    assert any(line.startswith("_ema_multi_tensor_kernel") for line in out.splitlines())
+
+
+def test_planted_32_row_bf16_tile_fails(tmp_path):
+    rc, out = _gate(tmp_path, "--only", ATTN_BF16_D64, "--tiles", "attention.fwd.BLOCK_M=32,BLOCK_N=32")
+    assert rc == 1, out
+    fails = [line for line in out.splitlines() if line.strip().startswith("FAIL ")]
+    assert fails and all("_attn_fwd_kernel" in f and "BLOCK_M=32" in f for f in fails), out
+    assert any("half-wgmma" in f and "mma.sync" in f for f in fails), fails
+
+
+def test_planted_spilling_bf16_tile_fails(tmp_path):
+    # a 128 x 128 score tile at D = 128 on 4 warps: more live fp32 values than 255 registers hold
+    rc, out = _gate(tmp_path, "--only", "^attention bf16 N=197 D=128 H=16 plain$",
+                    "--tiles", "attention.fwd.BLOCK_M=128,BLOCK_N=128,num_warps=4")
+    assert rc == 1, out
+    fails = [line for line in out.splitlines() if line.strip().startswith("FAIL ")]
+    assert any("_attn_fwd_kernel" in f and "half-spill" in f for f in fails), out
+
+
+def test_vlfast_info_kernels_prints_the_gate_table(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vlfast", "info", "--kernels", "--only", "^ema "], env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "vlfast sm_90a compile gate" in r.stdout and "_ema_multi_tensor_kernel" in r.stdout
+    assert "gate passed" in r.stdout
+
+
+@pytest.mark.slow
+def test_ci_gate_passes(tmp_path):
+    # the whole CI tier (a few minutes on 2 cores); the default result cache is used, as in CI
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "vlfast.kernels.gate", "--quiet"], env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
