@@ -25,8 +25,10 @@ of the same head run next to each other and share K/V in L2):
 Bias gradient (``bias_grad_shape`` given; ``dbias = dS`` summed over the broadcast dims):
 with no broadcast dim ``dS`` is stored directly; otherwise it is reduced inside the tile
 over the query/key axis when that axis is broadcast and ``tl.atomic_add``-ed into an fp32
-buffer of ``bias_grad_shape`` (the b/h programs that share an element race, so the last
-bits of dbias are not deterministic).  ``deterministic=True`` instead writes the full
+buffer of ``bias_grad_shape`` with relaxed semantics (a sum needs no ordering, so no memory
+fence per atomic: the default acq_rel puts a ``MEMBAR.ALL.GPU`` in the hot loop; the gate's
+``membar`` column counts them); the b/h programs that share an element race, so the last
+bits of dbias are not deterministic.  ``deterministic=True`` instead writes the full
 ``(B, H, Nq, Nk)`` fp32 ``dS`` (that much extra memory) and reduces it with ``torch.sum``.
 
 Dropout: ``drop_ij = tl.rand(seed, offset + ((b*H + h)*Nq + i)*Nk + j) >= dropout_p``
@@ -425,14 +427,14 @@ def _attn_bwd_dq_kernel(
                      + offs_n0[None, :] * s_gn, ds, mask=m_ok[:, None] & n_ok[None, :])
         elif DBIAS == 2:
             if REDUCE_M and REDUCE_N:
-                tl.atomic_add(g_base, tl.sum(tl.sum(ds, 1), 0))
+                tl.atomic_add(g_base, tl.sum(tl.sum(ds, 1), 0), sem="relaxed")
             elif REDUCE_M:
-                tl.atomic_add(g_base + kv_off * s_gn + offs_n0 * s_gn, tl.sum(ds, 0), mask=n_ok)
+                tl.atomic_add(g_base + kv_off * s_gn + offs_n0 * s_gn, tl.sum(ds, 0), mask=n_ok, sem="relaxed")
             elif REDUCE_N:
-                tl.atomic_add(g_base + tl.arange(0, BLOCK_M) * s_gm, tl.sum(ds, 1), mask=m_ok)
+                tl.atomic_add(g_base + tl.arange(0, BLOCK_M) * s_gm, tl.sum(ds, 1), mask=m_ok, sem="relaxed")
             else:
                 tl.atomic_add(g_base + tl.arange(0, BLOCK_M)[:, None] * s_gm + kv_off * s_gn
-                              + offs_n0[None, :] * s_gn, ds, mask=m_ok[:, None] & n_ok[None, :])
+                              + offs_n0[None, :] * s_gn, ds, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
     dq = dq * scale
     tl.store(dq_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],

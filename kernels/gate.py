@@ -35,7 +35,10 @@ Rules (a configuration FAILs on any of them; the gate exits 1 when one does):
 * ``smem``: shared memory over ``SMEM_LIMIT`` (227 KB, the sm_90 per-block opt-in maximum);
 * ``half-spill``: a bf16 / fp16 configuration that spills (any spill store or load);
 * ``half-wgmma``: a bf16 / fp16 configuration with a dot that is not (only) wgmma;
-* ``fp32-spill``: an fp32 configuration spilling more than ``FP32_SPILL_BUDGET`` bytes.
+* ``fp32-spill``: an fp32 configuration spilling more than ``FP32_SPILL_BUDGET`` bytes;
+* ``fence``: a GPU/system-scope ``MEMBAR`` or an L1 invalidate in the SASS (what
+  ``tl.atomic_add``'s default acq_rel semantics put around every atomic: accumulating atomics,
+  such as the attention bias gradient's, use ``sem="relaxed"``).
 
 Results are cached by a key of (triton version, the kernel's source hash with its callees,
 signature, constexprs, specialization, options, target) in ``cache_dir()``
@@ -83,7 +86,7 @@ MAX_CTAS_PER_SM = 32
 # dropout, triton 3.8) rounded up, so the gate catches any fp32 regression beyond it; lower it as the
 # fp32 tiles are fixed.
 FP32_SPILL_BUDGET = 40 * 1024
-RESULT_VERSION = 1                          # bump when the measured fields change
+RESULT_VERSION = 3                          # bump when the measured fields change
 
 # ----------------------------------------------------------------------------- shapes
 # The documented list of realistic shapes (issue 13).  Attention: B = 256, self-attention on the
@@ -404,6 +407,29 @@ def _opcode(instr: str) -> str:
     return toks[0] if toks else ""
 
 
+def _is_gpu_fence(op: str) -> bool:
+    """A GPU- or system-scope memory fence (``MEMBAR.ALL.GPU``, ``MEMBAR.SC.SYS``...) or an L1
+    invalidate (``CCTL.IVALL``): what an acquire/release atomic costs.  CTA-scope fences
+    (``MEMBAR.ALL.CTA``, around wgmma's shared-memory operands) are not counted."""
+    return (op.startswith("MEMBAR") and (".GPU" in op or ".SYS" in op)) or op.startswith("CCTL.IVALL")
+
+
+def atomic_fence_counts() -> Dict[str, int]:
+    """GPU-scope fences (:func:`_is_gpu_fence`) in the sm_90a SASS of a 128-element ``tl.atomic_add``
+    with the default (acq_rel) and with relaxed semantics: the premise of the ``fence`` rule."""
+    from triton.compiler import ASTSource
+
+    from ._fence_probe import accumulate
+
+    out = {}
+    for name, relaxed in (("acq_rel", False), ("relaxed", True)):
+        src = ASTSource(accumulate, {"x_ptr": "*fp32", "out_ptr": "*fp32", "RELAXED": "constexpr"},
+                        {"RELAXED": relaxed})
+        k = triton.compile(src, target=TARGET)
+        out[name] = sum(_is_gpu_fence(_opcode(i)) for i in _SASS_INSTR.findall(_sass(k.asm["cubin"])))
+    return out
+
+
 def _sass(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -447,6 +473,7 @@ def measure(launch: Launch) -> dict:
         sass=len(instrs),
         hgmma=sum(1 for i in instrs if _opcode(i).startswith("HGMMA")),
         hmma=sum(1 for i in instrs if _opcode(i).startswith("HMMA")),
+        membar=sum(1 for i in instrs if _is_gpu_fence(_opcode(i))),
         dots=len(re.findall(r"\btt\.dot\b", ttgir)),
         wgmma_dots=len(re.findall(r"\bttng\.warp_group_dot\b", ttgir)),
         seconds=time.time() - t0,
@@ -491,6 +518,9 @@ def verdicts(launch: Launch, r: dict) -> List[str]:
     if launch.half and (r["dots"] or r["hmma"] or (r["wgmma_dots"] and not r["hgmma"])):
         out.append(f"half-wgmma: {launch.dtype} kernel with a dot that does not use wgmma "
                    f"({mma_kind(r)}: {r['hgmma']} HGMMA, {r['hmma']} HMMA)")
+    if r.get("membar"):
+        out.append(f"fence: {r['membar']} GPU-scope fence / L1 invalidate instruction(s) (an atomic with "
+                   "acquire/release semantics; accumulating atomics need sem='relaxed')")
     if not launch.half and spill > FP32_SPILL_BUDGET:
         out.append(f"fp32-spill: spills {spill} bytes > the fp32 budget {FP32_SPILL_BUDGET}")
     return out
@@ -631,7 +661,8 @@ class Report:
                 lines.append(f"  FAIL {l.kernel} [{l.config()}] ({l.cases[0]}): {v}")
         else:
             lines.append(f"gate passed: {len(self.launches)} configurations, rules: compile, smem <= {SMEM_LIMIT} B, "
-                         f"no bf16/fp16 spill, wgmma for every bf16/fp16 dot, fp32 spills <= {FP32_SPILL_BUDGET} B")
+                         f"no bf16/fp16 spill, wgmma for every bf16/fp16 dot, fp32 spills <= {FP32_SPILL_BUDGET} B, "
+                         "no memory fence")
         return lines
 
 

@@ -6,6 +6,7 @@ cache: the planted regressions are really compiled.  Compiling for sm_90a needs 
 """
 
 import os
+import types
 import subprocess
 import sys
 
@@ -166,3 +167,29 @@ def test_ci_gate_passes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vlfast.kernels.gate", "--quiet"], env=env, capture_output=True,
                        text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+def test_bias_gradient_atomics_are_relaxed(tmp_path):
+    # the broadcast bias gradient is accumulated with atomics in the dq kernel: no memory fence
+    rc, out = _gate(tmp_path, "--only", "^attention bf16 N=197 D=64 H=12 bias$")
+    assert rc == 0, out
+    rows = [line for line in out.splitlines() if line.startswith("_attn_bwd_dq_kernel")]
+    assert rows and all(line.rstrip().endswith("ok") for line in rows), out
+
+
+def test_fence_rule():
+    launch = types.SimpleNamespace(half=True, dtype="bf16")
+    clean = dict(spill_stores=0, spill_loads=0, shared=1024, dots=0, hmma=0, hgmma=4, wgmma_dots=2, membar=0)
+    assert gate.verdicts(launch, clean) == []
+    assert any(v.startswith("fence:") for v in gate.verdicts(launch, {**clean, "membar": 3}))
+
+
+def test_default_atomics_fence_and_relaxed_ones_do_not(tmp_path):
+    # the rule's premise, on a tiny kernel compiled for sm_90a: acq_rel atomics carry GPU-scope
+    # fences, relaxed ones none (in a subprocess: the suite's TRITON_INTERPRET makes jit functions
+    # interpreted)
+    code = "import json; from vlfast.kernels import gate; print(json.dumps(gate.atomic_fence_counts()))"
+    r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    counts = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    assert counts["acq_rel"] > 0 and counts["relaxed"] == 0, counts
