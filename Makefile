@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make test    create .venv, install, build the native extension, run the tests
 #   make bench   the same set-up, then the benchmark harness (vlfast bench)
-# Also: make test-fast (no slow or distributed tests), make lint (ruff), make info.
+# Also: make test-fast (no slow or distributed tests), make lint (ruff), make info,
+# make gpu-check (on a GPU machine, with its own python3: no venv, no network; see below).
 #
 # TORCH_SPEC pins torch and torchvision.  timm and open_clip import torchvision, and the
 # integration tests run against the real libraries: on a machine without a GPU the local
@@ -21,9 +22,10 @@ BUILD_STAMP:= $(VENV)/.vlfast-built
 # its version, which vlfast/__init__.py holds)
 INSTALL_SRC:= setup.py pyproject.toml CMakeLists.txt vlfast/__init__.py $(wildcard csrc/*)
 BENCH_ARGS ?=
+GPU_CHECK_ARGS ?=
 PYTEST_ARGS?=
 
-.PHONY: test test-fast lint bench install info clean
+.PHONY: test test-fast lint bench install info clean gpu-check
 
 $(DEPS_STAMP): Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +68,14 @@ bench: install
 
 info: install
 	$(VPY) -m vlfast info
+
+# the one-call GPU check (bench/gpu_check.py), deliberately NOT on `install` or the venv: on a lent GPU machine
+# (no network) the machine's own python3 and its torch/triton install vlfast in place (pip -e, offline; without
+# the native extension if it cannot be built), run the GPU tests and `vlfast bench --device cuda` in under
+# 8 minutes and write the jsonl, a log and gpu_check_summary.json to $OUT or bench/results. Without CUDA it
+# exits 2; GPU_CHECK_ARGS=--dry-run prints the plan instead.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info vlfast/_C*.so .ruff_cache
