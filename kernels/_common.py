@@ -23,6 +23,56 @@ import triton.language as tl
 
 from vlfast._backend import triton_interpret as interpret
 
+
+# ----------------------------------------------------------------------------- interpreter fix
+def _fix_interpreter_index() -> bool:
+    """Make the interpreter's ``tl.tensor.__index__`` numpy-2.4-proof; True when a fix was applied.
+
+    Triton <= 3.6's interpreter converts a scalar tensor to a Python int with ``int(handle.data)``,
+    a 1-element 1-D numpy array, which numpy >= 2.4 refuses ("TypeError: only 0-dimensional arrays
+    can be converted to Python scalars"; 1.25-2.3 warn), so every ``range(0, Nk, BLOCK_N)`` over a runtime bound
+    fails.  triton-lang/triton#9171, fixed in 3.7 by #9172 (``int(handle.data.squeeze())``): a probe
+    of the interpreter's own patch decides, and the fix re-sets ``__index__`` exactly as #9172 does.
+    """
+    import warnings
+
+    import numpy as np
+    from triton.runtime import interpreter as ti
+
+    original = getattr(ti, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_vlfast_index_fix", False):
+        return False
+
+    class _Probe:
+        pass
+
+    class _Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    original(_Probe, _Scope())
+    probe = _Probe()
+    probe.handle = ti.TensorHandle(np.array([3], dtype=np.int32), tl.int32)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)   # numpy 1.25-2.3 warns, then converts
+            if probe.__index__() == 3:
+                return False
+    except (TypeError, DeprecationWarning):
+        pass
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._vlfast_index_fix = True
+    ti._patch_lang_tensor = _patch_lang_tensor
+    return True
+
+
+if interpret():
+    _fix_interpreter_index()
+
 # ----------------------------------------------------------------------------- constants
 LOG2E = 1.4426950408889634     # log2(e)
 LN2 = 0.6931471805599453       # ln(2) = 1 / log2(e)
