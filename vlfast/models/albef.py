@@ -66,7 +66,7 @@ from .bert import BertEmbeddings, BertEncoder, BertLayer, BertOnlyMLMHead, bert_
 from .layers import VisionTransformer
 from .tokenizer import CLS, MASK, NUM_SPECIAL, PAD, SEP
 
-__all__ = ["ALBEF", "AlbefBert", "albef_base", "albef_micro", "convert_albef_checkpoint"]
+__all__ = ["ALBEF", "AlbefBert", "ItcItmMomentumMixin", "albef_base", "albef_micro", "convert_albef_checkpoint"]
 
 
 def add_itc_itm_heads(model: nn.Module, vision_width: int, text_width: int, embed_dim: int, *, queue_size: int,
@@ -85,6 +85,32 @@ def add_itc_itm_heads(model: nn.Module, vision_width: int, text_width: int, embe
     model.vision_proj_m = MomentumEncoder(model.vision_proj, momentum)
     model.text_encoder_m = MomentumEncoder(model.text_encoder, momentum)
     model.text_proj_m = MomentumEncoder(model.text_proj, momentum)
+
+
+class ItcItmMomentumMixin:
+    """What ALBEF and BLIP share around :func:`add_itc_itm_heads`: the momentum update of the four
+    momentum encoders, the parameter read outside its module's forward, and the image size."""
+
+    def zero3_external_parameters(self):
+        """Parameters read outside their module's forward (see
+        :func:`vlfast.distributed.zero.register_external_parameters`): the ITM reads ``itc.temp``."""
+        return [(self, self.itc.temp)]
+
+    @property
+    def image_size(self):
+        return self.visual_encoder.patch_embed.img_size
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        self.visual_encoder_m.update(self.visual_encoder)
+        self.vision_proj_m.update(self.vision_proj)
+        self.text_encoder_m.update(self.text_encoder)
+        self.text_proj_m.update(self.text_proj)
+
+    def momentum_update(self, *args, **kwargs) -> None:
+        """ALBEF's / BLIP's ``_momentum_update`` of the four momentum encoders (the forward's
+        arguments are ignored; see :func:`vlfast.distributed.zero.hoist_momentum_updates`)."""
+        self._momentum_update()
 
 
 # ------------------------------------------------------------------------------------------ BERT
@@ -182,7 +208,7 @@ def _concept_tokens(c: int, length: int) -> list:
     return [NUM_SPECIAL + (c * 37 + j * 11 + (j * j) % 7) % 256 for j in range(length)]
 
 
-class ALBEF(nn.Module):
+class ALBEF(ItcItmMomentumMixin, nn.Module):
     """ALBEF pre-training (ITC + ITM + MLM); see the module docstring."""
 
     def __init__(self, *, img_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
@@ -221,22 +247,6 @@ class ALBEF(nn.Module):
                           global_batch=global_batch, momentum=momentum)
 
     # ------------------------------------------------------------------ helpers
-    def zero3_external_parameters(self):
-        """Parameters read outside their module's forward (see
-        :func:`vlfast.distributed.zero.register_external_parameters`): the ITM reads ``itc.temp``."""
-        return [(self, self.itc.temp)]
-
-    @property
-    def image_size(self):
-        return self.visual_encoder.patch_embed.img_size
-
-    @torch.no_grad()
-    def _momentum_update(self) -> None:
-        self.visual_encoder_m.update(self.visual_encoder)
-        self.vision_proj_m.update(self.vision_proj)
-        self.text_encoder_m.update(self.text_encoder)
-        self.text_proj_m.update(self.text_proj)
-
     def _check_inputs(self, images, input_ids, attention_mask):
         pe = self.visual_encoder.patch_embed
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
@@ -303,11 +313,6 @@ class ALBEF(nn.Module):
         words = (uniform(_S_WORDS) * self.vocab_size).long().clamp_(max=self.vocab_size - 1)
         ids[rand] = words[rand]
         return ids, labels
-
-    def momentum_update(self, *args, **kwargs) -> None:
-        """ALBEF's ``_momentum_update`` of the four momentum encoders (the forward's arguments are
-        ignored; see :func:`vlfast.distributed.zero.hoist_momentum_updates`)."""
-        self._momentum_update()
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -68,7 +68,7 @@ from ..ops.mask_generators import block_masking
 from ..reference.attention import attention_reference
 from . import register_configs
 from .layers import Mlp, PatchEmbed
-from .vit import synthetic_images
+from .vit import _rand_source, synthetic_class_batch, synthetic_images
 
 __all__ = ["Beit", "BeitForMaskedImageModeling", "BeitAttention", "BeitBlock", "RelativePositionBias",
            "gen_relative_position_index", "synthetic_visual_tokens", "convert_unilm_state_dict"]
@@ -78,10 +78,6 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 def _pair(x) -> Tuple[int, int]:
     return (x, x) if isinstance(x, int) else tuple(x)
-
-
-def _rand_source(generator: Optional[torch.Generator]) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
 
 
 def _norm(dim: int) -> nn.LayerNorm:
@@ -408,18 +404,10 @@ class Beit(_BeitEncoder):
 
     def synthetic_batch(self, batch_size: int, *, device=None,
                         generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """``{"images": (B, C, H, W) float32, "labels": (B,) int64}``: smooth random images plus a fixed
-        low-frequency pattern per class (as :meth:`vlfast.models.vit.ViT.synthetic_batch`)."""
-        pe = self.patch_embed
-        src = _rand_source(generator)
-        n_cls = max(self.num_classes, 1)
-        labels = torch.randint(0, n_cls, (batch_size,), device=src, generator=generator)
-        images = synthetic_images(batch_size, pe.in_chans, pe.img_size, generator=generator)
-        protos = torch.randn(n_cls, pe.in_chans, 4, 4, generator=torch.Generator().manual_seed(1234))
-        images = images + F.interpolate(protos[labels.cpu()], size=pe.img_size, mode="bilinear",
-                                        align_corners=False).to(images.device)
-        dev = device if device is not None else src
-        return {"images": images.to(dev), "labels": labels.to(dev)}
+        """``{"images": (B, C, H, W) float32, "labels": (B,) int64}``: as ViT's
+        (:func:`vlfast.models.vit.synthetic_class_batch`)."""
+        return synthetic_class_batch(batch_size, self.patch_embed.in_chans, self.patch_embed.img_size,
+                                     self.num_classes, device=device, generator=generator)
 
 
 def synthetic_visual_tokens(images: torch.Tensor, patch_size: int, vocab_size: int) -> torch.Tensor:

@@ -76,7 +76,8 @@ from torch import nn
 
 from ..comm import (all_gather_no_grad, all_gather_with_grad, all_reduce_sum_no_grad, world_info)
 from . import register_configs
-from .albef import _S_NEG_IMAGE, _S_NEG_TEXT, _concept_tokens, _draw_seed, _sample_rows, add_itc_itm_heads
+from .albef import (_S_NEG_IMAGE, _S_NEG_TEXT, ItcItmMomentumMixin, _concept_tokens, _draw_seed, _sample_rows,
+                    add_itc_itm_heads)
 from .bert import BertAttention, BertEmbeddings, BertEncoder, BertLayer, BertOnlyMLMHead, bert_init
 from .layers import VisionTransformer
 from .tokenizer import CLS, NUM_SPECIAL, PAD, SEP
@@ -183,7 +184,7 @@ def _int_ids(name, t):
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
 
 
-class BLIP(nn.Module):
+class BLIP(ItcItmMomentumMixin, nn.Module):
     """BLIP pre-training (ITC + ITM + LM); see the module docstring."""
 
     def __init__(self, *, img_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
@@ -228,26 +229,6 @@ class BLIP(nn.Module):
                                                 attn_drop=attention_dropout, tie_word_embeddings=tie_word_embeddings)
 
     # ------------------------------------------------------------------ helpers
-    def zero3_external_parameters(self):
-        """Parameters read outside their module's forward: the ITM weights read ``itc.temp``."""
-        return [(self, self.itc.temp)]
-
-    @property
-    def image_size(self):
-        return self.visual_encoder.patch_embed.img_size
-
-    @torch.no_grad()
-    def _momentum_update(self) -> None:
-        self.visual_encoder_m.update(self.visual_encoder)
-        self.vision_proj_m.update(self.vision_proj)
-        self.text_encoder_m.update(self.text_encoder)
-        self.text_proj_m.update(self.text_proj)
-
-    def momentum_update(self, *args, **kwargs) -> None:
-        """BLIP's ``_momentum_update`` of the four momentum encoders (arguments ignored; see
-        :func:`vlfast.distributed.zero.hoist_momentum_updates`)."""
-        self._momentum_update()
-
     def _check_images(self, images):
         pe = self.visual_encoder.patch_embed
         if not isinstance(images, torch.Tensor):

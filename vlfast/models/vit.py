@@ -37,6 +37,24 @@ def _rand_source(generator: Optional[torch.Generator]) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def synthetic_class_batch(batch_size: int, in_chans: int, img_size, num_classes: int, *, device=None,
+                          generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+    """``{"images": (B, C, H, W) float32, "labels": (B,) int64}`` for a classifier: smooth random
+    images plus a fixed low-frequency pattern per class (fixed across calls), so labels are
+    learnable.  Without classes (``num_classes == 0``) labels are zeros."""
+    src = _rand_source(generator)
+    n_cls = max(num_classes, 1)
+    labels = torch.randint(0, n_cls, (batch_size,), device=src, generator=generator)
+    images = synthetic_images(batch_size, in_chans, img_size, generator=generator)
+    size = tuple(images.shape[2:])
+    # one fixed 4x4 pattern per class, drawn from its own seed (cheap even with 1000 classes)
+    protos = torch.randn(n_cls, in_chans, 4, 4, generator=torch.Generator().manual_seed(1234))
+    images = images + F.interpolate(protos[labels.cpu()], size=size, mode="bilinear",
+                                    align_corners=False).to(images.device)
+    dev = device if device is not None else src
+    return {"images": images.to(dev), "labels": labels.to(dev)}
+
+
 def synthetic_images(batch_size: int, in_chans: int, img_size, *, device=None,
                      generator: Optional[torch.Generator] = None, grid: int = 4,
                      noise: float = 0.1) -> torch.Tensor:
@@ -81,20 +99,9 @@ class ViT(VisionTransformer):
 
     def synthetic_batch(self, batch_size: int, *, device=None,
                         generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """``{"images": (B, C, H, W) float32, "labels": (B,) int64}``: smooth random images plus a
-        fixed low-frequency pattern per class (fixed across calls), so labels are learnable.
-        Without classes (``num_classes == 0``) labels are zeros."""
-        pe = self.patch_embed
-        src = _rand_source(generator)
-        n_cls = max(self.num_classes, 1)
-        labels = torch.randint(0, n_cls, (batch_size,), device=src, generator=generator)
-        images = synthetic_images(batch_size, pe.in_chans, pe.img_size, generator=generator)
-        # one fixed 4x4 pattern per class, drawn from its own seed (cheap even with 1000 classes)
-        protos = torch.randn(n_cls, pe.in_chans, 4, 4, generator=torch.Generator().manual_seed(1234))
-        images = images + F.interpolate(protos[labels.cpu()], size=pe.img_size, mode="bilinear",
-                                        align_corners=False).to(images.device)
-        dev = device if device is not None else src
-        return {"images": images.to(dev), "labels": labels.to(dev)}
+        """``{"images": (B, C, H, W) float32, "labels": (B,) int64}``: see :func:`synthetic_class_batch`."""
+        return synthetic_class_batch(batch_size, self.patch_embed.in_chans, self.patch_embed.img_size,
+                                     self.num_classes, device=device, generator=generator)
 
 
 _CONFIGS = {

@@ -80,7 +80,7 @@ class StepMetrics:
         self.path, self.batch_size, self.log_every, self.world = path, batch_size, log_every, world_size
         self.tb, self.bar, self.log = tb, bar, logger or get_logger()
         self._file = open(path, "a") if path is not None else None
-        self._rows: List[torch.Tensor] = []  # per step: (loss, truncated captions so far) on the device
+        self._rows: List[torch.Tensor] = []  # per step: the loss, on the device
         self._host: List[Dict] = []  # per step: host-side fields
         self._t0 = time.perf_counter()
         self.last_loss = float("nan")
@@ -88,9 +88,7 @@ class StepMetrics:
     def record(self, step: int, loss: torch.Tensor, *, lr: float, truncated: Optional[int] = None,
                **host_fields) -> None:
         """Keep step ``step``'s loss (a device scalar: no sync here); flush when the window is full."""
-        t = torch.stack([loss.detach().float().reshape(()),
-                         torch.tensor(float(truncated or 0), device=loss.device)])
-        self._rows.append(t)
+        self._rows.append(loss.detach().float().reshape(()))  # a host value moved here would sync on CUDA
         self._host.append({"step": step, "lr": lr, "truncated": truncated, **host_fields})
         if self.bar is not None:
             self.bar.update(1)
@@ -101,7 +99,9 @@ class StepMetrics:
         """Write the pending steps (collective when ``world_size > 1``: every rank must call it)."""
         if not self._rows:
             return
-        vals = torch.stack(self._rows)
+        losses = torch.stack(self._rows)
+        counts = torch.tensor([float(h["truncated"] or 0) for h in self._host], device=losses.device)
+        vals = torch.stack([losses, counts], dim=1)  # (steps, 2): one collective for the window
         if self.world > 1:
             torch.distributed.all_reduce(vals)
             vals[:, 0] /= self.world
