@@ -25,7 +25,7 @@ BENCH_ARGS ?=
 GPU_CHECK_ARGS ?=
 PYTEST_ARGS?=
 
-.PHONY: test test-fast lint bench install info clean gpu-check
+.PHONY: test test-fast lint bench install info clean gpu-check digits
 
 $(DEPS_STAMP): Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,15 @@ info: install
 # exits 2; GPU_CHECK_ARGS=--dry-run prints the plan instead.
 gpu-check:
 	$(PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# the end-to-end run on real data (bench/digits.py): scikit-learn's 8x8 digits (data shipped in the package, no
+# download) as PNGs captioned with their class names, `vlfast train` of clip_micro, then `vlfast eval` zero-shot and
+# retrieval on the held-out split; one JSON summary line, also in $(DIGITS_OUT)/summary.json (about a minute on 2 cores)
+DIGITS_OUT ?= runs/digits
+DIGITS_ARGS ?=
+digits: install
+	$(VPY) -m pip install $(PIP_FLAGS) scikit-learn
+	$(VPY) -m vlfast.bench.digits --out $(DIGITS_OUT) $(DIGITS_ARGS)
 
 clean:
 	rm -rf build *.egg-info vlfast/_C*.so .ruff_cache

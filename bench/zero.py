@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO benchmarks: training step time per ZeRO stage, and the momentum update under ZeRO-3.
+"""Sharded-training benchmarks: training step time per ZeRO stage and under FSDP2, the momentum update under
+ZeRO-3 and the EMA update under FSDP2.
 
 DeepSpeed needs a process group, so everything here runs in subprocesses (one per
 rank) and the providers are :class:`~.harness.SelfTimed`: the figures are measured
@@ -31,6 +32,22 @@ Cases:
   is partitioned, none is resident in full.  ``fp32`` and ``bf16`` (DeepSpeed bf16:
   bf16 momentum weights) run in the same ranks, one after the other.
   Target: ``shard-local`` at least 5x faster than ``gathered`` with 2 or more ranks.
+* ``zero`` / ``EMA update FSDP2 ...``: ``vlfast.nn.EMA`` of the whole model (the same one as the
+  ZeRO-3 case, momentum encoder included; parameters and float buffers averaged, the other
+  buffers copied) sharded by PyTorch FSDP2 (:func:`vlfast.training.fsdp.shard_model`:
+  ``fully_shard`` per block, then the root), timed on every rank exactly as the ZeRO-3 case
+  (same ranks, barriers, medians, configuration).  Providers: ``gather-then-update`` (baseline:
+  what an EMA without shard-local support does -- ``full_tensor()`` of every sharded parameter
+  (one all-gather each), one fused :func:`vlfast.ops.ema_update_` over the full tensors into
+  fp32 averages kept in full on every rank (so the previous average needs no gather), then this
+  rank's slice of each average copied into the sharded EMA's shards with
+  :func:`vlfast.sharding.local_from_full`) and ``shard-local`` (``ema.update(model)``: one fused
+  call over this rank's shards, ``p.to_local()``, no communication).  ``bf16``: the model
+  itself in bf16 before sharding (bf16 sharded parameters, fp32 averages in both providers:
+  ``EMA``'s masters); ``fp32``: an fp32 model.  After timing, each rank checks that both
+  providers hold the same averages (a slicing mistake of the baseline would show).
+  Target: ``shard-local`` at least 3x faster than ``gather-then-update`` with 2 or more ranks
+  (see :data:`EMA_FSDP2_GOAL`).
 * ``zero`` / ``<model> train step``: ``vlfast train --zero Z --nproc N`` for Z = 0..3
   (``zero0``: DeepSpeed with ZeRO off, the baseline), ``vlfast train --fsdp --nproc N``
   (``fsdp2``: PyTorch FSDP2) and one process without
@@ -40,17 +57,16 @@ Cases:
   on CUDA bf16) over the steps after the
   first ``SKIP_STEPS``; ``items/s`` is samples/s: the global batch over that time.
 
-``--quick`` runs the MoCo v3 micro model (fp32 only) and ZeRO 0 and 3 on 3 steps.
+``--quick`` runs the MoCo v3 micro model (fp32 only) for both update cases, and ZeRO 0 and 3 on 3 steps.
 
-The worker that times the momentum update is this module run as a script on each
-rank (``python -m vlfast.bench.zero --worker ...``); rank 0 prints one line
+The worker that times the updates is this module run as a script on each rank
+(``python -m vlfast.bench.zero --worker --engine {zero3,fsdp2} ...``); rank 0 prints one line
 ``RESULT_TAG + json`` on stdout, which :func:`measure_momentum_update` parses.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -92,6 +108,19 @@ SKIP_STEPS = 2
 TIMEOUT_S = 900.0
 #: minimum speedup of the shard-local update over the gathered one (2 or more ranks)
 MOMENTUM_GOAL = 5.0
+#: minimum speedup of the shard-local FSDP2 EMA update over gather-then-update (2 or more ranks), from the
+#: cost MOMENTUM_GOAL implies.  Its baseline moves each updated element through three full-size collectives
+#: (all-gathers of the momentum and the online parameter, a broadcast back) and updates it once, and is to
+#: take 5 shard-local updates: 3 C + 1 >= 5, so one full-size collective counts as C = 4/3 shard-local
+#: updates.  gather-then-update has one collective (the parameter's all-gather) and updates the full
+#: tensors, ``world`` shard-local updates: 4/3 + 2 = 3.3 with 2 ranks, rounded down to 3 (the copies of
+#: the slices, about one more update, are left as margin).
+EMA_FSDP2_GOAL = 3.0
+#: the shard-local update cases: engine -> (case name prefix, what is updated, baseline provider, goal)
+UPDATE_CASES = {
+    "zero3": ("momentum update ZeRO-3", "momentum", "gathered", MOMENTUM_GOAL),
+    "fsdp2": ("EMA update FSDP2", "EMA", "gather-then-update", EMA_FSDP2_GOAL),
+}
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -225,7 +254,7 @@ class _Once:
         return self.value
 
 
-# --------------------------------------------------------------------------- momentum update (ZeRO-3)
+# --------------------------------------------------------------------------- shard-local updates (ZeRO-3, FSDP2)
 
 
 def parse_result(stdout: str) -> dict[str, Any]:
@@ -237,33 +266,164 @@ def parse_result(stdout: str) -> dict[str, Any]:
 
 
 def measure_momentum_update(device: torch.device, model: str, precisions: Sequence[str], warmup: int,
-                            reps: int, world: int | None = None, timeout: float = TIMEOUT_S) -> dict[str, Any]:
-    """Run the momentum-update worker on ``world`` ranks; return rank 0's result.
+                            reps: int, world: int | None = None, timeout: float = TIMEOUT_S,
+                            engine: str = "zero3") -> dict[str, Any]:
+    """Run the update worker on ``world`` ranks; return rank 0's result.
 
-    The result maps ``"results"`` to one dict per precision (``precision``, ``tensors``,
-    ``numel`` (momentum-encoder elements), ``shard_numel`` (elements per rank),
-    ``local_ms`` / ``gathered_ms`` (every timed call, longest over the ranks) and
-    their medians ``local_median_ms`` / ``gathered_median_ms``, and ``max_rss_mb``:
-    rank 0's peak resident memory so far), plus ``world``, ``model``, ``warmup`` and
-    ``reps``.
+    ``engine``: ``"zero3"`` (the momentum-encoder update after ``deepspeed.initialize`` at ZeRO-3,
+    ``gathered`` vs ``shard-local``) or ``"fsdp2"`` (``vlfast.nn.EMA`` of the FSDP2-sharded model,
+    ``gather-then-update`` vs ``shard-local``); see the module docstring.
+
+    The result maps ``"results"`` to one dict per precision (``precision``, ``dtype`` (of the
+    updated weights), ``tensors``, ``numel`` (elements updated, in full), ``shard_numel``
+    (elements on rank 0), ``local_ms`` / ``gathered_ms`` (every timed call of the shard-local
+    update / of the baseline, longest over the ranks) and their medians ``local_median_ms`` /
+    ``gathered_median_ms``, and ``max_rss_mb``: rank 0's peak resident memory so far), plus
+    ``engine``, ``world``, ``model``, ``warmup`` and ``reps``.
     """
+    if engine not in UPDATE_CASES:
+        raise ValueError(f"engine must be one of {sorted(UPDATE_CASES)}, got {engine!r}")
     world = _world_size(device) if world is None else world
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
     threads = _threads_per_rank(device, world)
-    cmd = [sys.executable, "-m", __name__, "--worker", "--model", model, "--precisions", ",".join(precisions),
-           "--warmup", str(warmup), "--reps", str(reps), "--momentum", str(MOMENTUM), "--device", device.type,
-           "--threads", str(threads)]
+    cmd = [sys.executable, "-m", __name__, "--worker", "--engine", engine, "--model", model, "--precisions",
+           ",".join(precisions), "--warmup", str(warmup), "--reps", str(reps), "--momentum", str(MOMENTUM),
+           "--device", device.type, "--threads", str(threads)]
     with tempfile.TemporaryDirectory(prefix="vlfast-bench-zero-") as tmp:
         outs = _launch_ranks(cmd, device, world, threads, Path(tmp),
-                             f"momentum-update worker ({model}, {world} ranks)", timeout)
+                             f"{UPDATE_CASES[engine][0]} worker ({model}, {world} ranks)", timeout)
     return parse_result(outs[0])
 
 
+def _max_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _zero3_results(args, device: torch.device, timed: Callable[[Callable[[], Any]], list[float]]) -> list[dict]:
+    """The ZeRO-3 momentum-update measurement of every precision (``gathered`` vs ``shard-local``)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from vlfast import models
+    from vlfast.distributed import compat
+    from vlfast.distributed.zero import (attach_zero_momentum, deepspeed_config, gathered_momentum_update_,
+                                         is_zero3_param, zero3_momentum_update_)
+
+    results = []
+    for precision in args.precisions.split(","):
+        torch.manual_seed(0)
+        net = models.create(args.model).to(device).train()
+        cfg = deepspeed_config(3, precision, batch_size=1, world_size=dist.get_world_size(), device=device.type)
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        with compat.zero_dim_broadcast():  # DeepSpeed's broadcast fails on 0-dim parameters
+            engine, *_ = deepspeed.initialize(model=net, model_parameters=trainable, config=cfg)
+        pairs = attach_zero_momentum(engine.module)
+        if not pairs:
+            raise RuntimeError(f"model {args.model!r} has no vlfast.nn.MomentumEncoder to update")
+        mom = [p for zm in pairs for p in zm.momentum_module.parameters()]
+        onl = [p for zm in pairs for p in zm.online_module.parameters()]
+        if not all(is_zero3_param(p) for p in mom + onl):
+            raise RuntimeError("after deepspeed.initialize at ZeRO-3 some parameters are not partitioned")
+        state: dict[str, Any] = {"master": None}
+
+        def shard_local() -> None:
+            state["master"] = zero3_momentum_update_(mom, onl, args.momentum, master=state["master"])
+
+        def gathered() -> None:
+            gathered_momentum_update_(mom, onl, args.momentum)
+
+        local_ms = timed(shard_local)
+        gathered_ms = timed(gathered)
+        results.append(dict(
+            max_rss_mb=_max_rss_mb(), precision=precision, dtype=str(mom[0].dtype).replace("torch.", ""),
+            tensors=len(mom), numel=sum(p.ds_numel for p in mom), shard_numel=sum(p.ds_tensor.numel() for p in mom),
+            local_ms=local_ms, gathered_ms=gathered_ms,
+            local_median_ms=statistics.median(local_ms), gathered_median_ms=statistics.median(gathered_ms)))
+        del shard_local, gathered, engine, pairs, net  # the closures hold the rest (mom, onl, state)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def _fsdp2_result(args, device: torch.device, timed: Callable[[Callable[[], Any]], list[float]], mesh,
+                  precision: str) -> dict:
+    """The FSDP2 EMA-update measurement of one precision (``gather-then-update`` vs ``shard-local``)."""
+    from vlfast import models
+    from vlfast.nn import EMA
+    from vlfast.ops import ema_update_
+    from vlfast.sharding import is_dtensor, local_from_full, shard_spec
+    from vlfast.training.fsdp import shard_model
+
+    torch.manual_seed(0)
+    net = models.create(args.model).to(device)
+    if precision == "bf16":
+        net = net.to(torch.bfloat16)  # bf16 parameters (sharded as bf16); the averages stay fp32
+    elif precision != "fp32":
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    shard_model(net, mesh)
+    ema = EMA(net, decay=args.momentum)  # shard-local: this rank's shards, fp32 masters of bf16 ones
+    with torch.no_grad():  # the baseline's state: fp32 averages kept in full on every rank
+        avg = {n: (p.full_tensor() if is_dtensor(p) else p).to(torch.float32, copy=True)
+               for n, p in net.named_parameters()}
+        avg.update({n: b.to(torch.float32, copy=True) for n, b in net.named_buffers() if b.is_floating_point()})
+        shards = {n: torch.empty_like(p.to_local(), dtype=torch.float32) for n, p in net.named_parameters()
+                  if is_dtensor(p)}
+    specs = {n: shard_spec(p) for n, p in net.named_parameters() if is_dtensor(p)}
+    copies = [(n, b) for n, b in net.named_buffers() if not b.is_floating_point()]
+    copied = {n: b.clone() for n, b in copies}
+
+    @torch.no_grad()
+    def gather_then_update() -> None:
+        current = {n: p.full_tensor() if is_dtensor(p) else p for n, p in net.named_parameters()}
+        current.update(net.named_buffers())
+        ema_update_(list(avg.values()), [current[n] for n in avg], args.momentum)
+        for n, spec in specs.items():  # keep this rank's slice (the sharded EMA's layout)
+            shards[n].copy_(local_from_full(avg[n], spec))
+        for n, b in copies:
+            copied[n].copy_(b)
+
+    local_ms = timed(lambda: ema.update(net))
+    gathered_ms = timed(gather_then_update)
+    # both providers made warmup + reps updates of the same weights: the same averages (up to the module's
+    # rounding of them in bf16); a baseline keeping another rank's rows would differ far more
+    mine = dict(ema.module.named_parameters())
+    rtol = 1e-5 if precision == "fp32" else 2.0 ** -7
+    for n, shard in shards.items():
+        if not torch.allclose(shard, mine[n].float(), rtol=rtol, atol=1e-6):
+            raise RuntimeError(f"gather-then-update and shard-local disagree on {n!r}")
+    params = [p for p in net.parameters() if p.is_floating_point()]
+    return dict(
+        max_rss_mb=_max_rss_mb(), precision=precision, dtype=str(params[0].dtype).replace("torch.", ""),
+        tensors=len(avg), numel=sum(t.numel() for t in avg.values()),
+        shard_numel=sum(p.to_local().numel() if is_dtensor(p) else p.numel() for p in params),
+        local_ms=local_ms, gathered_ms=gathered_ms,
+        local_median_ms=statistics.median(local_ms), gathered_median_ms=statistics.median(gathered_ms))
+
+
+def _fsdp2_results(args, device: torch.device, timed: Callable[[Callable[[], Any]], list[float]]) -> list[dict]:
+    """:func:`_fsdp2_result` of every precision, over a 1-D mesh of every rank."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    results = []
+    for precision in args.precisions.split(","):
+        results.append(_fsdp2_result(args, device, timed, mesh, precision))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
 def _worker_main(argv: Sequence[str]) -> int:
-    """One rank of the momentum-update measurement (see the module docstring)."""
+    """One rank of an update measurement (see the module docstring and :func:`measure_momentum_update`)."""
     ap = argparse.ArgumentParser(prog="python -m vlfast.bench.zero --worker")
     ap.add_argument("--worker", action="store_true", required=True)
+    ap.add_argument("--engine", choices=sorted(UPDATE_CASES), default="zero3")
     ap.add_argument("--model", required=True)
     ap.add_argument("--precisions", required=True, help="comma-separated: fp32,bf16")
     ap.add_argument("--warmup", type=int, default=1)
@@ -275,26 +435,25 @@ def _worker_main(argv: Sequence[str]) -> int:
     if args.reps < 1 or args.warmup < 0:
         ap.error("--reps must be >= 1 and --warmup >= 0")
 
-    import logging
-
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
-        resource = None
-    import deepspeed
     import torch.distributed as dist
-
-    from vlfast import models
-    from vlfast.distributed.zero import (attach_zero_momentum, deepspeed_config, gathered_momentum_update_,
-                                         is_zero3_param, zero3_momentum_update_)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.engine == "zero3":
+        import logging
+
+        import deepspeed
+
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    else:
+        from vlfast.training.fsdp import init_process_group
+
+        init_process_group(device)  # gloo on the CPU, NCCL on CUDA (one GPU per LOCAL_RANK)
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = torch.device("cuda", torch.cuda.current_device())
-    deepspeed.utils.logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
     def sync() -> None:
@@ -317,48 +476,10 @@ def _worker_main(argv: Sequence[str]) -> int:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a call lasts until its slowest rank is done
         return [1e3 * v for v in t.tolist()]
 
-    results = []
-    for precision in args.precisions.split(","):
-        torch.manual_seed(0)
-        net = models.create(args.model).to(device).train()
-        cfg = deepspeed_config(3, precision, batch_size=1, world_size=world, device=device.type)
-        trainable = [p for p in net.parameters() if p.requires_grad]
-        patch = contextlib.nullcontext()
-        if any(p.dim() == 0 for p in net.parameters()):  # DeepSpeed's broadcast fails on 0-dim parameters
-            from vlfast.training.trainer import _patched_broadcast
-
-            patch = _patched_broadcast()
-        with patch:
-            engine, *_ = deepspeed.initialize(model=net, model_parameters=trainable, config=cfg)
-        pairs = attach_zero_momentum(engine.module)
-        if not pairs:
-            raise RuntimeError(f"model {args.model!r} has no vlfast.nn.MomentumEncoder to update")
-        mom = [p for zm in pairs for p in zm.momentum_module.parameters()]
-        onl = [p for zm in pairs for p in zm.online_module.parameters()]
-        if not all(is_zero3_param(p) for p in mom + onl):
-            raise RuntimeError("after deepspeed.initialize at ZeRO-3 some parameters are not partitioned")
-        state: dict[str, Any] = {"master": None}
-
-        def shard_local() -> None:
-            state["master"] = zero3_momentum_update_(mom, onl, args.momentum, master=state["master"])
-
-        def gathered() -> None:
-            gathered_momentum_update_(mom, onl, args.momentum)
-
-        local_ms = timed(shard_local)
-        gathered_ms = timed(gathered)
-        results.append(dict(
-            max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if resource else None,
-            precision=precision, dtype=str(mom[0].dtype).replace("torch.", ""), tensors=len(mom),
-            numel=sum(p.ds_numel for p in mom), shard_numel=sum(p.ds_tensor.numel() for p in mom),
-            local_ms=local_ms, gathered_ms=gathered_ms,
-            local_median_ms=statistics.median(local_ms), gathered_median_ms=statistics.median(gathered_ms)))
-        del shard_local, gathered, engine, pairs, net  # the closures hold the rest (mom, onl, state)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    results = (_zero3_results if args.engine == "zero3" else _fsdp2_results)(args, device, timed)
     if rank == 0:
-        print(RESULT_TAG + json.dumps(dict(model=args.model, world=world, warmup=args.warmup, reps=args.reps,
-                                           results=results)), flush=True)
+        print(RESULT_TAG + json.dumps(dict(engine=args.engine, model=args.model, world=world, warmup=args.warmup,
+                                           reps=args.reps, results=results)), flush=True)
     # leave together (a rank exiting while gloo threads of another are up can abort it)
     dist.barrier()
     dist.destroy_process_group()
@@ -367,21 +488,26 @@ def _worker_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _momentum_cases(device: torch.device, quick: bool):
+def _update_cases(device: torch.device, quick: bool, engine: str):
+    """The cases of one shard-local update (:data:`UPDATE_CASES`), one per precision, sharing one worker run."""
+    title, what, baseline, goal = UPDATE_CASES[engine]
     model, precisions, warmup, reps = MOMENTUM_CONFIG["quick" if quick else device.type]
     world = _world_size(device)
+
+    def target(ranks: str) -> Target:
+        return Target(f"shard-local {what} update at least {goal:g}x faster than {baseline} "
+                      f"({ranks})", "shard-local", baseline=baseline, minimum=goal)
+
     if device.type == "cuda" and world < 2:
         reason = (f"needs 2 or more CUDA devices (one NCCL rank per GPU); found {world}: "
                   "run on a multi-GPU machine, or with --device cpu")
         for precision in precisions:
-            yield Case(op="zero", name=f"momentum update ZeRO-3 {precision}", shape=f"{model}, 2+ ranks",
-                       dtype=precision, providers={}, baselines=["gathered"], candidates=["shard-local"],
-                       unavailable={"gathered": reason, "shard-local": reason},
-                       targets=[] if quick else [Target(
-                           f"shard-local momentum update at least {MOMENTUM_GOAL:g}x faster than gathered (2+ ranks)",
-                           "shard-local", baseline="gathered", minimum=MOMENTUM_GOAL)])
+            yield Case(op="zero", name=f"{title} {precision}", shape=f"{model}, 2+ ranks",
+                       dtype=precision, providers={}, baselines=[baseline], candidates=["shard-local"],
+                       unavailable={baseline: reason, "shard-local": reason},
+                       targets=[] if quick else [target("2+ ranks")])
         return
-    run = _Once(lambda: measure_momentum_update(device, model, precisions, warmup, reps, world))
+    run = _Once(lambda: measure_momentum_update(device, model, precisions, warmup, reps, world, engine=engine))
 
     def provider(precision: str, key: str) -> SelfTimed:
         def measure() -> Measured:
@@ -393,14 +519,11 @@ def _momentum_cases(device: torch.device, quick: bool):
         return SelfTimed(measure)
 
     for precision in precisions:
-        targets = []
-        if world >= 2:
-            targets.append(Target(f"shard-local momentum update at least {MOMENTUM_GOAL:g}x faster than gathered "
-                                  f"({world} ranks)", "shard-local", baseline="gathered", minimum=MOMENTUM_GOAL))
-        yield Case(op="zero", name=f"momentum update ZeRO-3 {precision}", shape=f"{model}, {world} ranks",
-                   dtype=precision, providers={"gathered": provider(precision, "gathered"),
+        targets = [target(f"{world} ranks")] if world >= 2 and not quick else []
+        yield Case(op="zero", name=f"{title} {precision}", shape=f"{model}, {world} ranks",
+                   dtype=precision, providers={baseline: provider(precision, "gathered"),
                                                "shard-local": provider(precision, "local")},
-                   baselines=["gathered"], candidates=["shard-local"], targets=targets if not quick else [])
+                   baselines=[baseline], candidates=["shard-local"], targets=targets)
 
 
 # --------------------------------------------------------------------------- train step per ZeRO stage
@@ -482,7 +605,8 @@ def _train_cases(device: torch.device, quick: bool):
 
 @register("zero")
 def cases(device: torch.device, quick: bool):
-    yield from _momentum_cases(device, quick)
+    for engine in UPDATE_CASES:
+        yield from _update_cases(device, quick, engine)
     yield from _train_cases(device, quick)
 
 

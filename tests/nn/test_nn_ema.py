@@ -361,17 +361,17 @@ def test_save_checkpoint_gathers_zero_ema_on_rank0_only(tmp_path, monkeypatch):
         raise AssertionError("state_dict() gathers the whole EMA on every rank")
 
     monkeypatch.setattr(ZeroEMA, "state_dict", boom)
-    path = ckpt.save_checkpoint(str(tmp_path), 3, _FakeEngine(), {}, ema=ema)
+    path = ckpt.CheckpointManager(str(tmp_path)).save(3, _FakeEngine(), {}, ema=ema)
     saved = torch.load(f"{path}/ema.pt", map_location="cpu")
     assert list(saved) == list(ref) and all(torch.equal(saved[k], v) for k, v in ref.items())
     # rank 1 of 2 takes part in the gathers and keeps nothing; plain EMA: no state_dict on rank 1
     used = []
     monkeypatch.setattr(ZeroEMA, "full_state_dict", lambda self, **kw: used.append(kw) or {})
-    ckpt.save_checkpoint(str(tmp_path / "r1"), 3, _FakeEngine(rank=1, world=2), {}, ema=ema)
+    ckpt.CheckpointManager(str(tmp_path / "r1")).save(3, _FakeEngine(rank=1, world=2), {}, ema=ema)
     assert used and used[0].get("rank0_only", True)
     plain_ema = EMA(plain, decay=0.5)
     monkeypatch.setattr(EMA, "state_dict", boom)
-    ckpt.save_checkpoint(str(tmp_path / "r1"), 4, _FakeEngine(rank=1, world=2), {}, ema=plain_ema)
+    ckpt.CheckpointManager(str(tmp_path / "r1")).save(4, _FakeEngine(rank=1, world=2), {}, ema=plain_ema)
     # load: ema.pt is memory-mapped
     monkeypatch.undo()
     loads = []
@@ -379,7 +379,7 @@ def test_save_checkpoint_gathers_zero_ema_on_rank0_only(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda f, *a, **kw: loads.append((str(f), kw)) or real_load(f, *a, **kw))
     _, z3b = _z3_model()
     emab = make_ema(z3b, decay=0.5)
-    ckpt.load_checkpoint(path, _FakeEngine(), emab)
+    ckpt.CheckpointManager.load(path, _FakeEngine(), emab)
     assert any(f.endswith("ema.pt") and kw.get("mmap") and kw.get("map_location") == "cpu" and kw.get("weights_only")
                for f, kw in loads)
     assert all(torch.equal(v, ref[k]) for k, v in emab.state_dict().items())

@@ -7,10 +7,11 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 from PIL import Image  # installed by the Makefile: a missing one fails, never skips
+
+from _train_run import kill_when  # the wait-then-kill of the multi-rank SIGKILL tests
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 SLOW = pytest.mark.slow  # each case starts a Python process (~3 s); the fast suite keeps two of them
@@ -71,15 +72,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     # a run that would go on for a long time, killed with SIGKILL once a checkpoint exists
     p = subprocess.Popen(_cmd(*common, "--steps", "1000000", "--out", b), env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while not os.path.exists(latest):
-            assert p.poll() is None, "child exited early"
-            assert time.time() < deadline, "no checkpoint within 60 s"
-            time.sleep(0.01)
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+    kill_when(p, latest, 60, lambda: p.send_signal(signal.SIGKILL))
     with open(latest) as f:
         name = f.read().strip()
     saved = int(name.split("_")[1])

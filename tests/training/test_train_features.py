@@ -12,7 +12,7 @@ from torch import nn
 from vlfast import models
 from vlfast.cli import main
 from vlfast.training.optim import lr_at, no_decay_names, param_groups
-from vlfast.training.trainer import TorchEngine
+from vlfast.training.engine import TorchEngine
 
 
 def test_lr_schedule_values():

@@ -3,16 +3,14 @@ ZeRO-3 momentum encoders (shard-local update), bad input."""
 
 import json
 import os
-import subprocess
-import sys
 
 import deepspeed  # noqa: F401  (installed by the Makefile: a missing or broken one fails, never skips)
 import pytest
 import torch
 
-from vlfast.testing import fake_zero3_param, free_port
+from vlfast.testing import fake_zero3_param
 
-from _train_run import ENV, _losses, _run  # shared with the FSDP2 tests
+from _train_run import _losses, _run, kill_and_resume  # shared with the FSDP2 tests
 
 
 # --------------------------------------------------------------------------- MomentumEncoder on ZeRO-3 shards
@@ -323,48 +321,9 @@ def test_csv_data_two_ranks_match_single_process(tmp_path):
 
 @pytest.mark.distributed
 def test_zero3_kill_and_resume_matches_uninterrupted(tmp_path):
-    """Launcher and both ranks killed with SIGKILL once a checkpoint exists (a half-written
+    """Launcher and both ZeRO-3 ranks killed with SIGKILL once a checkpoint exists (a half-written
     checkpoint folder left as well); the resumed run logs the uninterrupted run's losses."""
-    import signal
-    import time
-
-    from vlfast.distributed.zero import remove_cpu_shm_segments
-
-    common = ("--model", "albef_micro", "--batch-size", "8", "--nproc", "2", "--zero", "3", "--save-every", "2",
-              "--ema", "0.9", "--lr", "1e-3")
-    b = str(tmp_path / "b")
-    latest = os.path.join(b, "checkpoints", "latest")
-    port = str(free_port())
-    cmd = [sys.executable, "-m", "vlfast", "train", "--no-progress", "--threads", "1", *common, "--steps", "1000000",
-           "--out", b]
-    p = subprocess.Popen(cmd, env=dict(ENV, MASTER_PORT=port), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while not os.path.exists(latest):
-            assert p.poll() is None, "the run exited early"
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(p.pid, signal.SIGKILL)  # the launcher and its ranks: a crashed node
-        p.wait()
-        time.sleep(0.5)
-        remove_cpu_shm_segments(port, range(2))  # nobody was left to remove them
-    with open(latest) as f:
-        saved = int(f.read().strip().split("_")[1])
-    assert saved >= 2 and saved % 2 == 0
-    os.makedirs(os.path.join(b, "checkpoints", f".tmp-step_{saved + 2}-dist", "deepspeed"))  # a torn write
-
-    total = saved + 3
-    a = str(tmp_path / "a")
-    r = _run(*common, "--steps", str(total), "--out", a)
-    assert r.returncode == 0, r.stderr[-4000:]
-    r = _run(*common, "--steps", str(total), "--out", b, "--resume")
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "removed partial checkpoint" in r.stderr
-    ref, got = _losses(a), _losses(b)
-    assert len(ref) == len(got) == total
-    assert got == ref, [(i + 1, x, y) for i, (x, y) in enumerate(zip(got, ref)) if x != y]
+    kill_and_resume(tmp_path, ("--zero", "3"), torn="deepspeed")
 
 
 # --------------------------------------------------------------------------- fp32 masters follow outside writes

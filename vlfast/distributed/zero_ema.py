@@ -211,7 +211,7 @@ class ZeroEMA(EMA):
             cpu: move each gathered tensor to the CPU right away, so no device holds more
                 than one full parameter.
 
-        :func:`vlfast.training.save_checkpoint` writes this on rank 0.
+        :meth:`vlfast.training.CheckpointManager.save` writes this on rank 0.
         """
         out: Dict[str, torch.Tensor] = {}
         self._collect(out, "", keep=not rank0_only or self._rank() == 0, cpu=cpu)

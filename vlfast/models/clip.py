@@ -53,7 +53,8 @@ class CLIPAttention(MultiheadAttention):
 
     ``attend(x, key_padding_mask=None, causal=False)``: x (B, N, D) -> (B, N, D) self-attention;
     key_padding_mask (B, N) bool, True = padding; ``causal``: token i attends tokens j <= i.
-    Runs ``forward(x, x, x, need_weights=False, is_causal=causal)``: with ``fused`` (see
+    Calls the module (its hooks run: ZeRO-3 gathers its weights) as
+    ``self(x, x, x, need_weights=False, is_causal=causal)``: with ``fused`` (see
     :func:`vlfast.models.set_fused`) the fused op, else the eager formula
     :func:`vlfast.reference.attention_reference` on the same projections.  ``forward`` keeps
     torch's API.
@@ -64,7 +65,7 @@ class CLIPAttention(MultiheadAttention):
 
     def attend(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
                causal: bool = False) -> torch.Tensor:
-        return self.forward(x, x, x, key_padding_mask=key_padding_mask, need_weights=False, is_causal=causal)[0]
+        return self(x, x, x, key_padding_mask=key_padding_mask, need_weights=False, is_causal=causal)[0]
 
 
 class _MLP(nn.Module):

@@ -488,7 +488,7 @@ class EMA(nn.Module):
     @property
     def full_state_dict(self):
         """EMA of an FSDP2 model only: ``full_state_dict(rank0_only=True, cpu=True)``, ``state_dict()`` with
-        full tensors for saving (what :func:`vlfast.training.save_checkpoint` writes to ``ema.pt``).
+        full tensors for saving (what :meth:`vlfast.training.CheckpointManager.save` writes to ``ema.pt``).
 
         Collective (every rank calls it, in the same order): each averaged shard is all-gathered into the
         full tensor, one at a time; ``rank0_only``: only global rank 0 keeps them (the others get ``{}``);

@@ -55,24 +55,13 @@ class EvalError(Exception):
 
 
 # --------------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(path: str) -> str:
-    """The ``step_N`` folder named by ``path`` (run folder, ``checkpoints`` folder, ``latest`` file, step folder)."""
-    if os.path.isfile(path) and os.path.basename(path) == ckpt.LATEST:
-        path = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(path):
-        raise EvalError(f"--checkpoint {path!r}: no such folder or 'latest' file")
-    if os.path.isfile(os.path.join(path, "model.pt")):
-        return path
-    for root in (path, os.path.join(path, "checkpoints")):
-        if os.path.isfile(os.path.join(root, ckpt.LATEST)):
-            with open(os.path.join(root, ckpt.LATEST)) as f:
-                name = f.read().strip()
-            step = os.path.join(root, name)
-            if not os.path.isfile(os.path.join(step, "model.pt")):
-                raise EvalError(f"--checkpoint {path!r}: 'latest' names {name!r}, which has no model.pt")
-            return step
-    raise EvalError(f"--checkpoint {path!r} is not a run folder, a checkpoints folder, a 'latest' file or a "
-                    "step folder with model.pt")
+def resolve_checkpoint(path: str) -> "ckpt.StepFolder":
+    """The step folder named by ``path`` (run folder, ``checkpoints`` folder, ``latest`` file, step folder;
+    :meth:`vlfast.training.checkpoint.CheckpointManager.resolve`)."""
+    try:
+        return ckpt.CheckpointManager.resolve(path)
+    except ckpt.CheckpointError as exc:
+        raise EvalError(f"--checkpoint {exc}") from None
 
 
 def load_model(name: str, checkpoint: str, *, ema: bool = False, fused: bool = True, device=None):
@@ -82,7 +71,7 @@ def load_model(name: str, checkpoint: str, *, ema: bool = False, fused: bool = T
     if name not in M.list_models():
         raise EvalError(f"unknown model {name!r}; available: {', '.join(M.list_models())}")
     step = resolve_checkpoint(checkpoint)
-    file = os.path.join(step, "ema.pt" if ema else "model.pt")
+    file = step.ema if ema else step.model
     if not os.path.isfile(file):
         raise EvalError(f"{file} does not exist" + (" (was the run trained with --ema?)" if ema else ""))
     state = ckpt.load_file(file)
@@ -93,7 +82,7 @@ def load_model(name: str, checkpoint: str, *, ema: bool = False, fused: bool = T
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise EvalError(f"{file} does not hold {name!r} weights: {str(exc).splitlines()[0]}") from None
-    return model.to(device or "cpu").eval(), step
+    return model.to(device or "cpu").eval(), step.path
 
 
 # --------------------------------------------------------------------------- embeddings

@@ -39,7 +39,6 @@ Multi-node: torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``
         -m vlfast.training.trainer --model clip_vit_b16 --fsdp --precision bf16 --batch-size 4096
 """
 
-import contextlib
 import io
 import os
 import pickle
@@ -49,27 +48,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..comm import free_port
 from . import checkpoint as ckpt
-from .engine import Engine, TrainError
+from .engine import Engine, TrainError, default_rank_env
 from .optim import param_groups
 
 __all__ = ["FSDPEngine", "shard_model", "transformer_blocks", "init_process_group", "SafeFileSystemReader",
            "SafeLoadPlanner"]
 
-DCP_DIR = "dcp"
 
 
 # --------------------------------------------------------------------------- process group, sharding
 def init_process_group(device: torch.device) -> None:
     """The default process group from the launcher's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
-    (``_launch`` and torchrun set them; a lone process gets a 1-rank group): gloo on the CPU, NCCL on CUDA."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
+    (``vlfast train --nproc`` and torchrun set them; a lone process gets a 1-rank group): gloo on the CPU,
+    NCCL on CUDA."""
+    default_rank_env()
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
@@ -221,12 +214,6 @@ def SafeLoadPlanner():  # noqa: N802
 
 
 # --------------------------------------------------------------------------- the engine
-def _momentum_encoders(module: nn.Module):
-    from vlfast.nn import MomentumEncoder
-
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, MomentumEncoder)]
-
-
 class FSDPEngine(Engine):
     """FSDP2 data parallelism over every rank of the default process group (see the module docstring).
 
@@ -254,15 +241,12 @@ class FSDPEngine(Engine):
         self.module = self.model
         self.optimizer = torch.optim.AdamW(param_groups(self.model, weight_decay), lr=lr)
 
-    def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
     def barrier(self) -> None:
         dist.barrier()
 
-    def backward(self, loss):
+    def backward(self, loss, boundary: bool = True):
+        # accumulation: gradients stay unsharded and unreduced until the last micro-batch's backward
+        self.model.set_requires_gradient_sync(boundary)
         loss.backward()
 
     def _params(self):
@@ -309,16 +293,6 @@ class FSDPEngine(Engine):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    @property
-    def lr(self):
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def state_dict(self):
-        raise NotImplementedError("FSDPEngine saves through save(directory) (sharded, collective)")
-
-    def load_state_dict(self, state):
-        raise NotImplementedError("FSDPEngine loads through load(directory) (sharded, collective)")
-
     def _dcp_state(self) -> dict:
         """What DCP saves / loads in place: the model's own ``state_dict()`` (DTensor shards sharing the
         parameters' storage; the models' state-dict hooks, e.g. MoCo's ``momentum_encoder.*`` keys, apply,
@@ -341,30 +315,26 @@ class FSDPEngine(Engine):
                 out[k] = v.detach().to("cpu", copy=True)
         return out
 
-    def save(self, directory):
+    def save(self, folder):
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._dcp_state(), storage_writer=dcp.FileSystemWriter(os.path.join(directory, DCP_DIR)))
-        if self.world_size > 1:  # every rank has its own random stream
-            torch.save(ckpt.rng_state(), os.path.join(directory, f"rng_rank{self.rank}.pt"))
-        masters = {n: s for n, s in ((n, e.master_state()) for n, e in _momentum_encoders(self.model))
-                   if s is not None}
-        if masters:  # fp32 masters of low-precision momentum shards: per-rank state
-            torch.save(masters, os.path.join(directory, f"momentum_masters_rank{self.rank}.pt"))
+        folder = ckpt.StepFolder(folder)
+        dcp.save(self._dcp_state(), storage_writer=dcp.FileSystemWriter(folder.dcp))
+        self.save_rank_state(folder)
         full = self.full_state_dict()
         if self.rank == 0:  # collective above; rank 0 holds the full tensors
-            torch.save(full, os.path.join(directory, "model.pt"))
+            torch.save(full, folder.model)
 
-    def load(self, directory):
+    def load(self, folder):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        path = os.path.join(directory, DCP_DIR)
-        if not os.path.isdir(path):
-            raise TrainError(f"no FSDP (DCP) checkpoint in {directory} (was it written by another engine?)")
+        folder = ckpt.StepFolder(folder)
+        if not os.path.isdir(folder.dcp):
+            raise TrainError(f"no FSDP (DCP) checkpoint in {folder.path} (was it written by another engine?)")
         state = self._dcp_state()
-        reader = SafeFileSystemReader(path)
+        reader = SafeFileSystemReader(folder.dcp)
         reader.read_metadata()  # on every rank first: a refused file is one CheckpointError, not DCP's wrapping
         try:
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
@@ -375,18 +345,7 @@ class FSDPEngine(Engine):
             raise
         # the model's tensors were loaded in place; the optimizer's state goes back through DCP's mapping
         set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state["optim"])
-        masters_path = os.path.join(directory, f"momentum_masters_rank{self.rank}.pt")
-        masters = ckpt.load_file(masters_path) if os.path.isfile(masters_path) else {}
-        encoders = dict(_momentum_encoders(self.model))
-        for name in masters:
-            if name not in encoders:
-                raise TrainError(f"checkpoint {directory} has momentum masters for {name!r}, which this model "
-                                 "does not have")
-        for name, enc in encoders.items():  # none saved (fp32 shards): none needed
-            state = masters.get(name)
-            if state is not None:
-                state = [None if t is None else t.to(self.device) for t in state]
-            enc.load_master_state(state)
+        self.load_momentum_masters(folder)
 
 
 def _exceptions(exc: BaseException):

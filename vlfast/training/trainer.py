@@ -1,353 +1,362 @@
-"""``vlfast train``: the training loop with a pluggable :class:`Engine` (plain torch or DeepSpeed ZeRO).
+"""``vlfast train``: :class:`Trainer` (the loop, in torchtitan's shape) over a pluggable engine, and the command line.
 
-* No ``--zero``: one process, :class:`TorchEngine` (AdamW).
-* ``--zero {0,1,2,3}``: :class:`DeepSpeedEngine` (0 = DeepSpeed with ZeRO disabled);
-  ``--deepspeed-config FILE`` is merged into the generated config
-  (:func:`vlfast.distributed.zero.deepspeed_config`).  ``--batch-size`` is the *global*
-  batch: rank ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)`` of the global batch ``i``
-  (real data: each rank decodes only its rows, see :mod:`vlfast.training.data`), so a run
-  on ``W`` ranks sees the same samples as the single-process run; the logged loss is the
+* :class:`Trainer` builds the model, the data, the engine, the EMA, the evaluation and the
+  metrics from the command line's arguments; :meth:`Trainer.train_step` runs one optimizer
+  step, :meth:`Trainer.train` the loop (metrics, checkpoints, evaluation),
+  :meth:`Trainer.state_dict` is what a checkpoint keeps of the trainer itself (the step and the
+  data position; the engine saves its own state, :class:`~vlfast.training.checkpoint.CheckpointManager`
+  owns the files).  From Python: ``Trainer.from_argv(["--model", "clip_micro", ...]).train()``.
+* Engines (:mod:`vlfast.training.engine`): no ``--zero``/``--fsdp``: one process,
+  :class:`~vlfast.training.engine.TorchEngine` (AdamW); ``--zero {0,1,2,3}``:
+  :class:`~vlfast.training.deepspeed_engine.DeepSpeedEngine` (``--deepspeed-config FILE`` merged
+  into the generated config); ``--fsdp``: :class:`~vlfast.training.fsdp.FSDPEngine` (PyTorch FSDP2).
+  ``--batch-size`` is the *global* batch: rank ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)`` of
+  the global batch ``i`` (real data: each rank decodes only its rows, see :mod:`vlfast.training.data`),
+  so a run on ``W`` ranks sees the same samples as the single-process run; the logged loss is the
   mean over the ranks, and only rank 0 writes ``metrics.jsonl``.
-* ``--nproc N`` (single node): the process re-launches itself as ``N`` ranks
-  (``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR=127.0.0.1/MASTER_PORT``, the port ``$MASTER_PORT`` when set,
-  else a free one; ``DS_ACCELERATOR=cpu`` without CUDA), waits, and exits non-zero when a rank fails.
-* Multi-node: DeepSpeed's own launcher, unchanged; each rank reads ``RANK``,
-  ``WORLD_SIZE`` and ``LOCAL_RANK`` from its environment::
+* ``--nproc N`` (one node): the ranks are started by torchrun's launcher
+  (``torch.distributed.launcher.elastic_launch``, a static rendezvous on ``127.0.0.1`` at
+  ``$MASTER_PORT`` or a free port, no restarts; ``DS_ACCELERATOR=cpu`` without CUDA); a failing rank
+  stops the others and the command exits non-zero.  Multi-node: torchrun or DeepSpeed's launcher,
+  unchanged; each rank reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` from its environment::
 
+      torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+          -m vlfast train --model clip_vit_b16 --fsdp --batch-size 4096
       deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 -m vlfast.training.trainer \\
           --model clip_vit_b16 --zero 3 --batch-size 4096
 
-Checkpoints stay atomic with several ranks: every rank writes its DeepSpeed shards into
-the same ``.tmp-step_N-dist`` directory and, after a barrier, rank 0 renames it.
+Checkpoints stay atomic with several ranks: every rank writes its part into the same
+``.tmp-step_N-dist`` folder and, after a barrier, rank 0 renames it
+(:class:`~vlfast.training.checkpoint.CheckpointManager`).
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import random
 import sys
-import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from ..comm import free_port
 from . import checkpoint as ckpt
-from .data import DataError, build_data, default_workers, parse_data_spec
-from .engine import Engine, TrainError
 from .activation import checkpoint_blocks
+from .data import DataError, build_data, default_workers, parse_data_spec
+from .engine import Engine, TorchEngine, TrainError
 from .metrics import StepMetrics, get_logger
-from .optim import SCHEDULES, lr_at, param_groups
+from .optim import SCHEDULES, lr_at
 
 PROG = "vlfast train"
 
 
-# --------------------------------------------------------------------------- engines
-class TorchEngine(Engine):
-    """AdamW + optional autocast (bf16) / GradScaler (fp16, CUDA only)."""
-
-    def __init__(self, model: torch.nn.Module, *, lr: float, precision: str = "fp32", device=None,
-                 weight_decay: float = 0.05, grad_clip: float = 0.0):
-        self.model = model
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        if precision == "fp16" and self.device.type != "cuda":
-            raise TrainError("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
-        self.precision = precision
-        self.grad_clip = float(grad_clip)
-        self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-
-    def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def backward(self, loss):
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def step(self):
-        if self.grad_clip > 0:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                           self.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    @property
-    def lr(self):
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def state_dict(self):
-        sd = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.scaler is not None:
-            sd["scaler"] = self.scaler.state_dict()
-        return sd
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-
-    def save(self, directory):
-        torch.save(self.model.state_dict(), os.path.join(directory, "model.pt"))
-        torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-        if self.scaler is not None:
-            torch.save(self.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
-
-    def load(self, directory):
-        def ld(name):
-            return ckpt.load_file(os.path.join(directory, name), map_location=self.device)
-
-        self.model.load_state_dict(ld("model.pt"))
-        self.optimizer.load_state_dict(ld("optimizer.pt"))
-        if self.scaler is not None and os.path.isfile(os.path.join(directory, "scaler.pt")):
-            self.scaler.load_state_dict(ld("scaler.pt"))
-
-
-class DeepSpeedEngine(Engine):
-    """``deepspeed.initialize`` with the config of :func:`vlfast.distributed.zero.deepspeed_config`.
-
-    ``model`` is the DeepSpeed engine (call it for the forward); ``module`` the wrapped
-    network.  ``save``/``load`` go through ``save_checkpoint``/``load_checkpoint`` (every
-    rank must call them).
-    """
-
-    TAG = "deepspeed"
-
-    def __init__(self, model: torch.nn.Module, *, zero_stage: int, lr: float, precision: str = "fp32",
-                 batch_size: int, world_size: int = 1, device=None, user_config=None, weight_decay: float = 0.05,
-                 grad_clip: float = 0.0):
-        import deepspeed
-
-        from vlfast.distributed.zero import deepspeed_config
-
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        try:
-            cfg = deepspeed_config(zero_stage, precision, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                   world_size=world_size, user_config=user_config, device=self.device.type,
-                                   gradient_clipping=grad_clip)  # explicit: DeepSpeed's default clips
-        except (ValueError, OSError) as exc:
-            raise TrainError(f"DeepSpeed config: {exc}") from None
-        self.precision = precision
-        self.zero_stage = zero_stage
-        params = param_groups(model, weight_decay)
-        if zero_stage == 3:
-            from vlfast.distributed.zero import hoist_momentum_updates, register_external_parameters
-
-            register_external_parameters(model)
-            if callable(getattr(model, "momentum_update", None)):
-                hoist_momentum_updates(model)  # before ZeRO-3 prefetches the momentum weights
-        from vlfast.distributed import compat
-
-        compat.check_version()
-        with compat.zero_dim_broadcast():
-            self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                                                    config=cfg)
-        self.module = model
-        self.rank = torch.distributed.get_rank()
-        self.world_size = torch.distributed.get_world_size()
-
-    def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    def backward(self, loss):
-        self.model.backward(loss)
-
-    def step(self):
-        self.model.step()
-
-    @property
-    def lr(self):
-        try:
-            return float(self.model.get_lr()[0])
-        except Exception:
-            return float(self.optimizer.param_groups[0]["lr"])
-
-    def barrier(self):
-        torch.distributed.barrier()
-
-    def state_dict(self):
-        raise NotImplementedError("DeepSpeedEngine saves through save(directory)")
-
-    def load_state_dict(self, state):
-        raise NotImplementedError("DeepSpeedEngine loads through load(directory)")
-
-    def save(self, directory):
-        """DeepSpeed checkpoint (``<dir>/deepspeed``, per-rank shards) plus the full weights in
-        ``<dir>/model.pt`` (gathered under ZeRO-3), as :class:`TorchEngine` writes them."""
-        self.model.save_checkpoint(directory, tag=self.TAG)
-        if self.world_size > 1:  # every rank has its own random stream
-            torch.save(ckpt.rng_state(), os.path.join(directory, f"rng_rank{self.rank}.pt"))
-        masters = _momentum_masters(self.module)
-        if masters:  # fp32 masters of bf16 / ZeRO-3-shard momentum weights: per-rank state
-            torch.save(masters, os.path.join(directory, f"momentum_masters_rank{self.rank}.pt"))
-        sd = _full_state_dict(self.module, keep=self.rank == 0)  # every rank (collective under ZeRO-3)
-        if self.rank == 0:
-            torch.save(sd, os.path.join(directory, "model.pt"))
-
-    def load(self, directory):
-        from vlfast.distributed import compat
-
-        try:
-            loads = compat.checkpoint_loads(self.model, ckpt.load_file)
-        except compat.DeepSpeedCompatError as exc:
-            raise TrainError(str(exc)) from None
-        with loads:
-            path, _ = self.model.load_checkpoint(directory, tag=self.TAG, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=True)
-        if path is None:
-            raise TrainError(f"no DeepSpeed checkpoint in {directory}")
-        masters_path = os.path.join(directory, f"momentum_masters_rank{self.rank}.pt")
-        encoders = dict(_momentum_encoders(self.module))
-        masters = {}
-        if os.path.isfile(masters_path):
-            masters = ckpt.load_file(masters_path)
-        for name in masters:
-            if name not in encoders:
-                raise TrainError(f"checkpoint {directory} has momentum masters for {name!r}, which this "
-                                 "model does not have")
-        for name, enc in encoders.items():  # none saved (fp32 weights): re-created from the loaded weights
-            state = masters.get(name)
-            if state is not None:  # on the device of the weights they average
-                ref = [getattr(p, "ds_tensor", p) for p in enc.module.parameters()]
-                state = [None if t is None else t.to(r.device) for t, r in zip(state, ref)]
-            enc.load_master_state(state)
-
-
-def _full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict:
-    """``module.state_dict()`` with full tensors on the CPU (``keep=False``: ``{}``, this rank only
-    takes part in the gathers); ZeRO-3 parameters are rebuilt one at a time from every rank's
-    shard by a plain all_gather (collective).  Unlike ``GatheredParameters`` this leaves
-    DeepSpeed's parameter status alone: re-partitioning resident (persistent) parameters there
-    after a checkpoint load broke ZeRO-3's recorded fetch trace ("tracing error") at the next step."""
-    from vlfast.sharding import gather_full, is_zero3_param
-
-    out, done = {}, {}
-    for k, v in module.state_dict(keep_vars=True).items():
-        if is_zero3_param(v):
-            if id(v) not in done:  # tied weights: one gather
-                full = gather_full(v, v.ds_tensor)
-                done[id(v)] = full.cpu() if keep else None
-                del full
-            t = done[id(v)]
-        else:
-            t = v.detach().cpu().clone() if keep else None
-        if keep:
-            out[k] = t
-    return out
-
-
-def _momentum_encoders(module: torch.nn.Module):
-    from vlfast.nn import MomentumEncoder
-
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, MomentumEncoder)]
-
-
-def _momentum_masters(module: torch.nn.Module) -> dict:
-    """``{name: master_state}`` of the model's momentum encoders that hold fp32 masters."""
-    out = {}
-    for name, enc in _momentum_encoders(module):
-        state = enc.master_state()
-        if state is not None:
-            out[name] = state
-    return out
-
-
-def make_engine(model, args, device) -> Engine:
-    """Engine factory: :class:`TorchEngine`, :class:`DeepSpeedEngine` with ``--zero``, or
-    :class:`vlfast.training.fsdp.FSDPEngine` with ``--fsdp``."""
-    if getattr(args, "fsdp", False):
-        from .fsdp import FSDPEngine
-
-        return FSDPEngine(model, lr=args.lr, precision=args.precision, device=device, weight_decay=args.weight_decay,
-                          grad_clip=args.grad_clip)
-    if getattr(args, "zero", None) is not None:
-        world = _world()[1]
-        return DeepSpeedEngine(model, zero_stage=args.zero, lr=args.lr, precision=args.precision,
-                               batch_size=args.batch_size // world, world_size=world, device=device,
-                               user_config=args.deepspeed_config, weight_decay=args.weight_decay,
-                               grad_clip=args.grad_clip)
-    return TorchEngine(model, lr=args.lr, precision=args.precision, device=device, weight_decay=args.weight_decay,
-                       grad_clip=args.grad_clip)
-
-
-# --------------------------------------------------------------------------- ranks
 def _world():
     """(rank, world_size, local_rank) from the launcher's environment (1 process: 0, 1, 0)."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _init_distributed(device) -> None:
-    """Process group for DeepSpeed (gloo on the CPU); a lone process gets a 1-rank group."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-    import logging
+def make_engine(model: torch.nn.Module, args, device, world_size: int = 1) -> Engine:
+    """The engine of the command line ``args``: :class:`~vlfast.training.fsdp.FSDPEngine` with ``--fsdp``,
+    :class:`~vlfast.training.deepspeed_engine.DeepSpeedEngine` with ``--zero``, else
+    :class:`~vlfast.training.engine.TorchEngine`."""
+    common = dict(lr=args.lr, precision=args.precision, device=device, weight_decay=args.weight_decay,
+                  grad_clip=args.grad_clip)
+    if getattr(args, "fsdp", False):
+        from .fsdp import FSDPEngine  # torch.distributed imported on use
 
-    import deepspeed
+        return FSDPEngine(model, **common)
+    if getattr(args, "zero", None) is not None:
+        from .deepspeed_engine import DeepSpeedEngine  # deepspeed imported on use
 
-    try:
-        deepspeed.utils.logger.setLevel(logging.WARNING)
-    except Exception:  # pragma: no cover
-        pass
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
-    if device.type == "cuda":
-        torch.cuda.set_device(_world()[2])
+        return DeepSpeedEngine(model, zero_stage=args.zero, batch_size=args.batch_size // world_size,
+                               world_size=world_size, user_config=args.deepspeed_config,
+                               accum_steps=getattr(args, "accum_steps", 1), **common)
+    return TorchEngine(model, **common)
 
 
-def _launch(nproc: int, argv: List[str]) -> int:
-    """Run ``nproc`` ranks of this command as subprocesses; the first failing rank's code (or 0)."""
-    import subprocess
+class Trainer:
+    """One training run of ``vlfast train`` (``args``: the namespace of :func:`build_parser`, checked by
+    :func:`check_args`; :meth:`from_argv` does both).
+
+    Building it joins the process group (``--zero`` / ``--fsdp``), seeds, creates the model, the data
+    (this rank's rows), the engine, the EMA and the evaluation; with ``--resume`` it restores the
+    latest checkpoint.  Attributes: ``model`` (the network), ``engine``, ``data``, ``ema``,
+    ``checkpoints`` (the run's :class:`~vlfast.training.checkpoint.CheckpointManager`), ``step`` (optimizer
+    steps done), ``total_steps``, ``rank``, ``world_size``, ``device``.
+    """
+
+    def __init__(self, args: argparse.Namespace):
+        import vlfast.models as M
+
+        self.args = args
+        self.log = log = get_logger()
+        self.kind, _ = parse_data_spec(args.data)
+        self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.precision == "fp16" and device.type != "cuda":
+            raise TrainError("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rank, world, _ = _world()
+        if args.zero is None and not args.fsdp and world > 1:
+            raise TrainError(f"{world} ranks (WORLD_SIZE) need DeepSpeed or FSDP2: add --zero {{0,1,2,3}} or --fsdp")
+        if args.batch_size % world:
+            raise TrainError(f"--batch-size {args.batch_size} (the global batch) is not divisible by the "
+                             f"{world} ranks")
+        if (args.batch_size // world) % args.accum_steps:
+            raise TrainError(f"each rank's batch of {args.batch_size // world} is not divisible by --accum-steps "
+                             f"{args.accum_steps}")
+        if args.fsdp:
+            from .fsdp import init_process_group
+
+            init_process_group(device)
+        elif args.zero is not None:
+            from .deepspeed_engine import init_distributed
+
+            init_distributed(device)
+        if args.zero is not None or args.fsdp:
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.rank, self.world_size = rank, world
+        self.main_rank = rank == 0
+
+        _seed_all(args.seed)
+        self.model = model = M.create(args.model, fused=not args.eager).to(device)
+        if args.grad_checkpointing:
+            n = checkpoint_blocks(model)
+            if n == 0:
+                raise TrainError(f"--grad-checkpointing: model {args.model!r} has no blocks (nn.ModuleList children)")
+            log.info(f"activation checkpointing on {n} blocks")
+        model.train()
+        workers = args.workers if args.workers is not None else default_workers(
+            int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        self.data = build_data(args.data, model, args.batch_size, args.seed, rank=rank, world_size=world,
+                               shuffle=not args.no_shuffle, workers=workers, pin_memory=device.type == "cuda",
+                               warn=lambda msg: log.warning(msg, extra={"all_ranks": True}))  # this rank's finding
+        self.evaluation = self._build_evaluation() if args.eval_data is not None else None
+        if self.kind == "synthetic":
+            self.total_steps = args.steps if args.steps is not None else 20
+        elif args.steps is not None:
+            self.total_steps = args.steps
+        else:
+            self.total_steps = max(1, math.ceil(args.epochs * self.data.num_samples / args.batch_size))
+        if callable(getattr(model, "set_total_steps", None)):  # schedules over the run (DINO's momentum, temperature)
+            model.set_total_steps(self.total_steps)
+        self.engine: Engine = make_engine(model, args, device, world_size=world)
+        self.ema = None
+        if args.ema is not None:
+            from vlfast.distributed import make_ema
+
+            # after the engine: under ZeRO-3 the parameters are partitioned by now and make_ema
+            # returns a ZeroEMA averaging each rank's shards (fp32); under FSDP2 an EMA of the DTensor shards
+            self.ema = make_ema(model, decay=args.ema)
+        # each rank its own random stream (dropout, MAE masks, ...: samples of different ranks must not
+        # share draws); rank 0's is the single process's.  Draws that must agree across ranks (ALBEF's
+        # global-batch draws) use a seed broadcast from rank 0.
+        _seed_all(args.seed + rank)
+        self.forward = torch.compile(self.engine.model) if args.compile else self.engine.model
+        self.checkpoints = ckpt.CheckpointManager(args.out)
+        self.step = 0
+        self.lr = 0.0
+        self.last_saved: Optional[int] = None
+        os.makedirs(args.out, exist_ok=True)
+        if args.resume:
+            self.resume()
+        elif self.main_rank and os.path.exists(self.checkpoints.metrics_path):
+            os.remove(self.checkpoints.metrics_path)
+        self.engine.barrier()
+
+    @classmethod
+    def from_argv(cls, argv: List[str]) -> "Trainer":
+        """``Trainer`` of the command line ``argv`` (``vlfast train``'s arguments, without the program name)."""
+        parser = build_parser()
+        args = parser.parse_args(list(argv))
+        check_args(args, parser)
+        return cls(args)
+
+    def _build_evaluation(self):
+        from .evaluate import EvalError, Evaluation, check_prompt, read_classnames
+
+        args = self.args
+        try:
+            classnames = read_classnames(args.classnames) if args.eval_task == "zeroshot" else None
+            if args.eval_task == "zeroshot":
+                check_prompt(args.prompt)
+            return Evaluation(self.model, args.eval_task, args.eval_data, classnames=classnames, prompt=args.prompt,
+                              knn_train=args.knn_train, batch_size=args.batch_size)
+        except EvalError as exc:
+            raise TrainError(str(exc)) from None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict:
+        """What a checkpoint keeps of the trainer itself: ``{"step", "data"}`` (the data source's position,
+        epoch order and counters).  The engine (model, optimizer), the EMA and the random streams are
+        saved beside it by :meth:`save`."""
+        return {"step": self.step, "data": self.data.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.step = int(state["step"])
+        self.data.load_state_dict(state["data"])
+
+    def save(self) -> ckpt.StepFolder:
+        """Checkpoint the current step (collective with several ranks)."""
+        args = self.args
+        trainer_state = self.state_dict()
+        step = trainer_state.pop("step")
+        folder = self.checkpoints.save(step, self.engine, trainer_state, ema=self.ema, args=vars(args))
+        if args.safetensors and self.main_rank:
+            self.checkpoints.export_safetensors(folder)
+        self.last_saved = step
+        return folder
+
+    def resume(self) -> None:
+        """Restore the latest checkpoint of ``--out`` (none: a warning, start from step 0)."""
+        removed = self.checkpoints.clean_tmp() if self.main_rank else []
+        self.engine.barrier()
+        if removed:
+            self.log.warning(f"removed partial checkpoint(s): {', '.join(removed)}")
+        folder = self.checkpoints.latest()
+        if folder is None:
+            self.log.warning(f"no checkpoint in {self.checkpoints.root}; starting from step 0")
+            return
+        state = self.checkpoints.load(folder, self.engine, self.ema)
+        saved_model = state.get("args", {}).get("model")
+        if saved_model and saved_model != self.args.model:
+            raise TrainError(f"checkpoint {folder.path} is for model {saved_model!r}, not {self.args.model!r}")
+        self.load_state_dict(state)
+        ckpt.set_rng_state(state.get("rank_rng", state["rng"]))  # this rank's own streams (rank 0: the saved ones)
+        if self.main_rank:
+            _truncate_metrics(self.checkpoints.metrics_path, self.step)
+        self.last_saved = self.step or None
+        self.log.info(f"resumed from {folder.path} (step {self.step})")
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on ``batch`` (this rank's rows of the global batch): the learning rate of
+        the schedule, forward, backward (``--accum-steps`` micro-batches), the engine's step, the EMA.
+        Returns the step's loss (a detached device tensor: no host sync)."""
+        args = self.args
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        self.lr = lr_at(self.step + 1, lr=args.lr, total_steps=self.total_steps, warmup_steps=args.warmup_steps,
+                        schedule=args.schedule, min_lr=args.min_lr)
+        self.engine.set_lr(self.lr)
+        if args.accum_steps == 1:
+            with self.engine.autocast():
+                out = self.forward(**batch)
+            loss = _compute_loss(self.engine.model, out, batch)
+            self.engine.backward(loss)
+            loss = loss.detach()
+        else:
+            loss = accumulate(self.engine, self.forward, self.model, batch, args.accum_steps)
+        self.engine.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+        return loss
+
+    def train(self) -> float:
+        """Run from the current step to ``total_steps``: metrics every ``--log-every`` steps, checkpoints
+        every ``--save-every`` steps and at the end, evaluation every ``--eval-every`` steps and at the end.
+        Returns the last step's loss (the mean over the ranks)."""
+        args, log, data = self.args, self.log, self.data
+        tb = _tensorboard(self.checkpoints.tensorboard_dir) if self.main_rank else None
+        bar = None
+        if not args.no_progress and self.main_rank:
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {args.model}", unit="step",
+                           file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                bar = None
+        metrics = StepMetrics(self.checkpoints.metrics_path if self.main_rank else None, batch_size=args.batch_size,
+                              log_every=args.log_every, world_size=self.world_size, tb=tb, bar=bar, logger=log)
+        real = self.kind != "synthetic"
+        while self.step < self.total_steps:
+            loss = self.train_step(data.next_batch())
+            step = self.step
+            host = {"skipped_images": data.skipped, "data_position": data.position} if real else {}
+            metrics.record(step, loss, lr=self.lr, truncated=data.truncated if real and data.spec.takes_text else None,
+                           **host)
+            if args.save_every and step % args.save_every == 0:
+                metrics.flush()  # the log holds every step up to a checkpoint (a resume truncates to it)
+                self.save()
+            if args.eval_every and (step % args.eval_every == 0 or step == self.total_steps):
+                res = self.evaluation(self.model, self.device)
+                log.info(f"eval: {json.dumps(res)}")
+                metrics.write_record({"step": step, "eval": res})
+        data.close()
+        metrics.flush()
+        if bar is not None:
+            bar.close()
+        if self.last_saved != self.total_steps:
+            self.save()
+        metrics.close()
+        if tb is not None:
+            tb.close()
+        skipped = f", skipped {data.skipped} unreadable image(s)" if data.skipped else ""
+        log.info(f"done: {self.total_steps} steps, final loss {metrics.last_loss:.4f}{skipped}; "
+                 f"checkpoint {self.checkpoints.step_folder(self.total_steps).path}")
+        return metrics.last_loss
+
+    def close(self) -> None:
+        """Leave the process group (every rank together: an unsynchronized exit can abort a peer's gloo threads)."""
+        self.engine.barrier()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from .deepspeed_engine import release_cpu_shm
+
+            release_cpu_shm()
+            torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- local ranks
+LAUNCHER_PID = "VLFAST_LAUNCHER_PID"
+
+
+def _die_with_launcher() -> None:
+    """A rank started by :func:`launch_local` is killed when the launcher dies, SIGKILL included
+    (``prctl(PR_SET_PDEATHSIG, SIGKILL)``, Linux): torchrun's launcher starts each rank in a session of
+    its own, so a killed ``vlfast train --nproc`` would otherwise leave its ranks training on, writing
+    into the run folder.  No-op for a rank of another launcher, and off Linux."""
+    pid = os.environ.get(LAUNCHER_PID)
+    if not pid or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != int(pid):  # the launcher died before the prctl above
+        raise TrainError(f"the launcher (pid {pid}) exited before this rank started")
+
+
+def launch_local(nproc: int, argv: List[str]) -> int:
+    """Run ``nproc`` ranks of ``vlfast train argv`` on this node with torchrun's launcher
+    (``elastic_launch``: a static rendezvous at ``127.0.0.1:$MASTER_PORT`` or a free port, no
+    restarts).  Returns 0, or the exit code of the first failing rank (the launcher stops the others)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     port = os.environ.get("MASTER_PORT") or str(free_port())  # a fixed port when the user sets one
-    procs = []
-    for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
-                   LOCAL_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-        procs.append(subprocess.Popen([sys.executable, "-m", "vlfast", "train", *argv], env=env))
-    rc = 0
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the ranks inherit it
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks die with this process (_die_with_launcher)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"vlfast-train-{port}",
+                          rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"rank": 0},
+                          max_restarts=0, monitor_interval=0.1, start_method="spawn")
     try:
-        pending = list(range(nproc))
-        while pending:
-            for r in list(pending):
-                code = procs[r].poll()
-                if code is None:
-                    continue
-                pending.remove(r)
-                if code != 0 and rc == 0:
-                    rc = code if code > 0 else 1
-                    print(f"{PROG}: error: rank {r} exited with code {code}", file=sys.stderr)
-                    for q in pending:  # the others would wait forever in a collective
-                        procs[q].terminate()
-            if pending:
-                time.sleep(0.1)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            p.wait()
+        elastic_launch(config, entrypoint=sys.executable)("-m", "vlfast", "train", *argv)
+        return 0
+    except ChildFailedError as exc:
+        # the root cause: a rank that failed by itself (a positive code) before one the launcher stopped
+        first = min(exc.failures.items(), key=lambda kv: (kv[1].exitcode <= 0, kv[1].timestamp, kv[0]))
+        code = first[1].exitcode
+        print(f"{PROG}: error: rank {first[0]} exited with code {code}", file=sys.stderr)
+        return code if code > 0 else 1
+    except (KeyboardInterrupt, SignalException):
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
     finally:  # also when a rank crashed before its own clean-up
@@ -355,7 +364,6 @@ def _launch(nproc: int, argv: List[str]) -> int:
             from vlfast.distributed.zero import remove_cpu_shm_segments
 
             remove_cpu_shm_segments(port, range(nproc))
-    return rc
 
 
 # --------------------------------------------------------------------------- CLI
@@ -398,14 +406,6 @@ _decay = _float_where(lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 _nonneg_float = _float_where(lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 
 
-def _sum_over_ranks(count: int, world: int, device) -> int:
-    if world == 1:
-        return int(count)
-    t = torch.tensor([count], dtype=torch.long, device=device)  # on the device: NCCL needs it there
-    torch.distributed.all_reduce(t)
-    return int(t.item())
-
-
 def _zero_stage(s: str) -> int:
     try:
         v = int(s)
@@ -418,7 +418,8 @@ def _zero_stage(s: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="Train a registered vlfast model (one process, or DeepSpeed ranks with --zero).")
+        prog=PROG, description="Train a registered vlfast model (one process, DeepSpeed ranks with --zero, or FSDP2 "
+                               "ranks with --fsdp).")
     p.add_argument("--model", required=True, help="model name (see vlfast.models.list_models())")
     p.add_argument("--data", default="synthetic", help="synthetic | csv:PATH | wds:PATTERN (default: synthetic)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
@@ -472,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed-config", default=None, metavar="FILE",
                    help="DeepSpeed JSON merged into the generated config (needs --zero)")
     p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
-                   help="launch N local ranks (needs --zero or --fsdp; multi-node: the deepspeed launcher / torchrun)")
+                   help="start N local ranks with torchrun's launcher (needs --zero or --fsdp; multi-node: torchrun "
+                        "or the deepspeed launcher)")
     return p
 
 
@@ -514,25 +516,25 @@ def accumulate(engine, forward, model, batch, k: int) -> torch.Tensor:
     micro = [{n: v[i * (b // k):(i + 1) * (b // k)] for n, v in batch.items()} for i in range(k)]
     if callable(getattr(model, "accum_features", None)) and callable(getattr(model, "accum_loss", None)):
         with torch.no_grad(), engine.autocast():
-            cached = [model.accum_features(**m) for m in micro]
+            cached = [engine.call("accum_features", **m) for m in micro]
         total = None
         for i, m in enumerate(micro):
             with engine.autocast():
-                live = model.accum_features(**m)
+                live = engine.call("accum_features", **m)
                 feats = {n: torch.cat([live[n] if j == i else cached[j][n] for j in range(k)]) for n in live}
-                loss = model.accum_loss(feats, with_globals=i == 0)
-            engine.backward(loss)
+                loss = engine.call("accum_loss", features=feats, with_globals=i == 0)
+            engine.backward(loss, boundary=i == k - 1)
             total = loss.detach() if total is None else total + loss.detach()
         return total / k
     total = None
-    for m in micro:
+    for i, m in enumerate(micro):
         with engine.autocast():
             out = forward(**m)
         if isinstance(out, dict) and getattr(model, "accumulation", None) != "independent":
             raise TrainError(f"--accum-steps: model {type(model).__name__} has neither accum_features/accum_loss nor "
                              "a per-sample loss (accumulation = 'independent'); train it with --accum-steps 1")
         loss = _compute_loss(engine.model, out, m) / k
-        engine.backward(loss)
+        engine.backward(loss, boundary=i == k - 1)
         total = loss.detach() if total is None else total + loss.detach()
     return total
 
@@ -555,23 +557,23 @@ def _truncate_metrics(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _tensorboard(out_dir: str):
+def _tensorboard(log_dir: str):
+    """A TensorBoard ``SummaryWriter`` on ``log_dir``, or None when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:
+    except ImportError:
         return None
-    try:
-        return SummaryWriter(os.path.join(out_dir, "tb"))
-    except Exception:
-        return None
+    return SummaryWriter(log_dir)
 
 
-def run(args, parser) -> int:
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The checks of the command line that need no process group (``parser.error``: usage, exit code 2)."""
     import vlfast.models as M
 
-    log = get_logger()
-    if args.accum_steps > 1 and args.zero is not None:
-        parser.error("--accum-steps is not supported with --zero yet (the torch engine only)")
+    if args.deepspeed_config is not None and args.zero is None:
+        parser.error("--deepspeed-config needs --zero")
+    if args.fsdp and args.zero is not None:
+        parser.error("--fsdp and --zero are exclusive (FSDP2 or DeepSpeed)")
     if args.compile and args.zero is not None:
         parser.error("--compile is not supported with --zero (DeepSpeed wraps the module; compile it through "
                      "DeepSpeed's own 'compile' config instead)")
@@ -579,7 +581,6 @@ def run(args, parser) -> int:
         parser.error("--eval-every / --eval-task need --eval-data SPEC")
     if args.eval_data is not None and not (args.eval_every and args.eval_task):
         parser.error("--eval-data needs --eval-every N and --eval-task {zeroshot,retrieval,knn}")
-
     names = M.list_models()
     if args.model not in names:
         parser.error(f"unknown model {args.model!r}; available: {', '.join(names)}")
@@ -587,215 +588,36 @@ def run(args, parser) -> int:
         kind, _ = parse_data_spec(args.data)
     except DataError as exc:
         parser.error(str(exc))
-    if kind == "synthetic":
-        if args.epochs is not None:
-            parser.error("--epochs needs real data (--data csv:PATH or wds:PATTERN); use --steps")
-        total_steps = args.steps if args.steps is not None else 20
-    elif args.steps is None and args.epochs is None:
+    if kind == "synthetic" and args.epochs is not None:
+        parser.error("--epochs needs real data (--data csv:PATH or wds:PATTERN); use --steps")
+    if kind != "synthetic" and args.steps is None and args.epochs is None:
         parser.error("real data needs exactly one of --steps or --epochs")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.precision == "fp16" and device.type != "cuda":
+    if args.precision == "fp16" and not torch.cuda.is_available():
         parser.error("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world, _ = _world()
-    if args.zero is None and not args.fsdp and world > 1:
-        raise TrainError(f"{world} ranks (WORLD_SIZE) need DeepSpeed or FSDP2: add --zero {{0,1,2,3}} or --fsdp")
-    if args.batch_size % world:
-        raise TrainError(f"--batch-size {args.batch_size} (the global batch) is not divisible by the "
-                         f"{world} ranks")
-    if (args.batch_size // world) % args.accum_steps:
-        raise TrainError(f"each rank's batch of {args.batch_size // world} is not divisible by --accum-steps "
-                         f"{args.accum_steps}")
-    if args.zero is not None or args.fsdp:
-        if args.fsdp:
-            from .fsdp import init_process_group
-
-            init_process_group(device)
-        else:
-            _init_distributed(device)
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    main_rank = rank == 0
-
-    _seed_all(args.seed)
-    model = M.create(args.model, fused=not args.eager).to(device)
-    if args.grad_checkpointing:
-        n = checkpoint_blocks(model)
-        if n == 0:
-            raise TrainError(f"--grad-checkpointing: model {args.model!r} has no blocks (nn.ModuleList children)")
-        log.info(f"activation checkpointing on {n} blocks")
-    model.train()
-    workers = args.workers if args.workers is not None else default_workers(int(os.environ.get("LOCAL_WORLD_SIZE",
-                                                                                              world)))
-    data = build_data(args.data, model, args.batch_size, args.seed, rank=rank, world_size=world,
-                      shuffle=not args.no_shuffle, workers=workers, pin_memory=device.type == "cuda",
-                      warn=lambda msg: log.warning(msg, extra={"all_ranks": True}))  # this rank's own finding
-    evaluation = None
-    if args.eval_data is not None:
-        from .evaluate import EvalError, Evaluation, check_prompt, read_classnames
-
-        try:
-            classnames = read_classnames(args.classnames) if args.eval_task == "zeroshot" else None
-            if args.eval_task == "zeroshot":
-                check_prompt(args.prompt)
-            task = Evaluation(model, args.eval_task, args.eval_data, classnames=classnames, prompt=args.prompt,
-                              knn_train=args.knn_train, batch_size=args.batch_size)
-        except EvalError as exc:
-            raise TrainError(str(exc)) from None
-
-        def evaluation(m):
-            res = task(m, device)
-            log.info(f"eval: {json.dumps(res)}")
-            return res
-    if kind != "synthetic":
-        if args.steps is not None:
-            total_steps = args.steps
-        else:
-            total_steps = max(1, math.ceil(args.epochs * data.num_samples / args.batch_size))
-    if callable(getattr(model, "set_total_steps", None)):  # schedules over the run (DINO's momentum, temperature)
-        model.set_total_steps(total_steps)
-    engine = make_engine(model, args, device)
-    ema = None
-    if args.ema is not None:
-        from vlfast.distributed import make_ema
-
-        # after the engine: under ZeRO-3 the parameters are partitioned by now and make_ema
-        # returns a ZeroEMA averaging each rank's shards (fp32)
-        ema = make_ema(model, decay=args.ema)
-    # each rank its own random stream (dropout, MAE masks, ...: samples of different ranks must not
-    # share draws); rank 0's is the single process's.  Draws that must agree across ranks (ALBEF's
-    # global-batch draws) use a seed broadcast from rank 0.
-    _seed_all(args.seed + rank)
-
-    os.makedirs(args.out, exist_ok=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    start = 0
-    arg_dict = {k: v for k, v in vars(args).items()}
-    if args.resume:
-        removed = ckpt.clean_tmp(args.out) if main_rank else []
-        engine.barrier()
-        if removed:
-            log.warning(f"removed partial checkpoint(s): {', '.join(removed)}")
-        path = ckpt.find_latest(args.out)
-        if path is None:
-            log.warning(f"no checkpoint in {ckpt.ckpt_root(args.out)}; starting from step 0")
-        else:
-            state = ckpt.load_checkpoint(path, engine, ema)
-            saved_model = state.get("args", {}).get("model")
-            if saved_model and saved_model != args.model:
-                raise TrainError(f"checkpoint {path} is for model {saved_model!r}, not {args.model!r}")
-            start = int(state["step"])
-            data.load_state_dict(state["data"])
-            ckpt.set_rng_state(state["rng"])  # rank 0's; the other ranks' are saved by DeepSpeedEngine
-            rank_rng = os.path.join(path, f"rng_rank{rank}.pt")
-            if world > 1 and os.path.isfile(rank_rng):
-                ckpt.set_rng_state(ckpt.load_file(rank_rng))
-            if main_rank:
-                _truncate_metrics(metrics_path, start)
-            log.info(f"resumed from {path} (step {start})")
-    elif main_rank and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    engine.barrier()
-
-    tb = _tensorboard(args.out) if main_rank else None
-    bar = None
-    if not args.no_progress and main_rank:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total_steps, initial=start, desc=f"train {args.model}", unit="step",
-                       file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            bar = None
-    metrics = StepMetrics(metrics_path if main_rank else None, batch_size=args.batch_size, log_every=args.log_every,
-                          world_size=world, tb=tb, bar=bar, logger=log)
-
-    def save(step):
-        metrics.flush()  # the log holds every step up to a checkpoint (a resume truncates to it)
-        path = ckpt.save_checkpoint(args.out, step, engine, {"data": data.state_dict()}, ema=ema, args=arg_dict)
-        if args.safetensors and main_rank:
-            ckpt.export_safetensors(path)
-
-    forward = engine.model
-    if args.compile:
-        forward = torch.compile(engine.model)
-    last_saved = start if args.resume and start else None
-    for step in range(start + 1, total_steps + 1):
-        batch = data.next_batch()  # this rank's rows of the global batch
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        lr = lr_at(step, lr=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
-                   schedule=args.schedule, min_lr=args.min_lr)
-        engine.set_lr(lr)
-        if args.accum_steps == 1:
-            with engine.autocast():
-                out = forward(**batch)
-            loss = _compute_loss(engine.model, out, batch)
-            engine.backward(loss)
-        else:
-            loss = accumulate(engine, forward, model, batch, args.accum_steps)
-        engine.step()
-        if ema is not None:
-            ema.update(model, step)
-        host = {}
-        if kind != "synthetic":
-            host = {"skipped_images": data.skipped, "data_position": data.position}
-        metrics.record(step, loss, lr=lr, truncated=data.truncated if kind != "synthetic" and data.spec.takes_text
-                       else None, **host)
-        if args.save_every and step % args.save_every == 0:
-            save(step)
-            last_saved = step
-        if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
-            metrics.write_record({"step": step, "eval": evaluation(model)})
-    data.close()
-    metrics.flush()
-    if bar is not None:
-        bar.close()
-    if last_saved != total_steps:
-        save(total_steps)
-    metrics.close()
-    if tb is not None:
-        tb.close()
-    skipped = f", skipped {data.skipped} unreadable image(s)" if data.skipped else ""
-    log.info(f"done: {total_steps} steps, final loss {metrics.last_loss:.4f}{skipped}; "
-             f"checkpoint {os.path.join(ckpt.ckpt_root(args.out), f'step_{total_steps}')}")
-    engine.barrier()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        _release_cpu_shm()
-        # ranks leave together; an unsynchronized exit can abort a peer's gloo threads
-        torch.distributed.destroy_process_group()
-    return 0
-
-
-def _release_cpu_shm() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce segment (DeepSpeed leaves it in /dev/shm)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and not torch.cuda.is_available():
-        from vlfast.distributed.zero import remove_cpu_shm_segments
-
-        remove_cpu_shm_segments(os.environ.get("MASTER_PORT", ""), [torch.distributed.get_rank()],
-                                os.environ.get("MASTER_ADDR", ""))
+    if args.nproc is not None:
+        if args.zero is None and not args.fsdp:
+            parser.error("--nproc needs --zero {0,1,2,3} (DeepSpeed) or --fsdp (FSDP2)")
+        if args.batch_size % args.nproc:
+            parser.error(f"--batch-size {args.batch_size} (the global batch) is not divisible by --nproc {args.nproc}")
+        if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) != args.nproc:
+            parser.error(f"--nproc {args.nproc} but the launcher's WORLD_SIZE is {os.environ['WORLD_SIZE']}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.deepspeed_config is not None and args.zero is None:
-        parser.error("--deepspeed-config needs --zero")
-    if args.fsdp and args.zero is not None:
-        parser.error("--fsdp and --zero are exclusive (FSDP2 or DeepSpeed)")
-    if args.nproc is not None:
-        if args.zero is None and not args.fsdp:
-            parser.error("--nproc needs --zero {0,1,2,3} (DeepSpeed) or --fsdp (FSDP2)")
-        if args.batch_size % args.nproc:
-            parser.error(f"--batch-size {args.batch_size} (the global batch) is not divisible by --nproc {args.nproc}")
-        if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-            return _launch(args.nproc, argv)
-        if int(os.environ.get("WORLD_SIZE", 1)) != args.nproc:
-            parser.error(f"--nproc {args.nproc} but the launcher's WORLD_SIZE is {os.environ.get('WORLD_SIZE')}")
+    check_args(args, parser)
+    if args.nproc is not None and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return launch_local(args.nproc, argv)
     try:
-        return run(args, parser)
+        _die_with_launcher()
+        trainer = Trainer(args)
+        trainer.train()
+        trainer.close()
+        return 0
     except (TrainError, DataError, ckpt.CheckpointError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -803,7 +625,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
     finally:  # a failed distributed run (a clean one has released it and left the group)
-        _release_cpu_shm()
+        from .deepspeed_engine import release_cpu_shm
+
+        release_cpu_shm()
 
 
 if __name__ == "__main__":
