@@ -9,11 +9,13 @@ device of the run: on CPU, ``RANKS_CPU`` ranks (gloo, ``DS_ACCELERATOR=cpu``) wi
 GPU), so on a single GPU the ZeRO stages run as 1 rank and the momentum-update
 case, which needs 2 or more ranks, is reported unavailable (its goal NOT MEASURED;
 ``--device cpu`` measures it on CPU ranks).  The first DeepSpeed start on a machine JIT-builds its CPU comm op (about a
-minute, cached afterwards); the timeouts allow for it.  The ranks are started here
-with the environment ``vlfast train --nproc`` gives them (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``LOCAL_SIZE``, ``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``), so
-that the shared-memory segments DeepSpeed's CPU comm op leaves in ``/dev/shm`` can be
-removed after each run (:func:`vlfast.distributed.zero.remove_cpu_shm_segments`).
+minute, cached afterwards); the timeouts allow for it.  The training runs are
+``vlfast train --nproc N`` itself (torchrun's launcher starts the ranks) with a free
+``MASTER_PORT`` chosen here; the update workers are started here as ranks with the
+launcher's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR=127.0.0.1``,
+that ``MASTER_PORT``).  Knowing the port, the shared-memory segments DeepSpeed's CPU comm op
+leaves in ``/dev/shm`` are removed after each run
+(:func:`vlfast.distributed.zero.remove_cpu_shm_segments`).
 
 Cases:
 
@@ -215,7 +217,7 @@ def _run_procs(cmds: Sequence[tuple[list[str], dict[str, str]]], logdir: Path, w
 
 def _launch_ranks(cmd: list[str], device: torch.device, world: int, threads: int, logdir: Path, what: str,
                   timeout: float = TIMEOUT_S) -> list[str]:
-    """Run ``cmd`` as ``world`` local ranks (the environment of ``vlfast train --nproc``); their stdouts."""
+    """Run ``cmd`` as ``world`` local ranks (the variables torchrun gives each rank); their stdouts."""
     port = str(free_port())
     cmds = []
     for rank in range(world):
@@ -572,10 +574,13 @@ def measure_train_step(device: torch.device, model: str, batch: int, steps: int,
         what = f"vlfast train --model {model} " + ("(1 process)" if zero is None else f"{flag} ({world} ranks)")
         logs = Path(tmp) / "logs"
         logs.mkdir()
-        if zero is None:
-            _run_procs([(cmd, _child_env(device, threads))], logs, what, timeout)
-        else:  # the ranks are started here, as `--nproc` would, to know their port (see remove_cpu_shm_segments)
-            _launch_ranks(cmd, device, world, threads, logs, what, timeout)
+        env = _child_env(device, threads)
+        port = env["MASTER_PORT"] = str(free_port())  # `--nproc` uses it: the ranks' port is known here
+        try:  # distributed: `vlfast train --nproc` starts the ranks (torchrun's launcher), as a user runs it
+            _run_procs([(cmd, env)], logs, what, timeout)
+        finally:
+            if zero is not None:
+                remove_cpu_shm_segments(port, range(world))  # DeepSpeed's CPU segments (a failed run leaves them)
         metrics = out / "metrics.jsonl"
         if not metrics.is_file():
             raise RuntimeError(f"{what} wrote no {metrics}")

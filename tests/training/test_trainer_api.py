@@ -54,6 +54,14 @@ def test_trainer_steps_state_and_resume_equal_the_cli(tmp_path):
     assert trainer.checkpoints.latest() == trainer.checkpoints.step_folder(4)
 
 
+def test_trainer_from_argv_refuses_nproc_outside_a_launcher(tmp_path, monkeypatch):
+    from vlfast.training import TrainError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(TrainError, match="--nproc starts processes"):
+        Trainer.from_argv([*ARGS, "--steps", "1", "--out", str(tmp_path), "--nproc", "2", "--fsdp"])
+
+
 def test_checkpoint_manager_layout_and_resolve(tmp_path):
     mgr = CheckpointManager(str(tmp_path))
     f = mgr.step_folder(7)

@@ -172,6 +172,9 @@ class Trainer:
         parser = build_parser()
         args = parser.parse_args(list(argv))
         check_args(args, parser)
+        if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+            raise TrainError("--nproc starts processes: run `vlfast train --nproc N ...` (or torchrun), which builds "
+                             "a Trainer in each rank")
         return cls(args)
 
     def _build_evaluation(self):
