@@ -160,7 +160,8 @@ INTERPRETER_TILES: Dict[str, Dict[str, Dict[str, int]]] = {
     },
     "contrastive": {
         "fwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, num_warps=4, num_stages=1),
-        "bwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, BLOCK_DO=64, num_warps=4, num_stages=1),
+        "bwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, num_warps=4, num_stages=1),
+        "combine": dict(BLOCK_M=16),
     },
 }
 

@@ -143,14 +143,140 @@ def test_lse_row_stride():
 
 
 def test_lse_block_override_and_chunks():
-    """Non-default tiles: several output-feature chunks per block in the backward (dscale partials
-    come from chunk 0 only), rectangular tiles, BLOCK_D smaller than D."""
+    """Non-default tiles: rectangular score / G tiles, BLOCK_D smaller than D, several key splits."""
     with override_tiles("contrastive", fwd=dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=16),
-                        bwd=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=16, BLOCK_DO=16)):
+                        bwd=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=16)):
         check_lse(45, 37, 70, torch.float32, DS=33)
     with override_tiles("contrastive", fwd=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=64),
-                        bwd=dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64, BLOCK_DO=32)):
+                        bwd=dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=64)):
         check_lse(45, 37, 70, torch.float32, DS=33)
+
+
+def _spy(monkeypatch, name):
+    """Record what ``C.<name>`` returns (the plan the launchers used)."""
+    seen = []
+    real = getattr(C, name)
+
+    def wrapper(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(C, name, wrapper)
+    return seen
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lse_key_splits(monkeypatch, splits, dtype):
+    """The forward split over keys (partials merged by _lse_combine_kernel) at forced split counts:
+    the same statistics as the float64 reference, soft targets included."""
+    seen = _spy(monkeypatch, "plan_key_splits")
+    q, k = _feats(21, 40, dtype), _feats(113, 40, dtype)
+    sq, sk = _feats(21, 24, dtype, True), _feats(113, 24, dtype, True)
+    lse, sdot, slse = C.contrastive_loss_lse_forward(q, k, 0.7, sq, sk, 3.0, key_splits=splits)
+    assert seen[-1][0] == splits                     # 113 keys are 8 blocks of 16: every count is taken
+    ref = _lse_ref(q, k, 0.7, sq, sk, 3.0, torch.ones(21), None, torch.float64)
+    eager = _lse_ref(q, k, 0.7, sq, sk, 3.0, torch.ones(21), None, dtype) if dtype in LOW else [None] * 3
+    for name, got, r, e in zip(("lse", "soft_dot", "soft_lse"), (lse, sdot, slse), ref[:3], eager[:3]):
+        _assert_close(name, got, r, e, dtype, 2)
+
+
+def test_key_splits_exclude_diagonal_empty_split():
+    """NT-Xent with splits of one key block: row 16's second split holds only key 16, which it
+    excludes (m = -inf, l = 0 in that partial); a 1-key problem leaves lse = -inf."""
+    q = _feats(17, 24, torch.float32)
+    with override_tiles("contrastive", fwd=dict(BLOCK_N=16)):
+        lse, sdot, slse = C.contrastive_loss_lse_forward(q, q, 0.5, q, q, 2.0, exclude_diagonal=True,
+                                                         key_splits=2)
+        one, _, _ = C.contrastive_loss_lse_forward(q[:1], q[:1], 0.5, exclude_diagonal=True, key_splits=2)
+    s = 0.5 * (q.double() @ q.double().T)
+    s.fill_diagonal_(float("-inf"))
+    sh = 2.0 * (q.double() @ q.double().T)
+    sh.fill_diagonal_(float("-inf"))
+    t = torch.softmax(sh, 1)
+    assert torch.allclose(lse.double(), torch.logsumexp(s, 1), atol=1e-5)
+    assert torch.allclose(slse.double(), torch.logsumexp(sh, 1), atol=1e-5)
+    assert torch.allclose(sdot.double(), (t * s.nan_to_num(neginf=0.0)).sum(1), atol=1e-5)
+    assert torch.isneginf(one).all()
+
+
+def test_key_splits_rule():
+    """Automatic splits: none when the query blocks fill two waves of SMs, else up to two waves,
+    at most MAX_SPLITS, each split at least MIN_SPLIT_BLOCKS key blocks; never an empty split."""
+    cpu = torch.device("cpu")
+    waves = 2 * C.H200_SMS
+    assert C.plan_key_splits(waves, 10 ** 6, 64, cpu)[0] == 1
+    S, length = C.plan_key_splits(32, 32768, 64, cpu)      # one rank's Nq = 4096 at BLOCK_M = 128
+    assert S == min(-(-waves // 32), C.MAX_SPLITS) and length % 64 == 0 and (S - 1) * length < 32768 <= S * length
+    assert C.plan_key_splits(1, 64 * C.MIN_SPLIT_BLOCKS * 3, 64, cpu)[0] == 3
+    assert C.plan_key_splits(1, 100, 64, cpu)[0] == 1
+    for n_kb in range(1, 40):
+        for forced in (1, 2, 5, 64):
+            S, length = C.plan_key_splits(1, n_kb * 16 - 3, 16, cpu, forced)
+            assert S <= forced and (S - 1) * length < n_kb * 16 - 3 <= S * length
+    with pytest.raises(ValueError, match="key_splits"):
+        C.plan_key_splits(1, 100, 16, cpu, 0)
+
+
+def test_grad_plan_passes():
+    """The backward's score passes: one when the whole G fits the workspace, else two (key chunks
+    for dk, query chunks for dq), every tile of G exactly once per pass."""
+    assert C.grad_plan(100, 300, 2, 16, 32, 100 * 300 * 2) == [(0, 100, 0, 300, "both")]
+    plan = C.grad_plan(100, 300, 2, 16, 32, 100 * 300 * 2 - 1)
+    for role, total, span in (("dk", 300, lambda r: (r[2], r[3])), ("dq", 100, lambda r: (r[0], r[1]))):
+        rects = [r for r in plan if r[4] == role]
+        assert len(rects) > 1
+        starts = [span(r)[0] for r in rects]
+        assert starts == sorted(starts) and sum(span(r)[1] for r in rects) == total
+        full = [(r[1], r[3]) for r in rects]
+        assert all(m == 100 for m, _ in full) if role == "dk" else all(n == 300 for _, n in full)
+        assert all(m * n * 2 <= 100 * 300 * 2 - 1 for m, n in full)          # within the workspace
+    # the score FLOPs this plans at N = 32k, D = 768, bf16, the default workspace: 4 passes vs the 3 minimum
+    N, D = 32768, 768
+    plan = C.grad_plan(N, N, 2, 128, 128, C.WORKSPACE_BYTES)
+    score = sum(2 * mq * mk * D for _, mq, _, mk, _ in plan)
+    issued = score + 2 * (2 * N * N * D)                 # + the dq and dk GEMMs
+    assert issued / (3 * 2 * N * N * D) <= 1.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lse_backward_workspace_chunks(monkeypatch, dtype):
+    """A workspace smaller than G: the two-pass plan (several key and query chunks) gives the same
+    gradients as the float64 reference, with soft targets and exclude_diagonal."""
+    seen = _spy(monkeypatch, "grad_plan")
+    q, k = _feats(37, 48, dtype), _feats(37, 48, dtype)
+    sq, sk = _feats(37, 20, dtype, True), _feats(37, 20, dtype, True)
+    gl, gs = torch.randn(37, device=DEVICE), torch.randn(37, device=DEVICE)
+    for excl in (False, True):
+        lse, _, slse = C.contrastive_loss_lse_forward(q, k, 0.9, sq, sk, 2.0, exclude_diagonal=excl)
+        whole = C.contrastive_loss_lse_backward(q, k, 0.9, lse, gl, sq, sk, 2.0, slse, gs, exclude_diagonal=excl)
+        assert [r[4] for r in seen[-1]] == ["both"]
+        got = C.contrastive_loss_lse_backward(q, k, 0.9, lse, gl, sq, sk, 2.0, slse, gs, exclude_diagonal=excl,
+                                              workspace_bytes=37 * 16 * q.element_size())
+        roles = [r[4] for r in seen[-1]]
+        assert roles.count("dk") == 3 and roles.count("dq") == 3      # 37 rows: chunks of 16, 16, 5
+        for a, b in zip(whole, got):
+            assert torch.equal(a, b) if a.dim() else torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_workspace_env_and_bad_values(monkeypatch):
+    monkeypatch.setenv("VLFAST_CONTRASTIVE_WORKSPACE_MB", "0.5")
+    assert C._workspace(None) == 2 ** 19
+    assert C._workspace(123) == 123
+    for bad in ("x", "0", "-1"):
+        monkeypatch.setenv("VLFAST_CONTRASTIVE_WORKSPACE_MB", bad)
+        with pytest.raises(ValueError, match="VLFAST_CONTRASTIVE_WORKSPACE_MB"):
+            C._workspace(None)
+    monkeypatch.delenv("VLFAST_CONTRASTIVE_WORKSPACE_MB")
+    assert C._workspace(None) == C.WORKSPACE_BYTES
+    q = _feats(4, 8, torch.float32)
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        C.contrastive_loss_lse_backward(q, q, 1.0, torch.zeros(4), torch.ones(4), workspace_bytes=0)
+    with pytest.raises(ValueError, match="key_splits"):
+        C.contrastive_loss_lse_forward(q, q, 1.0, key_splits=0)
+    with pytest.raises(ValueError, match="key_splits"):
+        C.siglip_rows_forward(q, q, 1.0, 0.0, key_splits=-2)
 
 
 def test_lse_backward_deterministic():
@@ -223,3 +349,21 @@ def test_siglip_tiny_terms_relative_precision():
     r = C.siglip_rows_forward(x, -x, 1.0, -20.0, pos_offset=100)   # no positives at all
     ref = _siglip_ref(x, -x, 1.0, -20.0, torch.ones(5, device=DEVICE), 100, torch.float64)[0]
     assert ((r.double() - ref).abs() / ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_siglip_splits_and_workspace_chunks(monkeypatch, dtype):
+    """SigLIP's forward over forced key splits and its backward over workspace chunks, against the
+    float64 reference (the per-row sums of the splits, dscale / dbias from the query chunks)."""
+    x, y = _feats(29, 40, dtype, True), _feats(45, 40, dtype, True)
+    g = torch.randn(29, device=DEVICE)
+    ref = _siglip_ref(x, y, 10.0, -10.0, g, 3, torch.float64)
+    eager = _siglip_ref(x, y, 10.0, -10.0, g, 3, dtype) if dtype in LOW else [None] * 5
+    for splits in (2, 3):
+        r = C.siglip_rows_forward(x, y, 10.0, -10.0, 3, key_splits=splits)
+        _assert_close("r", r, ref[0], eager[0], dtype, 2)
+    seen = _spy(monkeypatch, "grad_plan")
+    got = C.siglip_rows_backward(x, y, 10.0, -10.0, g, 3, workspace_bytes=29 * 16 * x.element_size())
+    assert [r[4] for r in seen[-1]].count("dq") == 2
+    for name, v, rf, e in zip(("dx", "dy", "dscale", "dbias"), got, ref[1:], eager[1:]):
+        _assert_close(name, v, rf, e, dtype, 3, rtol=2e-4)

@@ -179,7 +179,8 @@ LOOKUPS = {
     "attention": [(kind, _HALF, [dict(BLOCK_D=A._block_d(d)) for d in range(1, A.MAX_HEAD_DIM + 1)])
                   for kind in ("fwd", "bwd_kv", "bwd_q")]
                  + [("bwd_preprocess", _HALF, [{}]), ("dropout_mask", (None,), [{}])],
-    "contrastive": [(kind, _HALF, [dict(soft=False), dict(soft=True)]) for kind in ("fwd", "bwd")],
+    "contrastive": [(kind, _HALF, [dict(soft=False), dict(soft=True)]) for kind in ("fwd", "bwd")]
+                   + [("combine", (None,), [dict(soft=False)])],
     "ema": [("multi_tensor", (None,), [{}])],
     "masking": [(kind, (None,), [{}]) for kind in ("rank", "gather", "unshuffle")],
 }
@@ -190,7 +191,8 @@ NEEDED = {  # the values each kind's launcher reads
     ("attention", "bwd_preprocess"): ("BLOCK_M",),
     ("attention", "dropout_mask"): ("BLOCK_M", "BLOCK_N"),
     ("contrastive", "fwd"): ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"),
-    ("contrastive", "bwd"): ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO", "num_warps", "num_stages"),
+    ("contrastive", "bwd"): ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"),
+    ("contrastive", "combine"): ("BLOCK_M", "num_warps"),
     ("ema", "multi_tensor"): ("BLOCK", "CHUNK"),
     ("masking", "rank"): ("BLOCK_J", "BLOCK_K"),
     ("masking", "gather"): ("BLOCK_D_CAP",),

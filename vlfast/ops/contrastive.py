@@ -5,9 +5,13 @@ their gradient.  Here the loss is split into
 
 * terms that need every (i, j) pair: the log-sum-exp ``lse_i = log sum_j exp(s_ij)``
   and, for momentum-distilled soft targets, ``sum_j softmax(s^m_i)_j s_ij``.  They are
-  computed tile by tile (online log-sum-exp forward, tile recomputation backward;
-  Milakov & Gimelshein 2018, FlashAttention, Inf-CL (Cheng et al., 2024)), by a
-  Triton kernel or by the chunked torch backend, never storing an Nq x Nk tensor;
+  computed tile by tile (online log-sum-exp forward, split over the keys when the
+  queries are few; Milakov & Gimelshein 2018, FlashAttention, Inf-CL (Cheng et al., 2024)),
+  by a Triton kernel or by the chunked torch backend.  The Triton backward computes each
+  score tile once per pass into a bounded gradient workspace (256 MiB by default,
+  ``$VLFAST_CONTRASTIVE_WORKSPACE_MB``: the whole Nq x Nk gradient when it fits, else key
+  and query chunks of it) and forms the feature gradients with GEMMs on it; the torch
+  backend never stores an Nq x Nk tensor;
 * terms of the hard targets (positives, label smoothing), which are linear in the
   logits and reduce to O((Nq + Nk) D) vector work: ``sum_j h_ij s_ij =
   logit_scale * <q_i, (1 - eps) * mean(positive keys of i) + eps / Nk * sum_j k_j>``.
@@ -405,7 +409,8 @@ def contrastive_loss(query: torch.Tensor, keys: torch.Tensor, logit_scale, *, po
             softmax over j != i too, and with ``(query_ids, key_ids)`` query i's positives are
             the other keys with its id.
 
-    Memory is O((Nq + Nk) D) plus one tile on every backend.  Returns an fp32 loss.
+    Memory is O((Nq + Nk) D) plus one tile (torch backend) or the bounded gradient workspace
+    (Triton backward, ``vlfast.kernels.contrastive.WORKSPACE_BYTES``).  Returns an fp32 loss.
     """
     query = check.features("query", query)
     D = query.shape[1]
