@@ -556,6 +556,23 @@ def write_jsonl(results: Sequence[Result], path: Path, meta: dict[str, Any]) -> 
             f.write(json.dumps(row, default=_json_default) + "\n")
 
 
+def write_launch_plan(path: Path, meta: dict[str, Any]) -> Path:
+    """Print the launch-plan account (``vlfast.kernels.plan``: MMA FLOPs issued vs useful, bytes
+    moved vs the minimum, of the H200 launch plans at the default shapes; counted on any device,
+    not timed) and write it to ``path`` (JSON: the run's metadata and ``launch_plan``, a list of
+    ``Account.as_dict()``; replaced by each run)."""
+    from vlfast.kernels import plan
+
+    accounts = plan.account_table()
+    print("launch plan on an H200 (the GPU rows of the tile tables, counted on this machine, not timed; "
+          "bytes: the tile traffic the programs issue, L2 hits included):")
+    print("\n".join(plan.format_accounts(accounts)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(meta, launch_plan=[a.as_dict() for a in accounts]), default=_json_default,
+                               indent=1) + "\n")
+    return path
+
+
 def write_plot(results: Sequence[Result], path: Path, title: str) -> Path | None:
     """Horizontal bars: speedup of each candidate vs each baseline, per case.
 
@@ -860,10 +877,11 @@ def main(argv: list[str] | None = None) -> int:
     slug = device_slug(device)
     jsonl = out / f"{slug}.jsonl"
     write_jsonl(all_rows, jsonl, meta)
+    plan_path = write_launch_plan(out / f"{slug}-plan.json", meta)
     if copy_gbps:
         print(f"copy bandwidth (dst.copy_(src), read + write): {copy_gbps:.1f} GB/s"
               + (f" (best of {', '.join(f'{c:.1f}' for c in copy_samples)})" if len(copy_samples) > 1 else ""))
-    print(f"results appended to {jsonl}")
+    print(f"results appended to {jsonl}, the launch-plan account to {plan_path}")
     if not args.no_plot:
         title = (f"vlfast speedups on {meta['device']} ({device.type}, {meta['torch_threads']} threads)\n"
                  f"torch {meta['torch_version']}, git {meta['git_commit'][:12]}"

@@ -237,10 +237,12 @@ class TileTable:
         """The keyword arguments ``lookup`` may need besides ``kind`` and ``dtype``."""
         return tuple(k[4:] if k.startswith("max_") else k for k in self.keys[2:])
 
-    def lookup(self, kind: str, dtype: Optional[torch.dtype] = None, **query) -> Dict[str, Optional[int]]:
+    def lookup(self, kind: str, dtype: Optional[torch.dtype] = None, *, gpu: bool = False,
+               **query) -> Dict[str, Optional[int]]:
         """``{value column: tile}`` for launch ``kind`` on inputs of ``dtype`` (``query``: the other keys).
 
         ``dtype`` and a key may be left out where the kind's rows do not depend on them ("any" / None).
+        ``gpu=True`` gives the GPU rows even under the interpreter (the launch-plan account).
         """
         if kind not in self.kernels:
             raise ValueError(f"tile table {self.name} has no kind {kind!r} (kinds: {', '.join(self.kernels)})")
@@ -255,7 +257,7 @@ class TileTable:
                 break
         else:
             raise ValueError(f"tile table {self.name}: no row for kind={kind}, dtype={dc}, {query}")
-        if interpret():
+        if interpret() and not gpu:
             out.update(self.interpreter.get(kind, {}))
         out.update(_OVERRIDES.get((self.name, kind), {}))
         return out

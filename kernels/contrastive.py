@@ -63,6 +63,7 @@ Tiles: the table ``TILES`` below (``vlfast info`` prints it; the interpreter's t
 """
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -349,7 +350,8 @@ def num_sms(device: torch.device) -> int:
     return _SM_COUNTS[idx]
 
 
-def plan_key_splits(n_blocks: int, Nk: int, block_n: int, device: torch.device, splits=None):
+def plan_key_splits(n_blocks: int, Nk: int, block_n: int, device: torch.device, splits=None,
+                    sms: Optional[int] = None):
     """``(S, split_len)``: the forward's split of ``Nk`` keys over ``S`` programs per query block.
 
     Automatic (``splits=None``): ``S = 1`` when the ``n_blocks`` query blocks fill two waves of
@@ -357,11 +359,11 @@ def plan_key_splits(n_blocks: int, Nk: int, block_n: int, device: torch.device, 
     most ``MAX_SPLITS`` and with at least ``MIN_SPLIT_BLOCKS`` key blocks each.  ``splits``: an
     int >= 1 asks for a count (at most the key blocks; fewer where whole key blocks do not divide
     evenly).  ``split_len`` is a multiple of ``block_n`` and ``S = cdiv(Nk, split_len)``, so no
-    split is empty.
+    split is empty.  ``sms``: the SM count to plan for instead of ``num_sms(device)``.
     """
     n_kb = triton.cdiv(Nk, block_n)
     if splits is None:
-        waves = 2 * num_sms(device)
+        waves = 2 * (num_sms(device) if sms is None else sms)
         want = 1 if n_blocks >= waves else triton.cdiv(waves, n_blocks)
         S = max(1, min(want, MAX_SPLITS, n_kb // MIN_SPLIT_BLOCKS))
     else:

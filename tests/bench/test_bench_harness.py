@@ -109,6 +109,15 @@ def test_quick_ema_run(tmp_path, capsys):
     assert "provider" in cap.out and "%copy-BW" in cap.out and "vs loop" in cap.out
     assert "vit_tiny fp32-ema/bf16-params" in cap.out
 
+    # the launch-plan account (vlfast.kernels.plan): printed and written beside the jsonl
+    assert "launch plan on an H200" in cap.out and "issued/useful" in cap.out
+    plan = json.loads(next(tmp_path.glob("*-plan.json")).read_text())
+    assert plan["git_commit"] == rows[0]["git_commit"]
+    ops = {(a["op"], a["phase"]) for a in plan["launch_plan"]}
+    assert {("attention", "fwd"), ("attention", "bwd"), ("infonce", "bwd"), ("siglip", "fwd")} <= ops
+    for a in plan["launch_plan"]:
+        assert a["issued"] >= a["useful"] > 0 and a["bytes"] >= a["min_bytes"] > 0, a
+
     pngs = list(tmp_path.glob("*.png"))
     if _have_matplotlib():
         assert len(pngs) == 1, pngs
