@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make test    create .venv, install, build the native extension, run the tests
 #   make bench   the same set-up, then the benchmark harness (vlfast bench)
-# Also: make test-fast (no slow or distributed tests), make lint (ruff), make info,
+# Also: make test-fast (no slow or distributed tests), make lint (ruff), make info, make gate /
+# make gate-triton36 (the sm_90a compile gate under the pinned triton / triton 3.6.0),
 # make gpu-check (on a GPU machine, with its own python3: no venv, no network; see below).
 #
 # TORCH_SPEC pins torch and torchvision.  timm and open_clip import torchvision, and the
@@ -25,7 +26,7 @@ BENCH_ARGS ?=
 GPU_CHECK_ARGS ?=
 PYTEST_ARGS?=
 
-.PHONY: test test-fast lint bench install info clean gpu-check digits
+.PHONY: test test-fast lint bench install info clean gpu-check digits gate gate-triton36
 
 $(DEPS_STAMP): Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +64,27 @@ test-fast: install
 lint: $(DEPS_STAMP)
 	$(VPY) -m ruff check .
 
+# the sm_90a compile gate (python -m vlfast.kernels.gate; no GPU): under the pinned triton, and under triton 3.6.0
+# (the H200 image's version) in a venv of its own beside .venv: torch 2.13 (CPU wheel) + triton 3.6.0 from the
+# local mirror, vlfast taken from this checkout by copying .venv's editable-install finder (no second build).
+# .ci/run runs gate-triton36; the pinned triton's CI tier runs in tests/kernels/test_gate.py.
+GATE36_VENV ?= .venv-triton36
+GATE36_STAMP:= $(GATE36_VENV)/.deps-installed
+GATE_ARGS  ?= --quiet
+
+gate: install
+	env -u TRITON_INTERPRET $(VPY) -m vlfast.kernels.gate $(GATE_ARGS)
+
+$(GATE36_STAMP): Makefile
+	test -x $(GATE36_VENV)/bin/python || $(PYTHON) -m venv $(GATE36_VENV)
+	$(GATE36_VENV)/bin/python -m pip install $(PIP_FLAGS) torch==2.13.0 triton==3.6.0 numpy
+	touch $@
+
+gate-triton36: install $(GATE36_STAMP)
+	cp $$($(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/__editable__*vlfast* \
+		$$($(GATE36_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/
+	env -u TRITON_INTERPRET $(GATE36_VENV)/bin/python -m vlfast.kernels.gate $(GATE_ARGS)
+
 bench: install
 	$(VPY) -m vlfast bench $(BENCH_ARGS)
 
@@ -87,4 +109,4 @@ digits: install
 	$(VPY) -m vlfast.bench.digits --out $(DIGITS_OUT) $(DIGITS_ARGS)
 
 clean:
-	rm -rf build *.egg-info vlfast/_C*.so .ruff_cache
+	rm -rf build *.egg-info vlfast/_C*.so .ruff_cache $(GATE36_VENV)

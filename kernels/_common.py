@@ -12,10 +12,15 @@
 * Tiles: ``TileTable`` (one per kernel module, registered by name), ``INTERPRETER_TILES`` (the
   interpreter's tiles of every table, chosen here and nowhere else) and ``override_tiles``
   (a context manager for tests and tuning).  ``vlfast.kernels.tile_tables()`` lists the tables.
+* Autotune (opt-in, ``VLFAST_AUTOTUNE=1``; off by default): ``autotune`` times a pruned set of
+  candidates around the table's row on the first launch of each (table, kind, dtype, shape key)
+  and keeps the fastest; ``tuned_tiles()`` lists the choices, ``clear_tuned()`` forgets them.
 """
 
 import contextlib
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+import os
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -306,3 +311,120 @@ def override_tiles(table: str, **kinds: Mapping[str, int]):
     finally:
         _OVERRIDES.clear()
         _OVERRIDES.update(saved)
+
+
+# ----------------------------------------------------------------------------- autotune (opt-in)
+Tiles = Dict[str, Optional[int]]
+_TUNED: Dict[tuple, Tiles] = {}
+_TUNE_LOG: Dict[tuple, List[Tuple[Tiles, Optional[float]]]] = {}
+AUTOTUNE_ENV = "VLFAST_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    """``VLFAST_AUTOTUNE`` is 1 / true / yes / on (read at every launch; anything else but empty
+    or 0 / false / no / off is a ValueError)."""
+    raw = os.environ.get(AUTOTUNE_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{AUTOTUNE_ENV} must be 1 or 0 (true/false, yes/no, on/off), got {os.environ[AUTOTUNE_ENV]!r}")
+
+
+def tune_candidates(table: "TileTable", kind: str, base: Mapping[str, Optional[int]],
+                    dtype: Optional[torch.dtype] = None, limits: Optional[Mapping[str, int]] = None,
+                    prune: Optional[Callable[[Tiles], bool]] = None) -> List[Tiles]:
+    """The pruned search space around ``base`` (the row ``lookup`` gave): ``base`` first, then each
+    tile of the table's other rows of ``kind`` (and ``dtype``'s class) and every one-step neighbour
+    of ``base`` (one ``BLOCK_*`` halved or doubled, ``num_warps`` 4 <-> 8, ``num_stages`` -1 / +1),
+    without duplicates.  ``BLOCK_*`` stay powers of two in [16, ``limits[col]``] (default 256),
+    ``num_stages`` in [1, 4]; ``prune(cand)`` False drops a candidate (a kernel's own rules, e.g.
+    >= 64 rows per warpgroup for wgmma).  Columns ``base`` has as None stay None."""
+    limits = dict(limits or {})
+    dc = None if dtype is None else dtype_class(dtype)
+    out: List[Tiles] = []
+
+    def add(c):
+        c = {k: c.get(k, base[k]) if base[k] is not None else None for k in base}
+        for col, v in c.items():
+            if v is None:
+                continue
+            if col.startswith("BLOCK") and not (16 <= v <= limits.get(col, 256)):
+                return
+            if col == "num_stages" and not 1 <= v <= 4:
+                return
+            if col == "num_warps" and v not in (4, 8):
+                return
+        if c not in out and (prune is None or not out or prune(c)):
+            out.append(c)
+
+    add(dict(base))
+    for row in table.rows:
+        if row[0] == kind and row[1] in ("any", dc):
+            add(dict(zip(table.values, row[len(table.keys):])))
+    for col, v in base.items():
+        if v is None:
+            continue
+        if col.startswith("BLOCK"):
+            steps = (v // 2, v * 2)
+        elif col == "num_warps":
+            steps = (8 if v == 4 else 4,)
+        else:
+            steps = (v - 1, v + 1)
+        for s in steps:
+            add({**base, col: s})
+    return out
+
+
+def _time_once(run: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(run, warmup=5, rep=20))
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1e3
+
+
+def autotune(table: "TileTable", kind: str, dtype: torch.dtype, key: tuple, base: Mapping[str, Optional[int]],
+             run: Callable[[Tiles], None], device: torch.device, **space) -> Tiles:
+    """The tiles for one launch: ``base`` unless ``VLFAST_AUTOTUNE`` is on; then the fastest of
+    ``tune_candidates(table, kind, base, dtype, **space)`` for this ``key`` (the launcher's shape
+    bucket and flags), timed once per process (``triton.testing.do_bench`` on CUDA, one wall-clock
+    run elsewhere) and cached.
+
+    ``run(tiles)`` launches the kernel with those tiles; it must be repeatable (the launcher resets
+    what it accumulates before its real launch, which follows with the chosen tiles).  A
+    candidate that does not fit the device (``triton.runtime.errors.OutOfResources``) is skipped
+    and recorded; ``base`` itself must run.  ``override_tiles`` wins over tuning (tests pin tiles).
+    """
+    if not autotune_enabled() or _OVERRIDES.get((table.name, kind)):
+        return dict(base)
+    ck = (table.name, kind, dtype_class(dtype), key)
+    if ck in _TUNED:
+        return dict(_TUNED[ck])
+    from triton.runtime.errors import OutOfResources
+
+    log: List[Tuple[Tiles, Optional[float]]] = []
+    for i, cand in enumerate(tune_candidates(table, kind, base, dtype, **space)):
+        try:
+            log.append((cand, _time_once(lambda c=cand: run(c), device)))
+        except OutOfResources:
+            if i == 0:
+                raise
+            log.append((cand, None))            # does not fit this device: skipped, recorded
+    best = min((x for x in log if x[1] is not None), key=lambda x: x[1])[0]
+    _TUNED[ck] = dict(best)
+    _TUNE_LOG[ck] = log
+    return dict(best)
+
+
+def tuned_tiles() -> Dict[tuple, Dict[str, object]]:
+    """``{(table, kind, dtype class, key): {"tiles": chosen, "timings": [(candidate, ms or None), ...]}}``
+    (None: the candidate did not fit the device)."""
+    return {k: {"tiles": dict(v), "timings": list(_TUNE_LOG.get(k, []))} for k, v in _TUNED.items()}
+
+
+def clear_tuned() -> None:
+    """Forget every tuned choice (the next launch of each key tunes again)."""
+    _TUNED.clear()
+    _TUNE_LOG.clear()

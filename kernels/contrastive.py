@@ -71,7 +71,8 @@ import triton.language as tl
 
 from vlfast import _validation as check
 
-from ._common import LN2_C, LOG2E, LOG2E_C, TileTable, dot_precision, mma, round_to, upcast_dot
+from ._common import (LN2_C, LOG2E, LOG2E_C, TileTable, autotune, dot_precision, interpret, mma, round_to,
+                      upcast_dot)
 
 # ----------------------------------------------------------------------------- tiles
 TILES = TileTable(
@@ -330,11 +331,25 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
-def _config(kind: str, dtype: torch.dtype, D: int, DS: int = 0):
-    """Tiles of ``kind`` (fwd, bwd) from ``TILES``; feature chunks capped at the feature dims."""
-    t = TILES.lookup(kind, dtype, soft=DS > 0)
+def _config(kind: str, dtype: torch.dtype, D: int, DS: int = 0, tiles=None):
+    """Tiles of ``kind`` (fwd, bwd) from ``TILES`` (or ``tiles``, a lookup's dict); feature chunks
+    capped at the feature dims."""
+    t = TILES.lookup(kind, dtype, soft=DS > 0) if tiles is None else tiles
     return dict(bm=t["BLOCK_M"], bn=t["BLOCK_N"], bd=min(t["BLOCK_D"], _pow2(D)),
                 bds=min(t["BLOCK_D"], _pow2(DS)), num_warps=t["num_warps"], num_stages=t["num_stages"])
+
+
+def _half_wgmma(tiles) -> bool:
+    """fp16/bf16 candidates keep wgmma: >= 64 query rows (the dots' M side) per program."""
+    return tiles["BLOCK_M"] >= 64
+
+
+def _tuned(kind: str, dtype: torch.dtype, DS: int, key: tuple, launch, device: torch.device):
+    """``TILES.lookup(kind, ...)``, or with ``VLFAST_AUTOTUNE=1`` the fastest candidate around it
+    (``_common.autotune``; ``launch(tiles)`` is repeatable: it overwrites every output)."""
+    base = TILES.lookup(kind, dtype, soft=DS > 0)
+    prune = _half_wgmma if dtype in (torch.float16, torch.bfloat16) and not interpret() else None
+    return autotune(TILES, kind, dtype, key, base, launch, device, prune=prune)
 
 
 _SM_COUNTS = {}
@@ -489,23 +504,28 @@ def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scal
         if soft:
             sdot.zero_(), slse.fill_(float("-inf"))
         return lse, sdot, slse
-    cfg = _config("fwd", q.dtype, D, DS)
-    n_m = triton.cdiv(Nq, cfg["bm"])
-    S, split_len = plan_key_splits(n_m, Nk, cfg["bn"], dev, key_splits)
-    part = torch.empty(5 if soft else 2, S, Nq, dtype=torch.float32, device=dev) if S > 1 else lse
     extra = dict(EXCLUDE_DIAG=True) if exclude_diagonal else {}  # flag off: the launch of before, unchanged
-    _lse_fwd_kernel[(n_m * S,)](
-        q, k, sq if soft else q, sk if soft else k, lse, sdot if soft else lse, slse if soft else lse, part,
-        q.stride(0), k.stride(0), sq.stride(0) if soft else 0, sk.stride(0) if soft else 0,
-        Nq, Nk, S, split_len, scale * LOG2E, soft_scale * LOG2E, scale,
-        D=D, DS=DS, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_D=cfg["bd"], BLOCK_DS=cfg["bds"],
-        SOFT=soft, SPLIT=S > 1, DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
-    if S > 1:
-        t = TILES.lookup("combine")
-        _lse_combine_kernel[(triton.cdiv(Nq, t["BLOCK_M"]),)](
-            part, lse, sdot if soft else lse, slse if soft else lse, Nq, S, scale,
-            SOFT=soft, BLOCK_M=t["BLOCK_M"], BLOCK_S=triton.next_power_of_2(S), num_warps=t["num_warps"])
+
+    def launch(tiles):
+        cfg = _config("fwd", q.dtype, D, DS, tiles)
+        n_m = triton.cdiv(Nq, cfg["bm"])
+        S, split_len = plan_key_splits(n_m, Nk, cfg["bn"], dev, key_splits)
+        part = torch.empty(5 if soft else 2, S, Nq, dtype=torch.float32, device=dev) if S > 1 else lse
+        _lse_fwd_kernel[(n_m * S,)](
+            q, k, sq if soft else q, sk if soft else k, lse, sdot if soft else lse, slse if soft else lse, part,
+            q.stride(0), k.stride(0), sq.stride(0) if soft else 0, sk.stride(0) if soft else 0,
+            Nq, Nk, S, split_len, scale * LOG2E, soft_scale * LOG2E, scale,
+            D=D, DS=DS, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_D=cfg["bd"], BLOCK_DS=cfg["bds"],
+            SOFT=soft, SPLIT=S > 1, DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
+        if S > 1:
+            t = TILES.lookup("combine")
+            _lse_combine_kernel[(triton.cdiv(Nq, t["BLOCK_M"]),)](
+                part, lse, sdot if soft else lse, slse if soft else lse, Nq, S, scale,
+                SOFT=soft, BLOCK_M=t["BLOCK_M"], BLOCK_S=triton.next_power_of_2(S), num_warps=t["num_warps"])
+
+    key = (D, DS, exclude_diagonal, key_splits, _pow2(Nq), _pow2(Nk))
+    launch(_tuned("fwd", q.dtype, DS, key, launch, dev))
     return lse, sdot, slse
 
 
@@ -519,16 +539,21 @@ def _backward(q, k, sq, sk, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0.0
     soft = sq is not None
     DS = sq.shape[1] if soft else 0
     dev = q.device
-    cfg = _config("bwd", q.dtype, D, DS)
-    bm, bn = cfg["bm"], cfg["bn"]
-    plan = grad_plan(Nq, Nk, q.element_size(), bm, bn, _workspace(workspace_bytes))
     dq = torch.empty(Nq, D, dtype=q.dtype, device=dev)
     dk = torch.empty(Nk, D, dtype=k.dtype, device=dev)
-    work = torch.empty(max(mq * mk for _, mq, _, mk, _ in plan), dtype=q.dtype, device=dev)
     dummy = lse if lse is not None else g
     extra = dict(EXCLUDE_DIAG=True) if exclude_diagonal else {}  # flag off: the launch of before, unchanged
-    sums = []
-    for q0, mq, k0, mk, role in plan:
+    ws = _workspace(workspace_bytes)
+
+    def launch(tiles):
+        cfg = _config("bwd", q.dtype, D, DS, tiles)
+        plan = grad_plan(Nq, Nk, q.element_size(), cfg["bm"], cfg["bn"], ws)
+        work = torch.empty(max(mq * mk for _, mq, _, mk, _ in plan), dtype=q.dtype, device=dev)
+        return [grad_rect(rect, work, cfg) for rect in plan]
+
+    def grad_rect(rect, work, cfg):
+        q0, mq, k0, mk, role = rect
+        bm, bn = cfg["bm"], cfg["bn"]
         n_n = triton.cdiv(mk, bn)
         n_prog = triton.cdiv(mq, bm) * n_n
         partials = role != "dk"
@@ -546,12 +571,16 @@ def _backward(q, k, sq, sk, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0.0
             DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
         # beta=0: the uninitialized output rows are ignored (NaN included), alpha applied before rounding
-        if role != "dk":
-            dq[q0:q0 + mq].addmm_(G, k[k0:k0 + mk], beta=0, alpha=scale)
-            sums.append(part.sum(1))
         if role != "dq":
             dk[k0:k0 + mk].addmm_(G.t(), q[q0:q0 + mq], beta=0, alpha=scale)
-    return dq, dk, torch.stack(sums).sum(0)
+        if role != "dk":
+            dq[q0:q0 + mq].addmm_(G, k[k0:k0 + mk], beta=0, alpha=scale)
+            return part.sum(1)
+        return None
+
+    key = (D, DS, siglip, exclude_diagonal, _pow2(Nq), _pow2(Nk), ws)
+    sums = launch(_tuned("bwd", q.dtype, DS, key, launch, dev))
+    return dq, dk, torch.stack([s for s in sums if s is not None]).sum(0)
 
 
 def contrastive_loss_lse_backward(q, k, scale: float, lse, g_lse, sq=None, sk=None, soft_scale: float = 1.0,
@@ -622,16 +651,20 @@ def siglip_rows_forward(x, y, scale: float, bias: float, pos_offset: int = 0, ke
         check.integer("key_splits", key_splits, 1)
     if Nx == 0 or Ny == 0:
         return torch.zeros(Nx, dtype=torch.float32, device=x.device)
-    cfg = _config("fwd", x.dtype, D)
-    n_m = triton.cdiv(Nx, cfg["bm"])
-    S, split_len = plan_key_splits(n_m, Ny, cfg["bn"], x.device, key_splits)
-    r = torch.empty(S, Nx, dtype=torch.float32, device=x.device)
-    _siglip_fwd_kernel[(n_m * S,)](
-        x, y, r, x.stride(0), y.stride(0), Nx, Ny, S, split_len, scale, bias, pos_offset,
-        D=D, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_D=cfg["bd"],
-        DOT_PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return r[0] if S == 1 else r.sum(0)
+    def launch(tiles):
+        cfg = _config("fwd", x.dtype, D, 0, tiles)
+        n_m = triton.cdiv(Nx, cfg["bm"])
+        S, split_len = plan_key_splits(n_m, Ny, cfg["bn"], x.device, key_splits)
+        r = torch.empty(S, Nx, dtype=torch.float32, device=x.device)
+        _siglip_fwd_kernel[(n_m * S,)](
+            x, y, r, x.stride(0), y.stride(0), Nx, Ny, S, split_len, scale, bias, pos_offset,
+            D=D, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_D=cfg["bd"],
+            DOT_PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return r[0] if S == 1 else r.sum(0)
+
+    key = ("siglip", D, key_splits, _pow2(Nx), _pow2(Ny))
+    return launch(_tuned("fwd", x.dtype, 0, key, launch, x.device))
 
 
 def siglip_rows_backward(x, y, scale: float, bias: float, g_row, pos_offset: int = 0, workspace_bytes=None):

@@ -168,9 +168,7 @@ def contrastive_account(Nq: int, Nk: int, D: int, dtype: torch.dtype = torch.bfl
         return cm * cn * per_tile, (cn * M + cm * N) * feat * es
 
     # forward: splits hold whole key blocks, so the tiles are those of the whole rectangle
-    cfg = C._config("fwd", dtype, D, DS if soft else 0)
-    t = C.TILES.lookup("fwd", dtype, gpu=True, soft=soft)
-    cfg.update(bm=t["BLOCK_M"], bn=t["BLOCK_N"])
+    cfg = C._config("fwd", dtype, D, DS if soft else 0, C.TILES.lookup("fwd", dtype, gpu=True, soft=soft))
     n_m = triton.cdiv(Nq, cfg["bm"])
     S, _ = C.plan_key_splits(n_m, Nk, cfg["bn"], torch.device("meta"), sms=sms)
     flops, moved = rect(Nq, Nk, cfg["bm"], cfg["bn"], cfg)
@@ -181,9 +179,7 @@ def contrastive_account(Nq: int, Nk: int, D: int, dtype: torch.dtype = torch.bfl
                   2 * Nq * Nk * feat, moved, (Nq + Nk) * feat * es + Nq * 4 * outs, 2 if S > 1 else 1)
 
     # backward: the G tiles of each rectangle, then torch's GEMMs on G
-    cfg = C._config("bwd", dtype, D, DS if soft else 0)
-    t = C.TILES.lookup("bwd", dtype, gpu=True, soft=soft)
-    cfg.update(bm=t["BLOCK_M"], bn=t["BLOCK_N"])
+    cfg = C._config("bwd", dtype, D, DS if soft else 0, C.TILES.lookup("bwd", dtype, gpu=True, soft=soft))
     ws = C.WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
     plan = C.grad_plan(Nq, Nk, es, cfg["bm"], cfg["bn"], ws)
     flops = moved = 0

@@ -114,6 +114,11 @@ def test_account_uses_gpu_rows_under_the_interpreter(monkeypatch):
     gpu = plan.account_table()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert [a.as_dict() for a in plan.account_table()] == [a.as_dict() for a in gpu]
+    odd = dict(DS=40, workspace_bytes=100 * 300)         # feature widths the interpreter's chunks split otherwise
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    gpu_odd = [a.as_dict() for a in plan.contrastive_account(100, 300, 257, BF16, **odd)]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert [a.as_dict() for a in plan.contrastive_account(100, 300, 257, BF16, **odd)] == gpu_odd
     with override_tiles("attention", fwd=dict(BLOCK_N=16)):         # overrides do count (tuning)
         assert plan.attention_account(1, 1, 197, 197, 64)[0].issued != gpu[0].issued / (256 * 12)
 

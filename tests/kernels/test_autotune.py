@@ -1,0 +1,130 @@
+"""The opt-in autotune (VLFAST_AUTOTUNE=1, vlfast.kernels._common.autotune): off by default, a
+pruned candidate set around the tile table's row, one tuning per key, results unchanged.
+
+Kernels run in the Triton CPU interpreter (conftest sets TRITON_INTERPRET=1), where the timings
+are wall-clock runs: what is tested is the mechanism, not which tile wins.
+"""
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from vlfast.kernels import _common
+from vlfast.kernels import attention as A
+from vlfast.kernels import contrastive as C
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    _common.clear_tuned()
+    yield
+    _common.clear_tuned()
+
+
+def _count_timings(monkeypatch):
+    calls = []
+    real = _common._time_once
+
+    def timed(run, device):
+        calls.append(1)
+        return real(run, device)
+
+    monkeypatch.setattr(_common, "_time_once", timed)
+    return calls
+
+
+def _contrastive(q, k, sq, sk):
+    lse, sdot, slse = C.contrastive_loss_lse_forward(q, k, 0.8, sq, sk, 2.0)
+    g = torch.linspace(-1, 1, q.shape[0])
+    return (lse, sdot, slse) + C.contrastive_loss_lse_backward(q, k, 0.8, lse, g, sq, sk, 2.0, slse, g)
+
+
+def test_off_by_default_times_nothing(monkeypatch):
+    monkeypatch.delenv("VLFAST_AUTOTUNE", raising=False)
+    calls = _count_timings(monkeypatch)
+    q, k = torch.randn(20, 24), torch.randn(33, 24)
+    C.contrastive_loss_lse_forward(q, k, 0.5)
+    C.siglip_rows_forward(q, k, 1.0, -2.0)
+    monkeypatch.setenv("VLFAST_AUTOTUNE", "0")
+    C.contrastive_loss_lse_forward(q, k, 0.5)
+    assert calls == [] and _common.tuned_tiles() == {}
+
+
+def test_bad_env_value(monkeypatch):
+    monkeypatch.setenv("VLFAST_AUTOTUNE", "maybe")
+    with pytest.raises(ValueError, match="VLFAST_AUTOTUNE"):
+        C.contrastive_loss_lse_forward(torch.randn(3, 8), torch.randn(3, 8), 1.0)
+
+
+def test_tunes_once_per_key_and_keeps_results(monkeypatch):
+    torch.manual_seed(0)
+    q, k = torch.randn(37, 40), torch.randn(45, 40)
+    sq, sk = torch.randn(37, 16), torch.randn(45, 16)
+    plain = _contrastive(q, k, sq, sk)
+    monkeypatch.setenv("VLFAST_AUTOTUNE", "1")
+    calls = _count_timings(monkeypatch)
+    tuned = _contrastive(q, k, sq, sk)
+    first = len(calls)
+    choices = _common.tuned_tiles()
+    kinds = sorted(k[1] for k in choices)
+    assert kinds == ["bwd", "fwd"]
+    for entry in choices.values():
+        assert len(entry["timings"]) > 1 and entry["tiles"] in [c for c, _ in entry["timings"]]
+        assert all(ms is not None and ms > 0 for _, ms in entry["timings"])
+    assert first == sum(len(e["timings"]) for e in choices.values())
+    again = _contrastive(q, k, sq, sk)                 # cached: no timing
+    assert len(calls) == first
+    for a, b, c in zip(plain, tuned, again):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6) and torch.equal(b, c)
+    # another shape bucket tunes again
+    _contrastive(q[:5], k, sq[:5], sk)
+    assert len(calls) > first
+
+
+def test_override_tiles_wins(monkeypatch):
+    monkeypatch.setenv("VLFAST_AUTOTUNE", "1")
+    calls = _count_timings(monkeypatch)
+    with _common.override_tiles("contrastive", fwd=dict(BLOCK_M=16)):
+        C.contrastive_loss_lse_forward(torch.randn(9, 8), torch.randn(9, 8), 1.0)
+    assert calls == []
+
+
+def test_candidates_are_pruned_and_valid():
+    base = A.TILES.lookup("fwd", torch.bfloat16, gpu=True, BLOCK_D=64)
+    cands = _common.tune_candidates(A.TILES, "fwd", base, torch.bfloat16, limits=dict(BLOCK_N=64),
+                                    prune=lambda c: c["BLOCK_M"] >= 64)
+    assert cands[0] == base and len(cands) == len({tuple(sorted(c.items())) for c in cands}) > 3
+    for c in cands:
+        assert set(c) == set(base)
+        assert c["BLOCK_M"] >= 64 and 16 <= c["BLOCK_N"] <= 64
+        assert all(v & (v - 1) == 0 for col, v in c.items() if col.startswith("BLOCK"))
+        assert c["num_warps"] in (4, 8) and 1 <= c["num_stages"] <= 4
+    # one-step neighbours of the base are there; a column the kind does not use stays None
+    assert {**base, "num_warps": 4 if base["num_warps"] == 8 else 8} in cands
+    pre = A.TILES.lookup("bwd_preprocess", torch.bfloat16, gpu=True)
+    assert all(c["BLOCK_N"] is None for c in _common.tune_candidates(A.TILES, "bwd_preprocess", pre))
+
+
+def test_out_of_resources_is_skipped_and_recorded():
+    base = C.TILES.lookup("fwd", torch.float32, gpu=True)
+    cands = _common.tune_candidates(C.TILES, "fwd", base, torch.float32)
+    too_big = cands[1]
+    seen = []
+
+    def run(tiles):
+        seen.append(tiles)
+        if tiles == too_big:
+            raise OutOfResources(300000, 232448, "shared memory")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLFAST_AUTOTUNE", "1")
+        got = _common.autotune(C.TILES, "fwd", torch.float32, ("k",), base, run, torch.device("cpu"))
+        assert got != too_big and seen == cands
+        (entry,) = _common.tuned_tiles().values()
+        assert [ms for c, ms in entry["timings"] if c == too_big] == [None]
+
+        def base_fails(tiles):
+            raise OutOfResources(1, 0, "registers")
+
+        with pytest.raises(OutOfResources):
+            _common.autotune(C.TILES, "fwd", torch.float32, ("other",), base, base_fails, torch.device("cpu"))
