@@ -31,9 +31,21 @@ fence per atomic: the default acq_rel puts a ``MEMBAR.ALL.GPU`` in the hot loop;
 bits of dbias are not deterministic.  ``deterministic=True`` instead writes the full
 ``(B, H, Nq, Nk)`` fp32 ``dS`` (that much extra memory) and reduces it with ``torch.sum``.
 
-Dropout: ``drop_ij = tl.rand(seed, offset + ((b*H + h)*Nq + i)*Nk + j) >= dropout_p``
-(int64 Philox offsets); the backward regenerates the same mask and ``dropout_mask``
-returns it for tests.  ``dropout_p == 0`` compiles without any RNG.
+Dropout (FlashAttention-2's scheme: one Philox call per 8 scores, with 16-bit thresholds).  With
+the flattened row ``r = (b*H + h)*Nq + i`` and key ``j`` in group ``g = j // 8`` at lane
+``l = j % 8``: ``w0, w1, w2, w3 = tl.randint4x(seed, offset + r * ceil(Nk / 8) + g)`` (one
+Philox4x32-10 call; int64 counters, ``offset + B*H*Nq*ceil(Nk / 8)`` must fit in int64; the int64
+seed is Philox's key, its low and high 32-bit words), ``u_ij`` = the 16-bit half ``l % 2`` (low
+half first) of word ``w_{l // 2}``, and ``drop_ij = u_ij >= t`` (True = kept) with
+``t = min(round(dropout_p * 65536), 65535)`` computed on the host.  ``dropout_p`` is thus
+quantized to 1/65536: the drop probability is ``t / 65536``, within 2^-17 of ``dropout_p`` (for
+``dropout_p <= 1 - 2^-17``; above, ``t = 65535``).  Kept values are scaled by
+``1 / (1 - dropout_p)``, the probability asked for (torch's convention), not the quantized one:
+a kept-and-scaled value's expectation is off by at most ``2^-17 / (1 - dropout_p)`` relative,
+and ``dropout_mask`` replayed with ``1 / (1 - dropout_p)`` reproduces the kernels exactly.  The
+counters depend on (r, j) only, never on the tiles, so the forward, both backward kernels (each
+with its own tiles) and ``dropout_mask`` (which materializes the mask for tests) draw the same
+mask from one device helper, ``_keep_mask``.  ``dropout_p == 0`` compiles without any RNG.
 
 Head dims that are not powers of two are padded to the next power of two (at least 16,
 the smallest ``tl.dot`` K) with masked loads; ``HEAD_DIM`` is a constexpr, so the mask
@@ -58,11 +70,12 @@ TILES = TileTable(
         "most this.  fp16/bf16 rows are checked by the sm_90a compile gate (python -m vlfast.kernels.gate, "
         "triton 3.8, no GPU): every dot is wgmma (>= 64 rows per warpgroup on the MMA's M side: fwd/bwd_q "
         "BLOCK_M, bwd_kv BLOCK_N), no register spill for D in {40, 64, 72, 80, 128, 256} with padding, bias, "
-        "causal or dropout, shared memory <= 104 KB, 1-2 CTAs per SM; under triton 3.6 too, but for "
-        "bwd_kv D=256 with dropout (4 B of spill there).  fp32 rows (IEEE FMA dots) still "
+        "causal or dropout, shared memory <= 104 KB, 1-2 CTAs per SM; under triton 3.6 too.  fp32 rows (IEEE "
+        "FMA dots) still "
         "spill (up to ~39 KB, the gate's fp32 budget).  Not yet timed on a GPU: retune there (wider tiles, "
         "TMA descriptors) before relying on them.  bwd_preprocess: "
-        "BLOCK_M is then clamped to [16, 4096 // BLOCK_D]; dropout_mask: BLOCK_N to max(16, next_pow2(Nk)).",
+        "BLOCK_M is then clamped to [16, 4096 // BLOCK_D]; dropout_mask: BLOCK_N to max(16, next_pow2(Nk)) "
+        "(every BLOCK_N a multiple of 8: one Philox call per 8 keys).",
     kernels={
         "fwd": ("_attn_fwd_kernel",),
         "bwd_preprocess": ("_attn_bwd_preprocess_kernel",),
@@ -144,23 +157,52 @@ def _visible_scores(s, offs_m, offs_n, m_ok, n_ok, live, bias_ptr, s_bm, s_bn, k
 
 
 @triton.jit
-def _keep_mask(seed, offset, bh, Nq, Nk, offs_m, offs_n, dropout_p, TRANS: tl.constexpr):
-    """drop mask (True = kept) of rows offs_m x cols offs_n; TRANS gives the [n, m] tile."""
-    row = (bh.to(tl.int64) * Nq + offs_m.to(tl.int64)) * Nk + offset
-    if TRANS:
-        philox = row[None, :] + offs_n.to(tl.int64)[:, None]
-    else:
-        philox = row[:, None] + offs_n.to(tl.int64)[None, :]
-    return tl.rand(seed, philox) >= dropout_p
+def _dropout_row_counters(offset, rows, Nk):
+    """First Philox counter of each flattened row ``rows`` (int64 ``(b*H + h)*Nq + i``) of the
+    dropout mask: ``offset + r * ceil(Nk / 8)`` (int64)."""
+    return offset + rows.to(tl.int64) * ((Nk + 7) // 8)
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, R, Nk, seed, offset, dropout_p,
+def _keep_mask(seed, row_ctr, start_n, threshold, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
+    """The dropout keep-mask (True = kept) of the rows whose first counters are ``row_ctr`` by the
+    keys ``start_n + [0, BLOCK_N)``.
+
+    ``row_ctr``: ``_dropout_row_counters`` of the tile's ``M`` rows; ``start_n``: a multiple of 8;
+    ``threshold``: ``t``, an int in [0, 65535].  One Philox4x32-10 call (``tl.randint4x``) per 8
+    keys: key ``j`` (group ``g = j // 8``, lane ``l = j % 8``) of row ``r`` takes the 16-bit half
+    ``l % 2`` (low half first) of word ``l // 2`` of counter ``offset + r * ceil(Nk / 8) + g`` and is
+    kept iff that half is ``>= t``.  The counters depend on (r, j) only, never on the tile, so every
+    kernel draws the same mask.  Returns ``[M, BLOCK_N]``, or ``[BLOCK_N, M]`` when ``TRANS``.
+    """
+    tl.static_assert(BLOCK_N % 8 == 0, "dropout mask: BLOCK_N must be a multiple of 8 (8 keys per Philox call)")
+    G: tl.constexpr = BLOCK_N // 8
+    groups = (start_n // 8 + tl.arange(0, G)).to(tl.int64)
+    if TRANS:   # built transposed ([G, M] counters): cheaper than tl.trans of the [M, BLOCK_N] mask
+        ctr = groups[:, None] + row_ctr[None, :]
+    else:
+        ctr = row_ctr[:, None] + groups[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, ctr)
+    # lane l = 4*b2 + 2*b1 + b0 takes word 2*b2 + b1, half b0; each join appends one bit (as a
+    # new last axis), so the row-major flattening below runs g, b2, b1, b0 = j, lane fastest
+    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))                      # [*ctr.shape, b2, b1]
+    t = tl.full([], threshold, tl.uint32)                                  # (an int arg of 1 is a constexpr)
+    keep = tl.join(words & 0xFFFF, words >> 16) >= t                       # [*ctr.shape, b2, b1, b0]
+    if TRANS:
+        keep = tl.reshape(tl.permute(keep, [0, 2, 3, 4, 1]), [BLOCK_N, row_ctr.shape[0]])
+    else:
+        keep = tl.reshape(keep, [row_ctr.shape[0], BLOCK_N])
+    return keep
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, R, Nk, seed, offset, threshold,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # (b*H + h)*Nq + i
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = tl.program_id(1) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    keep = _keep_mask(seed, _dropout_row_counters(offset, rows, Nk), start_n, threshold, BLOCK_N, False)
     idx = rows[:, None] * Nk + offs_n.to(tl.int64)[None, :]
-    keep = tl.rand(seed, offset + idx) >= dropout_p
     tl.store(out_ptr + idx, keep.to(tl.int8), mask=(rows < R)[:, None] & (offs_n < Nk)[None, :])
 
 
@@ -174,7 +216,7 @@ def _attn_fwd_kernel(
     s_pb, s_pn,
     H, Nq, Nk, num_m,
     qk_scale,                       # scale * log2(e)
-    dropout_p, drop_scale, seed, offset,
+    drop_thresh, drop_scale, seed, offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -202,6 +244,8 @@ def _attn_fwd_kernel(
     v_base = v_ptr + b * s_vb + h * s_vh
     bias_base = bias_ptr + b * s_bb + h * s_bh + start_m.to(tl.int64) * s_bm   # unused without a bias
     kpm_base = kpm_ptr + b * s_pb
+    if DROPOUT:
+        drop_rows = _dropout_row_counters(offset, bh.to(tl.int64) * Nq + offs_m, Nk)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -226,7 +270,7 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _keep_mask(seed, offset, bh, Nq, Nk, offs_m, offs_n, dropout_p, False)
+            keep = _keep_mask(seed, drop_rows, start_n, drop_thresh, BLOCK_N, False)
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + kv_off * s_vn + offs_n0[:, None] * s_vn + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -277,7 +321,7 @@ def _attn_bwd_dkdv_kernel(
     s_db, s_dh, s_dm,
     H, Nq, Nk, num_n,
     qk_scale, scale,
-    dropout_p, drop_scale, seed, offset,
+    drop_thresh, drop_scale, seed, offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -330,7 +374,8 @@ def _attn_bwd_dkdv_kernel(
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         dpT = mma(v, tl.trans(do), None, DOT_PREC, UPCAST_DOT)
         if DROPOUT:
-            keep = _keep_mask(seed, offset, bh, Nq, Nk, offs_m, offs_n, dropout_p, True)
+            keep = _keep_mask(seed, _dropout_row_counters(offset, row_base + offs_m, Nk), start_n,
+                              drop_thresh, BLOCK_N, True)
             pdT = tl.where(keep, pT * drop_scale, 0.0)
             dpT = tl.where(keep, dpT * drop_scale, 0.0)
         else:
@@ -359,7 +404,7 @@ def _attn_bwd_dq_kernel(
     s_gb, s_gh, s_gm, s_gn,           # dbias buffer strides (0 on broadcast dims)
     H, Nq, Nk, num_m,
     qk_scale, scale,
-    dropout_p, drop_scale, seed, offset,
+    drop_thresh, drop_scale, seed, offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -399,6 +444,8 @@ def _attn_bwd_dq_kernel(
     kpm_base = kpm_ptr + b * s_pb
     if DBIAS != 0:
         g_base = dbias_ptr + b * s_gb + h * s_gh + m_off * s_gm
+    if DROPOUT:
+        drop_rows = _dropout_row_counters(offset, row, Nk)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = Nk
@@ -419,7 +466,7 @@ def _attn_bwd_dq_kernel(
         p = tl.exp2(s - lse2[:, None])
         dp = mma(do, tl.trans(v), None, DOT_PREC, UPCAST_DOT)
         if DROPOUT:
-            keep = _keep_mask(seed, offset, bh, Nq, Nk, offs_m, offs_n, dropout_p, False)
+            keep = _keep_mask(seed, drop_rows, start_n, drop_thresh, BLOCK_N, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = mma(ds.to(dtype), k, dq, DOT_PREC, UPCAST_DOT)
@@ -444,6 +491,7 @@ def _attn_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- host side
 MAX_HEAD_DIM = 256               # the largest D the kernels (and TILES) cover
+_DROP_GROUP = 8                  # keys per Philox call of the dropout mask (one randint4x: 8 x 16 bits)
 _INT64_MAX = 2 ** 63 - 1
 
 
@@ -512,12 +560,25 @@ def _check_masks(q, Nk, key_padding_mask, bias):
         check.same_device("bias", bias, q.device)
 
 
-def _check_rng(dropout_p, seed, offset, numel: int):
-    """``(dropout_p, seed, offset)``: p in [0, 1), an int64 seed, offset >= 0 with offset + numel in int64."""
+def _check_rng(dropout_p, seed, offset, B: int, H: int, Nq: int, Nk: int):
+    """``(dropout_p, seed, offset)``: p in [0, 1), an int64 seed, offset >= 0 with
+    ``offset + B * H * Nq * ceil(Nk / 8)`` (the Philox counters of the mask) in int64."""
     dropout_p = check.unit_interval("dropout_p", dropout_p, hi_open=True)
     seed = check.integer("seed", seed, -_INT64_MAX - 1, _INT64_MAX)
-    offset = check.integer("offset", offset, 0, _INT64_MAX - numel)
+    offset = check.integer("offset", offset, 0, _INT64_MAX - B * H * Nq * triton.cdiv(Nk, _DROP_GROUP))
     return dropout_p, seed, offset
+
+
+def _drop_threshold(dropout_p: float) -> int:
+    """``t = round(dropout_p * 65536)`` (Python's round), at most 65535: a key is kept iff its 16
+    random bits are ``>= t``, so the drop probability is ``t / 65536``."""
+    return min(round(dropout_p * 65536), 65535)
+
+
+def _drop_args(dropout_p: float, seed: int, offset: int):
+    """The kernels' dropout arguments ``(drop_thresh, drop_scale, seed, offset)``; the scale is
+    ``1 / (1 - dropout_p)`` (the probability asked for, not the quantized ``t / 65536``)."""
+    return _drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed, offset
 
 
 def _check_like(name, t, like, shape_doc):
@@ -556,7 +617,8 @@ def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False
         key_padding_mask: (B, Nk) bool (or uint8), True / nonzero = padding; any strides.
         bias: (B, H, Nq, Nk) floating (an expanded view of a broadcast bias is fine).
         causal: bool, bottom-right aligned.  scale: the logit scale (a float).
-        dropout_p: in [0, 1); seed (int64), offset (>= 0): the Philox stream of the dropout mask.
+        dropout_p: in [0, 1) (quantized to 1/65536); seed (int64), offset (>= 0): the Philox stream
+            of the dropout mask (``dropout_mask``).
 
     Returns:
         out (B, H, Nq, D) contiguous in q's dtype; lse (B, H, Nq) fp32 (natural log, before dropout).
@@ -567,7 +629,7 @@ def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False
     _check_masks(q, Nk, key_padding_mask, bias)
     causal = check.flag("causal", causal)
     scale = check.real("scale", scale, finite=False)
-    dropout_p, seed, offset = _check_rng(dropout_p, seed, offset, B * H * Nq * Nk)
+    dropout_p, seed, offset = _check_rng(dropout_p, seed, offset, B, H, Nq, Nk)
     out = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     if B * H * Nq == 0 or D == 0:
@@ -584,7 +646,7 @@ def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False
         *bs, *ps,
         H, Nq, Nk, num_m,
         scale * LOG2E,
-        dropout_p, 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, seed, offset,
+        *_drop_args(dropout_p, seed, offset),
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
         HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
         DROPOUT=dropout_p > 0, OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=dot_precision(q.dtype),
@@ -630,7 +692,7 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
     causal = check.flag("causal", causal)
     deterministic = check.flag("deterministic", deterministic)
     scale = check.real("scale", scale, finite=False)
-    dropout_p, seed, offset = _check_rng(dropout_p, seed, offset, B * H * Nq * Nk)
+    dropout_p, seed, offset = _check_rng(dropout_p, seed, offset, B, H, Nq, Nk)
     full = (B, H, Nq, Nk)
     bias_grad_shape = _check_bias_grad_shape(bias_grad_shape, full)
     if do.stride(-1) != 1:
@@ -654,8 +716,7 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
                   HAS_KPM=key_padding_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
                   OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=dot_precision(q.dtype),
                   UPCAST_DOT=upcast_dot(q.dtype))
-    drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-    rng = (dropout_p, drop_scale, seed, offset)
+    rng = _drop_args(dropout_p, seed, offset)
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2))
 
@@ -712,22 +773,28 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
 def dropout_mask(B, H, Nq, Nk, *, dropout_p, seed, offset, device):
     """The dropout keep-mask of the attention kernels, materialized (for tests and references).
 
-    ``keep[b, h, i, j] = tl.rand(seed, offset + ((b * H + h) * Nq + i) * Nk + j) >= dropout_p``:
-    exactly the mask ``attention_forward`` / ``attention_backward`` apply with the same
-    ``(B, H, Nq, Nk, dropout_p, seed, offset)`` (Philox, int64 counters).
+    With the flattened row ``r = (b * H + h) * Nq + i``, key group ``g = j // 8`` and lane
+    ``l = j % 8``: ``w0, w1, w2, w3 = tl.randint4x(seed, offset + r * ceil(Nk / 8) + g)`` (one
+    Philox4x32-10 call per 8 keys, int64 counters) and ``keep[b, h, i, j] = u >= t`` where ``u`` is
+    the 16-bit half ``l % 2`` (low half first) of word ``w_{l // 2}`` and
+    ``t = min(round(dropout_p * 65536), 65535)`` (the drop probability ``t / 65536``, within 2^-17
+    of ``dropout_p``; see the module docstring): exactly the mask ``attention_forward`` /
+    ``attention_backward`` apply with the same ``(B, H, Nq, Nk, dropout_p, seed, offset)``, where
+    kept values are scaled by ``1 / (1 - dropout_p)``.
 
     Args:
         B, H, Nq, Nk: ints >= 0 (batch, heads, queries, keys).
-        dropout_p: float in [0, 1), the probability of dropping.
-        seed: int64 Philox seed.  offset: int >= 0, the first Philox counter
-            (``offset + B * H * Nq * Nk`` must fit in int64).
+        dropout_p: float in [0, 1), the probability of dropping (quantized to 1/65536).
+        seed: int64 Philox seed (its low / high 32-bit words are Philox's two keys).
+        offset: int >= 0, the first Philox counter (``offset + B * H * Nq * ceil(Nk / 8)`` must
+            fit in int64).
         device: ``torch.device`` or device string (a CPU device needs ``TRITON_INTERPRET=1``).
 
     Returns:
         (B, H, Nq, Nk) torch.bool on ``device``, True = kept.
 
     Tiles: ``TILES`` kind ``dropout_mask`` (BLOCK_M rows of the flattened (B * H * Nq, Nk) mask by
-    BLOCK_N keys per program).
+    BLOCK_N keys per program, BLOCK_N a multiple of 8).
     """
     B, H, Nq, Nk = (check.integer(n, x, 0) for n, x in (("B", B), ("H", H), ("Nq", Nq), ("Nk", Nk)))
     if not isinstance(device, (str, torch.device)):
@@ -736,7 +803,7 @@ def dropout_mask(B, H, Nq, Nk, *, dropout_p, seed, offset, device):
         device = torch.device(device)
     except RuntimeError as exc:
         raise ValueError(f"device: {exc}") from exc
-    dropout_p, seed, offset = _check_rng(dropout_p, seed, offset, B * H * Nq * Nk)
+    dropout_p, seed, offset = _check_rng(dropout_p, seed, offset, B, H, Nq, Nk)
     out = torch.empty(B, H, Nq, Nk, dtype=torch.int8, device=device)
     if out.numel() == 0:
         return out.bool()
@@ -745,5 +812,5 @@ def dropout_mask(B, H, Nq, Nk, *, dropout_p, seed, offset, device):
     bm = t["BLOCK_M"]
     bn = min(t["BLOCK_N"], max(16, triton.next_power_of_2(Nk)))
     grid = (triton.cdiv(R, bm), triton.cdiv(Nk, bn))
-    _dropout_mask_kernel[grid](out, R, Nk, seed, offset, dropout_p, BLOCK_M=bm, BLOCK_N=bn)
+    _dropout_mask_kernel[grid](out, R, Nk, seed, offset, _drop_threshold(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
     return out.bool()

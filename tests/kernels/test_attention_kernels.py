@@ -8,6 +8,7 @@ eager PyTorch math in the same dtype, plus 1e-5; fp32: error / max|ref| < 1e-3.
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,7 +259,9 @@ def test_dropout_mask_properties():
     assert torch.equal(m1, m2)
     assert not torch.equal(m1, m3)
     assert not torch.equal(m1, m4)
-    # offset shifts the Philox counter: offset = one (b, h) slice equals the next slice
+    m4 = A.dropout_mask(2, 3, 17, 45, dropout_p=0.3, seed=42, offset=17 * 6, **kw)
+    # offset shifts the Philox counter, ceil(Nk / 8) = 6 per row: offset = one (b, h) slice of
+    # counters gives the next slice's mask
     assert torch.equal(m4.flatten()[: 2 * 3 * 17 * 45 - 17 * 45], m1.flatten()[17 * 45:])
     for p in (0.1, 0.5):
         m = A.dropout_mask(4, 4, 32, 64, dropout_p=p, seed=7, offset=3, **kw)
@@ -270,9 +273,141 @@ def test_dropout_mask_properties():
     assert not torch.equal(big, small)
 
 
+# The mask's definition (kernels/attention.py), reimplemented in numpy from Triton's Philox4x32-10
+# (triton/language/random.py: counter (lo, hi, 0, 0) of the int64 offset, key (lo, hi) of the
+# int64 seed, 10 rounds, these constants), independent of the kernels' tiles and joins.
+PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def philox4x32_10(counter, seed):
+    """The four uint32 words of Philox4x32-10 at int64 counters ``counter`` (any shape), int64 ``seed``."""
+    c = np.asarray(counter, dtype=np.int64).view(np.uint64)
+    lo32 = np.uint64(0xFFFFFFFF)
+    c0, c1 = c & lo32, c >> np.uint64(32)
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF        # the seed's two's complement words
+    for _ in range(10):
+        prod_a, prod_b = np.uint64(PHILOX_ROUND_A) * c0, np.uint64(PHILOX_ROUND_B) * c2   # exact in 64 bits
+        c0, c1, c2, c3 = ((prod_b >> np.uint64(32)) ^ c1 ^ np.uint64(k0), prod_b & lo32,
+                          (prod_a >> np.uint64(32)) ^ c3 ^ np.uint64(k1), prod_a & lo32)
+        k0, k1 = (k0 + PHILOX_KEY_A) & 0xFFFFFFFF, (k1 + PHILOX_KEY_B) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def reference_dropout_mask(B, H, Nq, Nk, p, seed, offset):
+    """keep[b, h, i, j] (numpy bool): the 16-bit half j % 2 of word (j % 8) // 2 of Philox at counter
+    offset + r * ceil(Nk / 8) + j // 8 (r = (b*H + h)*Nq + i), kept iff >= min(round(p * 65536), 65535)."""
+    t = min(round(p * 65536), 65535)
+    r = np.arange(B * H * Nq, dtype=np.int64)[:, None]
+    j = np.arange(Nk, dtype=np.int64)[None, :]
+    words = np.stack(philox4x32_10(offset + r * (-(-Nk // 8)) + j // 8, seed))       # (4, R, Nk)
+    lane = np.broadcast_to(j % 8, words.shape[1:])
+    word = np.take_along_axis(words, (lane // 2)[None], 0)[0]
+    half = np.where(lane % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
+    return (half >= t).reshape(B, H, Nq, Nk)
+
+
+def test_philox_reference_matches_tl_randint4x():
+    # the numpy Philox: Random123's known-answer vector (counter 0, key 0), then tl.randint4x
+    # itself (interpreted) at int64 counters and seeds: the reference's premises
+    words = [int(w[0]) for w in philox4x32_10(np.zeros(1, np.int64), 0)]
+    assert words == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def words_kernel(out_ptr, seed, offset, N: tl.constexpr):
+        ctr = offset + tl.arange(0, N).to(tl.int64)
+        w0, w1, w2, w3 = tl.randint4x(seed, ctr)
+        i = tl.arange(0, N)
+        tl.store(out_ptr + i * 4, w0.to(tl.int64))
+        tl.store(out_ptr + i * 4 + 1, w1.to(tl.int64))
+        tl.store(out_ptr + i * 4 + 2, w2.to(tl.int64))
+        tl.store(out_ptr + i * 4 + 3, w3.to(tl.int64))
+
+    for seed, offset in ((0, 0), (-5, 2 ** 32 - 3), (2 ** 40 + 7, 11)):
+        out = torch.empty(16, 4, dtype=torch.int64, device=DEVICE)
+        words_kernel[(1,)](out, seed, offset, N=16)
+        ref = np.stack(philox4x32_10(offset + np.arange(16), seed), axis=1).astype(np.int64)
+        assert np.array_equal(out.cpu().numpy() & 0xFFFFFFFF, ref), (seed, offset)
+
+
+@pytest.mark.parametrize("Nk", [1, 7, 9, 17, 45])
+@pytest.mark.parametrize("seed,offset", [(1234, 0), (-7, 13), (2 ** 40 + 3, 0), (-2 ** 63, 2 ** 33 + 1)])
+def test_dropout_mask_matches_definition(Nk, seed, offset):
+    B, H, Nq, p = 2, 3, 5, 0.3
+    # 4 x 16 mask tiles: several row and key blocks (start_n > 0 where Nk > 16)
+    with override_tiles("attention", dropout_mask=dict(BLOCK_M=4, BLOCK_N=16)):
+        got = A.dropout_mask(B, H, Nq, Nk, dropout_p=p, seed=seed, offset=offset, device=DEVICE)
+    ref = reference_dropout_mask(B, H, Nq, Nk, p, seed, offset)
+    assert np.array_equal(got.cpu().numpy(), ref)
+    # the default tiles draw the same mask
+    assert torch.equal(got, A.dropout_mask(B, H, Nq, Nk, dropout_p=p, seed=seed, offset=offset, device=DEVICE))
+
+
+def test_dropout_threshold_quantization():
+    assert A._drop_threshold(0.0) == 0 and A._drop_threshold(0.5) == 32768
+    assert A._drop_threshold(0.1) == round(0.1 * 65536) == 6554
+    assert A._drop_threshold(1 - 2 ** -20) == 65535                 # clamped: a 16-bit value can reach it
+    for p in (1e-6, 0.1, 0.37, 0.5, 0.9, 1 - 2 ** -17):
+        assert abs(A._drop_threshold(p) / 65536 - p) <= 2 ** -17
+    # p's that quantize to one threshold draw one mask; the next threshold drops more
+    kw = dict(seed=3, offset=0, device=DEVICE)
+    t = A._drop_threshold(0.25)
+    m1 = A.dropout_mask(2, 2, 16, 40, dropout_p=t / 65536, **kw)
+    m2 = A.dropout_mask(2, 2, 16, 40, dropout_p=(t + 0.4) / 65536, **kw)
+    assert torch.equal(m1, m2)
+    assert torch.equal(A.dropout_mask(1, 1, 3, 9, dropout_p=0.0, **kw), torch.ones(1, 1, 3, 9, dtype=torch.bool))
+
+
+def _dropout_tiles():
+    """fwd, bwd_kv, bwd_q and dropout_mask tiles that all differ (BLOCK_N 32 / 64 / 16 / 16)."""
+    return override_tiles("attention", fwd=dict(BLOCK_M=16, BLOCK_N=32), bwd_kv=dict(BLOCK_M=32, BLOCK_N=64),
+                          bwd_q=dict(BLOCK_M=32, BLOCK_N=16), dropout_mask=dict(BLOCK_M=8, BLOCK_N=16))
+
+
+@pytest.mark.parametrize("Nk", [45, 17])
+def test_dropout_each_kernel_applies_the_mask_exactly(Nk):
+    # q = 0: uniform probabilities 1/Nk, so identity v / do / k read the applied mask back exactly:
+    # out[i, j] = keep_ij s / Nk (fwd), dv[j, i] = keep_ij s / Nk (bwd_kv, transposed tiles) and
+    # dq[i, j] = scale dS_ij, positive iff kept (bwd_q); s = 1 / (1 - p)
+    B, H, Nq, D, p, seed, offset = 1, 2, 19, 64, 0.4, -99, 5
+    keep = A.dropout_mask(B, H, Nq, Nk, dropout_p=p, seed=seed, offset=offset, device=DEVICE)
+    eye_k = torch.eye(Nk, D, device=DEVICE).expand(B, H, Nk, D).contiguous()
+    eye_q = torch.eye(Nq, D, device=DEVICE).expand(B, H, Nq, D).contiguous()
+    q = torch.zeros(B, H, Nq, D, device=DEVICE)
+    rng = dict(scale=0.5, dropout_p=p, seed=seed, offset=offset)
+    with _dropout_tiles():
+        out, lse = A.attention_forward(q, torch.randn(B, H, Nk, D, device=DEVICE), eye_k, **rng)
+        _, _, dv, _ = A.attention_backward(eye_q, q, torch.randn(B, H, Nk, D, device=DEVICE), eye_k, out, lse, **rng)
+        e0_k = torch.zeros(B, H, Nk, D, device=DEVICE)
+        e0_k[..., 0] = 1.0
+        e0_q = torch.zeros(B, H, Nq, D, device=DEVICE)
+        e0_q[..., 0] = 1.0
+        out2, lse2 = A.attention_forward(q, eye_k, e0_k, **rng)
+        dq, _, _, _ = A.attention_backward(e0_q, q, eye_k, e0_k, out2, lse2, **rng)
+    s = 1 / (1 - p)
+    torch.testing.assert_close(out[..., :Nk], keep.float() * s / Nk)
+    torch.testing.assert_close(dv[..., :Nq], keep.transpose(-1, -2).float() * s / Nk)
+    kept = keep.sum(-1, keepdim=True)
+    mixed = ((kept > 0) & (kept < Nk)).expand_as(keep)        # rows with a kept and a dropped key
+    assert mixed.float().mean() > 0.9
+    assert torch.equal((dq[..., :Nk] > 0)[mixed], keep[mixed])
+
+
 @pytest.mark.parametrize("p,dtype", [(0.1, torch.float32), (0.5, torch.float32), (0.1, torch.float16)])
 def test_dropout_forward_backward(p, dtype):
     check(2, 2, 17, 45, 32, dtype, dropout_p=p, seed=1234, offset=77)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_different_tiles_against_float64(causal):
+    # fwd / bwd_kv / bwd_q / dropout_mask on different tiles: out and every gradient match the float64
+    # reference that replays dropout_mask; odd sizes, a negative seed and an odd offset
+    with _dropout_tiles():
+        check(2, 2, 19, 45, 32, torch.float32, causal=causal, dropout_p=0.3, seed=-12345, offset=7,
+              bias_shape=(1, 2, 19, 45))
 
 
 def test_dropout_reproducible_and_seed_dependent():

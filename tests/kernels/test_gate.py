@@ -193,3 +193,68 @@ def test_default_atomics_fence_and_relaxed_ones_do_not(tmp_path):
     assert r.returncode == 0, r.stderr
     counts = __import__("json").loads(r.stdout.strip().splitlines()[-1])
     assert counts["acq_rel"] > 0 and counts["relaxed"] == 0, counts
+
+
+# ----------------------------------------------------------------------------- dropout's cost (compiled)
+# Compiles the bf16 D=64 N=197 forward without and with dropout, the dropout backward kernels and the
+# mask kernel for sm_90a and reports, per kernel, the SASS instruction count, the Philox multiplies in
+# the SASS and the score elements per thread of one tile (BLOCK_M * BLOCK_N / (32 * num_warps)).
+_DROPOUT_SASS = r"""
+import json, re
+import triton
+from triton.compiler import ASTSource
+from vlfast.kernels import gate
+
+# Philox4x32 round constant A = 0xD2511F53: each of the 10 rounds of a call takes the high word of
+# one product by A (IMAD.HI.U32, or IMAD.WIDE.U32 giving both words); cuobjdump prints it signed
+A_HI = re.compile(r"^IMAD\.(HI|WIDE)\.U32$")
+A_IMM = re.compile(r"(-0x2daee0ad|0xd2511f53)\b", re.I)
+want = r"^attention bf16 N=197 D=64 H=12 (plain|dropout)$|^dropout_mask "
+sel = [c for c in gate.cases(False) if re.search(want, c.label)]
+launches, _ = gate.collect(sel)
+out = []
+for l in launches:
+    c = l.constexprs
+    dropout = bool(c.get("DROPOUT")) or l.kernel == "_dropout_mask_kernel"
+    if "preprocess" in l.kernel or not (dropout or l.kernel == "_attn_fwd_kernel"):
+        continue
+    req = l.compile
+    k = triton.compile(ASTSource(l.fn, req["signature"], req["constants"], req["configs"][0]),
+                       target=gate.TARGET, options=gate._options(req))
+    instrs = gate._SASS_INSTR.findall(gate._sass(k.asm["cubin"]))
+    philox_hi = sum(1 for i in instrs if A_HI.match(gate._opcode(i)) and A_IMM.search(i))
+    out.append(dict(kernel=l.kernel, dropout=dropout, sass=len(instrs), philox_hi=philox_hi,
+                    elems=c["BLOCK_M"] * c["BLOCK_N"] // (32 * req["num_warps"])))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def dropout_sass(tmp_path_factory):
+    r = subprocess.run([sys.executable, "-c", _DROPOUT_SASS], env=_env(tmp_path_factory.mktemp("drop")),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {(row["kernel"], row["dropout"]): row for row in __import__("json").loads(r.stdout.strip().splitlines()[-1])}
+
+
+def test_dropout_forward_sass_at_most_1_6x_plain(dropout_sass):
+    # issue 13: the bf16 D=64 forward with dropout costs at most 1.6x the plain forward's SASS
+    plain, drop = dropout_sass[("_attn_fwd_kernel", False)], dropout_sass[("_attn_fwd_kernel", True)]
+    assert drop["sass"] <= 1.6 * plain["sass"], (drop["sass"], plain["sass"], drop["sass"] / plain["sass"])
+
+
+@pytest.mark.parametrize("kernel", ["_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+                                    "_dropout_mask_kernel"])
+def test_dropout_draws_one_philox_per_8_elements(dropout_sass, kernel):
+    # Philox calls per thread and tile = (high-word products by the round constant A) / 10 rounds,
+    # counted in the SASS: the key loop's body appears once, so this is per iteration.  A full
+    # Philox per element (the former tl.rand mask: 144 products, 9 per call as only one word was
+    # used, for the forward's 16 elements per thread) fails here, and so would a mask layout that
+    # makes the threads sharing a Philox counter each compute it (4x the calls).
+    row = dropout_sass[(kernel, True)]
+    calls = row["philox_hi"] / 10
+    assert row["elems"] >= 8 * calls, f"{calls:g} Philox calls for {row['elems']} elements per thread: {row}"
+    # the count reads whole Philox calls (all four words used: 10 products each); no RNG without dropout
+    assert row["philox_hi"] > 0 and row["philox_hi"] % 10 == 0, row
+    assert dropout_sass[("_attn_fwd_kernel", False)]["philox_hi"] == 0
+

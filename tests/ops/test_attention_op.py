@@ -158,6 +158,33 @@ def test_dropout_backward_uses_forward_mask(device, backend, p):
         torch.testing.assert_close(f.double(), r.double(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] == "triton"])
+def test_dropout_mask_shared_by_differently_tiled_kernels(device, backend):
+    # the forward and both backward kernels on different key tiles (BLOCK_N 32 / 64 / 16) and the
+    # mask kernel on its own: one mask (its counters depend on (row, key) only), replayed in float64
+    from vlfast.kernels._common import override_tiles
+    from vlfast.kernels.attention import dropout_mask
+
+    B, H, Nq, Nk, D, p, seed = 2, 3, 21, 45, 40, 0.25, 987654321
+    q, k, v = _qkv(B, H, Nq, Nk, D, torch.float32, device, layout="bnhd")
+    mask = dropout_mask(B, H, Nq, Nk, dropout_p=p, seed=seed, offset=0, device=device)
+    do = torch.randn(B, H, Nq, D, device=device)
+
+    def fused(q, k, v, b):
+        return attention(q, k, v, dropout_p=p, dropout_seed=seed, causal=True, backend=backend)
+
+    def ref(q, k, v, b):
+        return attention_reference(q.double(), k.double(), v.double(), dropout_mask=mask, dropout_p=p, causal=True)
+
+    with override_tiles("attention", fwd=dict(BLOCK_M=16, BLOCK_N=32), bwd_kv=dict(BLOCK_M=32, BLOCK_N=64),
+                        bwd_q=dict(BLOCK_M=32, BLOCK_N=16)):
+        fo, fg = _run(fused, q, k, v, None, do)
+    ro, rg = _run(ref, q, k, v, None, do)
+    torch.testing.assert_close(fo.double(), ro, rtol=1e-4, atol=1e-5)
+    for f, r in zip(fg, rg):
+        torch.testing.assert_close(f.double(), r.double(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 def test_dropout_seeded_and_active(device, backend):
     q, k, v = _qkv(1, 2, 16, 16, 32, torch.float32, device)
