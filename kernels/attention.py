@@ -22,6 +22,16 @@ of the same head run next to each other and share K/V in L2):
   accumulates ``dq`` and writes ``dS`` for the bias gradient.
   No atomics touch dq/dk/dv, so they are deterministic.
 
+Interior and edge blocks: each loop runs its interior blocks apart (``EDGE=False`` in the step
+helpers ``_fwd_step`` / ``_dkdv_step`` / ``_dq_step``): blocks entirely inside ``Nq`` / ``Nk``
+that, with ``causal``, every query of the tile sees in full (``_interior_keys``).  They load
+without row masks (and without column masks when ``D`` is a power of two) and evaluate neither
+the key bound nor the causal rule; only data masks remain (padding, rows with no visible key,
+the bias rows' bound).  The causal diagonal and the last partial block take the masked path.
+The dK/dV kernel splits where its registers allow (``_dkdv_interior``); elsewhere it keeps one
+masked loop.  The split is opt-in (``VLFAST_ATTENTION_INTERIOR=1``, ``interior_split``): the
+compile gate measured its cost in registers and occupancy, and no GPU has timed it yet.
+
 Bias gradient (``bias_grad_shape`` given; ``dbias = dS`` summed over the broadcast dims):
 with no broadcast dim ``dS`` is stored directly; otherwise it is reduced inside the tile
 over the query/key axis when that axis is broadcast and ``tl.atomic_add``-ed into an fp32
@@ -54,6 +64,8 @@ Outputs are rounded with ``round_to`` (bf16 round-to-nearest-even also in the in
 Tiles: the table ``TILES`` below (``vlfast info`` prints it; the interpreter's tiles are in
 ``_common.INTERPRETER_TILES``; tests force tiles with ``_common.override_tiles``).
 """
+
+import os
 
 import torch
 import triton
@@ -115,7 +127,7 @@ TILES = TileTable(
 @triton.jit
 def _visible_scores(s, offs_m, offs_n, m_ok, n_ok, live, bias_ptr, s_bm, s_bn, kpm_ptr, s_pn, Nq, Nk,
                     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-                    LIVE: tl.constexpr, TRANS: tl.constexpr):
+                    LIVE: tl.constexpr, TRANS: tl.constexpr, EDGE: tl.constexpr):
     """The visibility rule of every attention kernel, applied to one score tile (base 2).
 
     ``s`` holds ``scale * log2(e) * <q_i, k_j>`` (fp32) for queries ``offs_m`` and keys ``offs_n``
@@ -127,33 +139,89 @@ def _visible_scores(s, offs_m, offs_n, m_ok, n_ok, live, bias_ptr, s_bm, s_bn, k
     ``m_ok`` (``i < Nq``) masks the bias loads; the forward does not mask rows (out-of-range rows
     are never stored).  ``bias_ptr`` points at the bias element (offs_m[0], offs_n[0]) of this
     (b, h), ``s_bm`` / ``s_bn`` its query / key strides; ``kpm_ptr`` points at batch row b.
+
+    ``EDGE`` False: an interior tile, whose keys are all ``< Nk`` and, with ``CAUSAL``, all visible
+    to every query of the tile (the caller's loop bounds guarantee it): neither the key bound nor
+    the causal rule is evaluated, only the data masks (padding, live rows, the bias rows' bound).
     """
     if HAS_BIAS:
         if TRANS:
             bias_off = tl.arange(0, s.shape[0])[:, None] * s_bn + tl.arange(0, s.shape[1])[None, :] * s_bm
-            in_range = n_ok[:, None] & m_ok[None, :]
+            if EDGE:
+                in_range = n_ok[:, None] & m_ok[None, :]
+            else:
+                in_range = m_ok[None, :]
         else:
             bias_off = tl.arange(0, s.shape[0])[:, None] * s_bm + tl.arange(0, s.shape[1])[None, :] * s_bn
-            in_range = m_ok[:, None] & n_ok[None, :]
+            if EDGE:
+                in_range = m_ok[:, None] & n_ok[None, :]
+            else:
+                in_range = m_ok[:, None]
         bias = tl.load(bias_ptr + bias_off, mask=in_range, other=0.0)
         s += bias.to(tl.float32) * LOG2E_C
-    key_ok = n_ok
-    if HAS_KPM:
-        pad = tl.load(kpm_ptr + offs_n.to(tl.int64) * s_pn, mask=n_ok, other=1)
-        key_ok = key_ok & (pad == 0)
-    if TRANS:
-        valid = key_ok[:, None]
-        if LIVE:
-            valid = valid & live[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[:, None] <= offs_m[None, :] + (Nk - Nq))
+    if EDGE:
+        key_ok = n_ok
+        if HAS_KPM:
+            pad = tl.load(kpm_ptr + offs_n.to(tl.int64) * s_pn, mask=n_ok, other=1)
+            key_ok = key_ok & (pad == 0)
+        if TRANS:
+            valid = key_ok[:, None]
+            if LIVE:
+                valid = valid & live[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[:, None] <= offs_m[None, :] + (Nk - Nq))
+        else:
+            valid = key_ok[None, :]
+            if LIVE:
+                valid = valid & live[:, None]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
+        s = tl.where(valid, s, float("-inf"))
+    elif HAS_KPM:
+        key_ok = tl.load(kpm_ptr + offs_n.to(tl.int64) * s_pn) == 0
+        if TRANS:
+            valid = key_ok[:, None]
+            if LIVE:
+                valid = valid & live[None, :]
+        else:
+            valid = key_ok[None, :]
+            if LIVE:
+                valid = valid & live[:, None]
+        s = tl.where(valid, s, float("-inf"))
+    elif LIVE:
+        if TRANS:
+            s = tl.where(live[None, :], s, float("-inf"))
+        else:
+            s = tl.where(live[:, None], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``tl.load(ptrs)`` of a 2-D tile, masked (0 outside) by ``row_ok`` (axis 0) when ``ROWS`` and
+    by ``col_ok`` (axis 1) when ``COLS``; neither: an unmasked load (interior tiles, even D)."""
+    if ROWS:
+        if COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
-        valid = key_ok[None, :]
-        if LIVE:
-            valid = valid & live[:, None]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
-    return tl.where(valid, s, float("-inf"))
+        if COLS:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _interior_keys(start_m, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """End of the interior key blocks of the query block at ``start_m`` (a multiple of BLOCK_N):
+    keys ``[0, end)`` are all ``< Nk`` and, with ``CAUSAL``, visible to every query of the block
+    (its first row, ``start_m``, sees ``j <= start_m + Nk - Nq``)."""
+    end = (Nk // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        end = tl.minimum(end, (tl.maximum(start_m + Nk - Nq + 1, 0) // BLOCK_N) * BLOCK_N)
+    return end
 
 
 @triton.jit
@@ -207,6 +275,123 @@ def _dropout_mask_kernel(out_ptr, R, Nk, seed, offset, threshold,
 
 
 @triton.jit
+def _fwd_step(acc, m_i, l_i, q, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base, v_base, s_kn, s_vn,
+              bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk, qk_scale, seed, drop_rows, drop_thresh,
+              BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
+              CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EDGE: tl.constexpr,
+              DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One key block of the forward's online softmax: ``(acc, m_i, l_i)`` updated.  ``EDGE`` False
+    for interior blocks (``_interior_keys``): no key-bound or causal mask math."""
+    offs_n = start_n + offs_n0
+    n_ok = offs_n < Nk
+    kv_off = tl.cast(start_n, tl.int64)
+    k = _load_tile(k_base + kv_off * s_kn + offs_n0[:, None] * s_kn + offs_d[None, :], n_ok, d_ok,
+                   EDGE, not EVEN_D)
+    s = mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
+    s = _visible_scores(s, offs_m, offs_n, m_ok, n_ok, m_ok, bias_base + kv_off * s_bn, s_bm, s_bn,
+                        kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, False, False, EDGE)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        keep = _keep_mask(seed, drop_rows, start_n, drop_thresh, BLOCK_N, False)
+        p = tl.where(keep, p, 0.0)
+    v = _load_tile(v_base + kv_off * s_vn + offs_n0[:, None] * s_vn + offs_d[None, :], n_ok, d_ok,
+                   EDGE, not EVEN_D)
+    acc = mma(p.to(q.dtype), v, acc, DOT_PREC, UPCAST_DOT)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, n_ok, d_ok, q_base, do_base, s_qm, s_dm,
+               lse_ptr, delta_ptr, row_base, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk, qk_scale,
+               seed, offset, drop_thresh, drop_scale, start_n,
+               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
+               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EDGE: tl.constexpr,
+               DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One query block of the dk / dv loop (tiles ``[keys, queries]``): ``(dk, dv)`` updated.
+    ``EDGE`` False for interior blocks: full query rows, every key of the block in range and
+    visible to every query (no bound / causal mask math)."""
+    offs_m = start_m + offs_m0
+    m_ok = offs_m < Nq
+    q_off = tl.cast(start_m, tl.int64)
+    qT = _load_tile(q_base + q_off * s_qm + offs_m0[None, :] * s_qm + offs_d[:, None], d_ok, m_ok,
+                    not EVEN_D, EDGE)
+    if EDGE:
+        lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=float("-inf"))
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+    else:
+        lse = tl.load(lse_ptr + row_base + offs_m)
+        delta = tl.load(delta_ptr + row_base + offs_m)
+    row_ok = lse != float("-inf")                      # rows that see no key get no gradient
+    lse2 = tl.where(row_ok, lse * LOG2E_C, 0.0)
+    sT = mma(k, qT, None, DOT_PREC, UPCAST_DOT) * qk_scale
+    sT = _visible_scores(sT, offs_m, offs_n, m_ok, n_ok, row_ok, bias_base + q_off * s_bm, s_bm, s_bn,
+                         kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, True, True, EDGE)
+    pT = tl.exp2(sT - lse2[None, :])
+    do = _load_tile(do_base + q_off * s_dm + offs_m0[:, None] * s_dm + offs_d[None, :], m_ok, d_ok,
+                    EDGE, not EVEN_D)
+    dpT = mma(v, tl.trans(do), None, DOT_PREC, UPCAST_DOT)
+    if DROPOUT:
+        keep = _keep_mask(seed, _dropout_row_counters(offset, row_base + offs_m, Nk), start_n,
+                          drop_thresh, BLOCK_N, True)
+        pdT = tl.where(keep, pT * drop_scale, 0.0)
+        dpT = tl.where(keep, dpT * drop_scale, 0.0)
+    else:
+        pdT = pT
+    dv = mma(pdT.to(k.dtype), do, dv, DOT_PREC, UPCAST_DOT)
+    dsT = pT * (dpT - delta[None, :])
+    dk = mma(dsT.to(k.dtype), tl.trans(qT), dk, DOT_PREC, UPCAST_DOT)
+    return dk, dv
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, row_ok, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base, v_base,
+             s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, g_base, s_gm, s_gn, Nq, Nk, qk_scale,
+             seed, drop_rows, drop_thresh, drop_scale,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+             HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DBIAS: tl.constexpr,
+             REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr, EDGE: tl.constexpr,
+             DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One key block of the dq loop (and its dS for the bias gradient): ``dq`` updated.  ``EDGE``
+    False for interior blocks (``_interior_keys``): no key-bound or causal mask math."""
+    offs_n = start_n + offs_n0
+    n_ok = offs_n < Nk
+    kv_off = tl.cast(start_n, tl.int64)
+    k = _load_tile(k_base + kv_off * s_kn + offs_n0[:, None] * s_kn + offs_d[None, :], n_ok, d_ok,
+                   EDGE, not EVEN_D)
+    v = _load_tile(v_base + kv_off * s_vn + offs_n0[:, None] * s_vn + offs_d[None, :], n_ok, d_ok,
+                   EDGE, not EVEN_D)
+    s = mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
+    s = _visible_scores(s, offs_m, offs_n, m_ok, n_ok, row_ok, bias_base + kv_off * s_bn, s_bm, s_bn,
+                        kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, True, False, EDGE)
+    p = tl.exp2(s - lse2[:, None])
+    dp = mma(do, tl.trans(v), None, DOT_PREC, UPCAST_DOT)
+    if DROPOUT:
+        keep = _keep_mask(seed, drop_rows, start_n, drop_thresh, BLOCK_N, False)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    dq = mma(ds.to(q.dtype), k, dq, DOT_PREC, UPCAST_DOT)
+    if DBIAS == 1:
+        tl.store(g_base + tl.arange(0, BLOCK_M)[:, None] * s_gm + kv_off * s_gn
+                 + offs_n0[None, :] * s_gn, ds, mask=m_ok[:, None] & n_ok[None, :])
+    elif DBIAS == 2:
+        if REDUCE_M and REDUCE_N:
+            tl.atomic_add(g_base, tl.sum(tl.sum(ds, 1), 0), sem="relaxed")
+        elif REDUCE_M:
+            tl.atomic_add(g_base + kv_off * s_gn + offs_n0 * s_gn, tl.sum(ds, 0), mask=n_ok, sem="relaxed")
+        elif REDUCE_N:
+            tl.atomic_add(g_base + tl.arange(0, BLOCK_M) * s_gm, tl.sum(ds, 1), mask=m_ok, sem="relaxed")
+        else:
+            tl.atomic_add(g_base + tl.arange(0, BLOCK_M)[:, None] * s_gm + kv_off * s_gn
+                          + offs_n0[None, :] * s_gn, ds, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+    return dq
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, kpm_ptr, out_ptr, lse_ptr,
     s_qb, s_qh, s_qm,
@@ -220,7 +405,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERIOR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -235,7 +420,6 @@ def _attn_fwd_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     m_ok = offs_m < Nq
     d_ok = offs_d < HEAD_DIM
-    dtype = q_ptr.dtype.element_ty
 
     q_base = q_ptr + b * s_qb + h * s_qh + start_m.to(tl.int64) * s_qm
     q = tl.load(q_base + tl.arange(0, BLOCK_M)[:, None] * s_qm + offs_d[None, :],
@@ -244,6 +428,7 @@ def _attn_fwd_kernel(
     v_base = v_ptr + b * s_vb + h * s_vh
     bias_base = bias_ptr + b * s_bb + h * s_bh + start_m.to(tl.int64) * s_bm   # unused without a bias
     kpm_base = kpm_ptr + b * s_pb
+    drop_rows = offset                                  # (unused without dropout)
     if DROPOUT:
         drop_rows = _dropout_row_counters(offset, bh.to(tl.int64) * Nq + offs_m, Nk)
 
@@ -254,28 +439,19 @@ def _attn_fwd_kernel(
     hi = Nk
     if CAUSAL:
         hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + Nk - Nq, 0))
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < Nk
-        kv_off = tl.cast(start_n, tl.int64)
-        k = tl.load(k_base + kv_off * s_kn + offs_n0[:, None] * s_kn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
-        s = _visible_scores(s, offs_m, offs_n, m_ok, n_ok, m_ok, bias_base + kv_off * s_bn, s_bm, s_bn,
-                            kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, False, False)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = _keep_mask(seed, drop_rows, start_n, drop_thresh, BLOCK_N, False)
-            p = tl.where(keep, p, 0.0)
-        v = tl.load(v_base + kv_off * s_vn + offs_n0[:, None] * s_vn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = mma(p.to(dtype), v, acc, DOT_PREC, UPCAST_DOT)
-        m_i = m_new
+    mid = 0                                             # INTERIOR False: every block masked
+    if INTERIOR:
+        mid = _interior_keys(start_m, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
+    for start_n in range(0, mid, BLOCK_N):              # interior blocks: no bound / causal masks
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base, v_base,
+                                  s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk, qk_scale, seed,
+                                  drop_rows, drop_thresh, BLOCK_N, HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM,
+                                  CAUSAL, DROPOUT, False, DOT_PREC, UPCAST_DOT)
+    for start_n in range(mid, hi, BLOCK_N):             # the causal diagonal and the last partial block
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base, v_base,
+                                  s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk, qk_scale, seed,
+                                  drop_rows, drop_thresh, BLOCK_N, HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM,
+                                  CAUSAL, DROPOUT, True, DOT_PREC, UPCAST_DOT)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -325,7 +501,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERIOR: tl.constexpr,
 ):
     # Tiles are laid out transposed, [keys, queries], so that dv += p^T do and dk += dS^T q
     # need no transposed accumulators.
@@ -339,7 +515,6 @@ def _attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     n_ok = offs_n < Nk
     d_ok = offs_d < HEAD_DIM
-    dtype = q_ptr.dtype.element_ty
 
     rows_n = offs_n.to(tl.int64)[:, None]
     k = tl.load(k_ptr + b * s_kb + h * s_kh + rows_n * s_kn + offs_d[None, :],
@@ -357,33 +532,36 @@ def _attn_bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:
         lo = (tl.maximum(start_n + Nq - Nk, 0) // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, Nq, BLOCK_M):
-        offs_m = start_m + offs_m0
-        m_ok = offs_m < Nq
-        q_off = tl.cast(start_m, tl.int64)
-        qT = tl.load(q_base + q_off * s_qm + offs_m0[None, :] * s_qm + offs_d[:, None],
-                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=float("-inf"))
-        row_ok = lse != float("-inf")                  # rows that see no key get no gradient
-        lse2 = tl.where(row_ok, lse * LOG2E_C, 0.0)
-        sT = mma(k, qT, None, DOT_PREC, UPCAST_DOT) * qk_scale
-        sT = _visible_scores(sT, offs_m, offs_n, m_ok, n_ok, row_ok, bias_base + q_off * s_bm, s_bm, s_bn,
-                             kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, True, True)
-        pT = tl.exp2(sT - lse2[None, :])
-        do = tl.load(do_base + q_off * s_dm + offs_m0[:, None] * s_dm + offs_d[None, :],
-                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        dpT = mma(v, tl.trans(do), None, DOT_PREC, UPCAST_DOT)
-        if DROPOUT:
-            keep = _keep_mask(seed, _dropout_row_counters(offset, row_base + offs_m, Nk), start_n,
-                              drop_thresh, BLOCK_N, True)
-            pdT = tl.where(keep, pT * drop_scale, 0.0)
-            dpT = tl.where(keep, dpT * drop_scale, 0.0)
-        else:
-            pdT = pT
-        dv = mma(pdT.to(dtype), do, dv, DOT_PREC, UPCAST_DOT)
-        delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
-        dk = mma(dsT.to(dtype), tl.trans(qT), dk, DOT_PREC, UPCAST_DOT)
+    # Interior query blocks [mid_lo, mid_hi): full rows, this key block entirely < Nk and, causal,
+    # visible to all of them (query start_m >= start_n + BLOCK_N - 1 + Nq - Nk).  The edge blocks,
+    # [lo, mid_lo) (the causal diagonal) and [mid_hi, Nq) (the last partial rows), run apart.
+    # INTERIOR False (the host's choice where the split costs registers): one masked loop.
+    mid_lo = Nq
+    mid_hi = Nq
+    if INTERIOR:
+        m_full = (Nq // BLOCK_M) * BLOCK_M
+        mid_lo = lo
+        if CAUSAL:
+            first = tl.maximum(start_n + BLOCK_N - 1 + Nq - Nk, 0)
+            mid_lo = tl.maximum(lo, ((first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        key_full = start_n + BLOCK_N <= Nk
+        mid_lo = tl.where(key_full, tl.minimum(mid_lo, m_full), lo)
+        mid_hi = tl.where(key_full, m_full, lo)
+    for start_m in range(lo, mid_lo, BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, n_ok, d_ok, q_base, do_base, s_qm,
+                            s_dm, lse_ptr, delta_ptr, row_base, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk,
+                            qk_scale, seed, offset, drop_thresh, drop_scale, start_n, BLOCK_N,
+                            HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, True, DOT_PREC, UPCAST_DOT)
+    for start_m in range(mid_hi, Nq, BLOCK_M):          # (empty without INTERIOR)
+        dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, n_ok, d_ok, q_base, do_base, s_qm,
+                            s_dm, lse_ptr, delta_ptr, row_base, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk,
+                            qk_scale, seed, offset, drop_thresh, drop_scale, start_n, BLOCK_N,
+                            HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, True, DOT_PREC, UPCAST_DOT)
+    for start_m in range(mid_lo, mid_hi, BLOCK_M):     # (empty without INTERIOR)
+        dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, n_ok, d_ok, q_base, do_base, s_qm,
+                            s_dm, lse_ptr, delta_ptr, row_base, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk,
+                            qk_scale, seed, offset, drop_thresh, drop_scale, start_n, BLOCK_N,
+                            HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, False, DOT_PREC, UPCAST_DOT)
 
     dk = dk * scale
     out_rows = (bh.to(tl.int64) * Nk + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
@@ -410,7 +588,7 @@ def _attn_bwd_dq_kernel(
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     DBIAS: tl.constexpr,              # 0: none, 1: store dS, 2: atomic_add into a broadcast buffer
     REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr,   # (DBIAS == 2) sum the tile over queries / keys
-    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERIOR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -425,7 +603,6 @@ def _attn_bwd_dq_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     m_ok = offs_m < Nq
     d_ok = offs_d < HEAD_DIM
-    dtype = q_ptr.dtype.element_ty
     m_off = start_m.to(tl.int64)
 
     qd_msk = m_ok[:, None] & d_ok[None, :]
@@ -442,8 +619,10 @@ def _attn_bwd_dq_kernel(
     v_base = v_ptr + b * s_vb + h * s_vh
     bias_base = bias_ptr + b * s_bb + h * s_bh + m_off * s_bm   # unused without a bias
     kpm_base = kpm_ptr + b * s_pb
+    g_base = dbias_ptr                                  # (unused without a bias gradient)
     if DBIAS != 0:
         g_base = dbias_ptr + b * s_gb + h * s_gh + m_off * s_gm
+    drop_rows = offset                                  # (unused without dropout)
     if DROPOUT:
         drop_rows = _dropout_row_counters(offset, row, Nk)
 
@@ -451,38 +630,19 @@ def _attn_bwd_dq_kernel(
     hi = Nk
     if CAUSAL:
         hi = tl.minimum(Nk, tl.maximum(start_m + BLOCK_M + Nk - Nq, 0))
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < Nk
-        kv_off = tl.cast(start_n, tl.int64)
-        kd_msk = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + kv_off * s_kn + offs_n0[:, None] * s_kn + offs_d[None, :],
-                    mask=kd_msk, other=0.0)
-        v = tl.load(v_base + kv_off * s_vn + offs_n0[:, None] * s_vn + offs_d[None, :],
-                    mask=kd_msk, other=0.0)
-        s = mma(q, tl.trans(k), None, DOT_PREC, UPCAST_DOT) * qk_scale
-        s = _visible_scores(s, offs_m, offs_n, m_ok, n_ok, row_ok, bias_base + kv_off * s_bn, s_bm, s_bn,
-                            kpm_base, s_pn, Nq, Nk, HAS_BIAS, HAS_KPM, CAUSAL, True, False)
-        p = tl.exp2(s - lse2[:, None])
-        dp = mma(do, tl.trans(v), None, DOT_PREC, UPCAST_DOT)
-        if DROPOUT:
-            keep = _keep_mask(seed, drop_rows, start_n, drop_thresh, BLOCK_N, False)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = mma(ds.to(dtype), k, dq, DOT_PREC, UPCAST_DOT)
-        if DBIAS == 1:
-            tl.store(g_base + tl.arange(0, BLOCK_M)[:, None] * s_gm + kv_off * s_gn
-                     + offs_n0[None, :] * s_gn, ds, mask=m_ok[:, None] & n_ok[None, :])
-        elif DBIAS == 2:
-            if REDUCE_M and REDUCE_N:
-                tl.atomic_add(g_base, tl.sum(tl.sum(ds, 1), 0), sem="relaxed")
-            elif REDUCE_M:
-                tl.atomic_add(g_base + kv_off * s_gn + offs_n0 * s_gn, tl.sum(ds, 0), mask=n_ok, sem="relaxed")
-            elif REDUCE_N:
-                tl.atomic_add(g_base + tl.arange(0, BLOCK_M) * s_gm, tl.sum(ds, 1), mask=m_ok, sem="relaxed")
-            else:
-                tl.atomic_add(g_base + tl.arange(0, BLOCK_M)[:, None] * s_gm + kv_off * s_gn
-                              + offs_n0[None, :] * s_gn, ds, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+    mid = 0                                             # INTERIOR False: every block masked
+    if INTERIOR:
+        mid = _interior_keys(start_m, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
+    for start_n in range(0, mid, BLOCK_N):              # interior blocks: no bound / causal masks
+        dq = _dq_step(dq, q, do, lse2, delta, row_ok, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base,
+                      v_base, s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, g_base, s_gm, s_gn, Nq, Nk,
+                      qk_scale, seed, drop_rows, drop_thresh, drop_scale, BLOCK_M, BLOCK_N, HEAD_DIM == BLOCK_D,
+                      HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, DBIAS, REDUCE_M, REDUCE_N, False, DOT_PREC, UPCAST_DOT)
+    for start_n in range(mid, hi, BLOCK_N):             # the causal diagonal and the last partial block
+        dq = _dq_step(dq, q, do, lse2, delta, row_ok, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base,
+                      v_base, s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, g_base, s_gm, s_gn, Nq, Nk,
+                      qk_scale, seed, drop_rows, drop_thresh, drop_scale, BLOCK_M, BLOCK_N, HEAD_DIM == BLOCK_D,
+                      HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, DBIAS, REDUCE_M, REDUCE_N, True, DOT_PREC, UPCAST_DOT)
 
     dq = dq * scale
     tl.store(dq_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
@@ -499,14 +659,72 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+INTERIOR_ENV = "VLFAST_ATTENTION_INTERIOR"
+
+
+def interior_split() -> bool:
+    """Whether the kernels run interior blocks apart (``$VLFAST_ATTENTION_INTERIOR``, read at each
+    launch: 1 / true / on; off by default).
+
+    Measured by the sm_90a compile gate (no GPU, so not timed): the split frees the interior
+    blocks of the key-bound and causal mask math but duplicates each loop body (+30-50% SASS) and
+    raises the registers enough to cost 2 -> 1 CTAs per SM in 25 of the 198 bf16 configurations of
+    the CI tier (D = 40, 64, 80, 128 with dropout, bias, padding or causal).  Off until a GPU times it;
+    ``make gpu-check`` can run the attention benchmarks with it on and off.
+    """
+    raw = os.environ.get(INTERIOR_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{INTERIOR_ENV} must be 1 or 0 (true/false, yes/no, on/off), got {os.environ[INTERIOR_ENV]!r}")
+
+
+def _dkdv_interior(D: int, block_d: int, has_bias: bool) -> bool:
+    """Whether the dK/dV kernel may split its query loop (with ``interior_split()``): where its
+    registers allow.  The compile gate's spill rule decided: at BLOCK_D = 256, at D = 72 (a
+    padded head dim whose strides are not multiples of 16) and at BLOCK_D = 128 with a bias the
+    split spilled 4-208 bytes."""
+    return block_d <= 64 or (block_d <= 128 and D % 16 == 0 and not has_bias)
+
+
 def _config(kind: str, D: int, dtype: torch.dtype):
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of kernel ``kind`` (fwd, bwd_kv, bwd_q), from ``TILES``."""
     t = TILES.lookup(kind, dtype, BLOCK_D=_block_d(D))
     return t["BLOCK_M"], t["BLOCK_N"], t["num_warps"], t["num_stages"]
 
 
+BIAS_PITCH = 16                  # elements: the row pitch of the bias the kernels read (see _pitched_bias)
+
+
+def _pitched_bias(bias):
+    """``bias`` as the kernels read it: rows starting at multiples of ``BIAS_PITCH`` elements.
+
+    Triton specializes integer arguments divisible by 16 (and pointers 16-byte aligned), so a
+    bias whose key stride is 1 and whose other strides and offset are multiples of 16 elements
+    gets vectorized loads; a 197-key row pitch gets one scalar load per element.  Such a bias is
+    used as is; any other (with unit or non-unit key strides) becomes a copy of its distinct
+    elements (broadcast dims stay stride 0) with the row pitch rounded up to ``BIAS_PITCH``: one
+    ``(B or 1, H or 1, Nq, ceil16(Nk))`` copy per launch (for a ViT-B relative-position bias
+    12 x 197 x 208 elements).  A bias broadcast over its queries or keys (stride 0) is used as is:
+    its loads are broadcast.
+    """
+    st = bias.stride()
+    if st[2] == 0 or st[3] == 0:
+        return bias
+    if st[3] == 1 and bias.storage_offset() % BIAS_PITCH == 0 and all(s % BIAS_PITCH == 0 for s in st[:3]):
+        return bias
+    distinct = [1 if s == 0 else n for n, s in zip(bias.shape, st)]
+    Nk = bias.shape[3]
+    pitch = -(-Nk // BIAS_PITCH) * BIAS_PITCH
+    buf = torch.empty(*distinct[:3], pitch, dtype=bias.dtype, device=bias.device)[..., :Nk]
+    buf.copy_(bias.as_strided(distinct, st, bias.storage_offset()))
+    return buf.expand(bias.shape)
+
+
 def _common_args(q, key_padding_mask, bias):
     if bias is not None:
+        bias = _pitched_bias(bias)
         bias_arg, bias_strides = bias, bias.stride()
     else:
         bias_arg, bias_strides = q, (0, 0, 0, 0)
@@ -650,7 +868,7 @@ def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
         HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
         DROPOUT=dropout_p > 0, OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=dot_precision(q.dtype),
-        UPCAST_DOT=upcast_dot(q.dtype), num_warps=warps, num_stages=stages,
+        UPCAST_DOT=upcast_dot(q.dtype), INTERIOR=interior_split(), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -737,7 +955,8 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
         q, k, v, bias_arg, kpm_arg, do, lse, delta, dk, dv,
         *qkv_strides, *bs, *ps, do.stride(0), do.stride(1), do.stride(2),
         H, Nq, Nk, num_n, scale * LOG2E, scale, *rng,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=bm, BLOCK_N=bn, INTERIOR=interior_split() and _dkdv_interior(D, block_d, bias is not None),
+        num_warps=warps, num_stages=stages, **common)
 
     # dq (+ dbias)
     mode, reduce_m, reduce_n = 0, False, False
@@ -760,7 +979,7 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
         q, k, v, bias_arg, kpm_arg, do, lse, delta, dq, gbuf,
         *qkv_strides, *bs, *ps, do.stride(0), do.stride(1), do.stride(2), *gstrides,
         H, Nq, Nk, num_m, scale * LOG2E, scale, *rng,
-        BLOCK_M=bm, BLOCK_N=bn, DBIAS=mode, REDUCE_M=reduce_m, REDUCE_N=reduce_n,
+        BLOCK_M=bm, BLOCK_N=bn, DBIAS=mode, REDUCE_M=reduce_m, REDUCE_N=reduce_n, INTERIOR=interior_split(),
         num_warps=warps, num_stages=stages, **common)
     if mode == 1:
         dims = [i for i in range(4) if bias_grad_shape[i] == 1 and full[i] != 1]

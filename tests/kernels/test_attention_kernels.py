@@ -72,13 +72,14 @@ def make_qkv(B, H, Nq, Nk, D, dtype, transposed=False):
 
 
 def check(B, H, Nq, Nk, D, dtype, *, causal=False, kpm=None, bias_shape=None, deterministic=False,
-          dropout_p=0.0, seed=0, offset=0, transposed=False, backward=True):
-    """Runs forward + backward, compares with the fp64 (and same-dtype eager) reference."""
+          dropout_p=0.0, seed=0, offset=0, transposed=False, backward=True, bias_override=None):
+    """Runs forward + backward, compares with the fp64 (and same-dtype eager) reference
+    (``bias_override``: the bias tensor itself, of ``bias_shape``, in any layout)."""
     q, k, v = make_qkv(B, H, Nq, Nk, D, dtype, transposed)
     scale = D ** -0.5
     bias = None
     if bias_shape is not None:
-        bias = torch.randn(bias_shape, device=DEVICE).to(dtype)
+        bias = torch.randn(bias_shape, device=DEVICE).to(dtype) if bias_override is None else bias_override.to(dtype)
     keep = None
     if dropout_p > 0:
         keep = A.dropout_mask(B, H, Nq, Nk, dropout_p=dropout_p, seed=seed, offset=offset, device=DEVICE)
@@ -176,6 +177,33 @@ def test_causal_uneven_blocks():
     with tiles(fwd=(32, 16), bwd_kv=(16, 32), bwd_q=(32, 16)):
         check(1, 2, 37, 53, 32, torch.float32, causal=True, bias_shape=(1, 2, 37, 53))
         check(1, 1, 53, 37, 32, torch.float32, causal=True)
+
+
+@pytest.mark.parametrize("split", ["1", "0"], ids=["interior-split", "one-masked-loop"])
+@pytest.mark.parametrize("D", [32, 72])
+def test_interior_and_edge_blocks(monkeypatch, D, split):
+    """With VLFAST_ATTENTION_INTERIOR=1 every kernel runs interior blocks (no bound / causal mask
+    math) and edge blocks (the causal diagonal, the last partial block) apart; the dK/dV kernel
+    splits at D = 32 and keeps one masked loop at D = 72 (``_dkdv_interior``).  Shapes put interior
+    blocks before, between and after the edge ones: Nq != Nk both ways, causal, a padding mask, a
+    broadcast bias with its gradient.  Off (the default): one masked loop everywhere."""
+    monkeypatch.setenv("VLFAST_ATTENTION_INTERIOR", split)
+    assert A.interior_split() == (split == "1")
+    assert A._dkdv_interior(D, A._block_d(D), True) == (D == 32)
+    kpm = torch.zeros(2, 70, dtype=torch.bool, device=DEVICE)
+    kpm[1, 60:] = True
+    with tiles(fwd=(16, 16), bwd_kv=(16, 16), bwd_q=(16, 16)):
+        check(2, 1, 50, 70, D, torch.float32, causal=True, kpm=kpm, bias_shape=(1, 1, 50, 70))
+        check(1, 2, 70, 50, D, torch.float32, causal=True)
+        check(1, 1, 64, 64, D, torch.float32, bias_shape=(1, 1, 64, 64))     # every block interior but none causal
+
+
+def test_interior_split_env(monkeypatch):
+    monkeypatch.delenv("VLFAST_ATTENTION_INTERIOR", raising=False)
+    assert A.interior_split() is False
+    monkeypatch.setenv("VLFAST_ATTENTION_INTERIOR", "sometimes")
+    with pytest.raises(ValueError, match="VLFAST_ATTENTION_INTERIOR"):
+        A.attention_forward(*make_qkv(1, 1, 4, 4, 16, torch.float32, False), scale=1.0)
 
 
 # ----------------------------------------------------------------------------- key padding
@@ -440,3 +468,36 @@ def test_non_contiguous_grad_output_and_kpm():
     for a, b in zip(grads[:3], g):
         assert _err(a, b) < 1e-4
     assert grads[3] is None
+
+
+# ----------------------------------------------------------------------------- bias row pitch
+def test_pitched_bias_layouts():
+    """The bias the kernels read: the same values, every row at a multiple of BIAS_PITCH elements
+    (so Triton's divisibility specialization vectorizes its loads), broadcast dims kept stride 0,
+    an already aligned bias used as is."""
+    P = A.BIAS_PITCH
+    base = torch.randn(2, 3, 17, 45, device=DEVICE)
+    layouts = {
+        "contiguous": base,
+        "batch-broadcast": base[:1].expand(2, 3, 17, 45),
+        "head-broadcast": base[:, :1].expand(2, 3, 17, 45),
+        "transposed": torch.randn(2, 3, 45, 17, device=DEVICE).transpose(2, 3),
+        "offset-slice": torch.randn(2, 3, 17, 50, device=DEVICE)[..., 3:48],
+    }
+    for name, b in layouts.items():
+        got = A._pitched_bias(b)
+        assert torch.equal(got, b), name
+        st = got.stride()
+        assert st[3] == 1 and all(s % P == 0 for s in st[:3]) and got.storage_offset() % P == 0, (name, st)
+        assert [s == 0 for s in st[:2]] == [s == 0 for s in b.stride()[:2]], name
+    aligned = torch.randn(2, 3, 17, 2 * P, device=DEVICE)
+    assert A._pitched_bias(aligned) is aligned
+    for bcast in (base[:, :, :1].expand(2, 3, 17, 45), base[..., :1].expand(2, 3, 17, 45)):
+        assert A._pitched_bias(bcast) is bcast           # broadcast rows / keys: loads are broadcast anyway
+
+
+def test_transposed_and_sliced_bias_gradients():
+    """A bias of any layout (here transposed keys/queries) gives the reference output and dbias."""
+    B, H, Nq, Nk = 1, 2, 19, 23
+    raw = torch.randn(B, H, Nk, Nq, device=DEVICE)
+    check(B, H, Nq, Nk, 32, torch.float32, bias_shape=(B, H, Nq, Nk), bias_override=raw.transpose(2, 3))
