@@ -320,15 +320,20 @@ _TUNE_LOG: Dict[tuple, List[Tuple[Tiles, Optional[float]]]] = {}
 AUTOTUNE_ENV = "VLFAST_AUTOTUNE"
 
 
-def autotune_enabled() -> bool:
-    """``VLFAST_AUTOTUNE`` is 1 / true / yes / on (read at every launch; anything else but empty
-    or 0 / false / no / off is a ValueError)."""
-    raw = os.environ.get(AUTOTUNE_ENV, "").strip().lower()
+def env_flag(name: str) -> bool:
+    """An on/off environment switch: 1 / true / yes / on, or unset / empty / 0 / false / no / off
+    (anything else is a ValueError naming the variable)."""
+    raw = os.environ.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
         return False
     if raw in ("1", "true", "yes", "on"):
         return True
-    raise ValueError(f"{AUTOTUNE_ENV} must be 1 or 0 (true/false, yes/no, on/off), got {os.environ[AUTOTUNE_ENV]!r}")
+    raise ValueError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), got {os.environ[name]!r}")
+
+
+def autotune_enabled() -> bool:
+    """``VLFAST_AUTOTUNE`` is on (``env_flag``, read at every launch)."""
+    return env_flag(AUTOTUNE_ENV)
 
 
 def tune_candidates(table: "TileTable", kind: str, base: Mapping[str, Optional[int]],

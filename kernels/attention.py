@@ -322,10 +322,8 @@ def _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, n_ok, d_ok, q_bas
                     not EVEN_D, EDGE)
     if EDGE:
         lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=float("-inf"))
-        delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
     else:
         lse = tl.load(lse_ptr + row_base + offs_m)
-        delta = tl.load(delta_ptr + row_base + offs_m)
     row_ok = lse != float("-inf")                      # rows that see no key get no gradient
     lse2 = tl.where(row_ok, lse * LOG2E_C, 0.0)
     sT = mma(k, qT, None, DOT_PREC, UPCAST_DOT) * qk_scale
@@ -343,6 +341,10 @@ def _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, n_ok, d_ok, q_bas
     else:
         pdT = pT
     dv = mma(pdT.to(k.dtype), do, dv, DOT_PREC, UPCAST_DOT)
+    if EDGE:                                           # (loaded late: one row vector less live above)
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+    else:
+        delta = tl.load(delta_ptr + row_base + offs_m)
     dsT = pT * (dpT - delta[None, :])
     dk = mma(dsT.to(k.dtype), tl.trans(qT), dk, DOT_PREC, UPCAST_DOT)
     return dk, dv
@@ -442,11 +444,12 @@ def _attn_fwd_kernel(
     mid = 0                                             # INTERIOR False: every block masked
     if INTERIOR:
         mid = _interior_keys(start_m, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
-    for start_n in range(0, mid, BLOCK_N):              # interior blocks: no bound / causal masks
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base, v_base,
-                                  s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk, qk_scale, seed,
-                                  drop_rows, drop_thresh, BLOCK_N, HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM,
-                                  CAUSAL, DROPOUT, False, DOT_PREC, UPCAST_DOT)
+    if INTERIOR:
+        for start_n in range(0, mid, BLOCK_N):              # interior blocks: no bound / causal masks
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base, v_base,
+                                      s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk, qk_scale, seed,
+                                      drop_rows, drop_thresh, BLOCK_N, HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM,
+                                      CAUSAL, DROPOUT, False, DOT_PREC, UPCAST_DOT)
     for start_n in range(mid, hi, BLOCK_N):             # the causal diagonal and the last partial block
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base, v_base,
                                   s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk, qk_scale, seed,
@@ -552,16 +555,18 @@ def _attn_bwd_dkdv_kernel(
                             s_dm, lse_ptr, delta_ptr, row_base, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk,
                             qk_scale, seed, offset, drop_thresh, drop_scale, start_n, BLOCK_N,
                             HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, True, DOT_PREC, UPCAST_DOT)
-    for start_m in range(mid_hi, Nq, BLOCK_M):          # (empty without INTERIOR)
-        dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, n_ok, d_ok, q_base, do_base, s_qm,
-                            s_dm, lse_ptr, delta_ptr, row_base, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk,
-                            qk_scale, seed, offset, drop_thresh, drop_scale, start_n, BLOCK_N,
-                            HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, True, DOT_PREC, UPCAST_DOT)
-    for start_m in range(mid_lo, mid_hi, BLOCK_M):     # (empty without INTERIOR)
-        dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, n_ok, d_ok, q_base, do_base, s_qm,
-                            s_dm, lse_ptr, delta_ptr, row_base, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk,
-                            qk_scale, seed, offset, drop_thresh, drop_scale, start_n, BLOCK_N,
-                            HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, False, DOT_PREC, UPCAST_DOT)
+    if INTERIOR:
+        for start_m in range(mid_hi, Nq, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, n_ok, d_ok, q_base, do_base, s_qm,
+                                s_dm, lse_ptr, delta_ptr, row_base, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk,
+                                qk_scale, seed, offset, drop_thresh, drop_scale, start_n, BLOCK_N,
+                                HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, True, DOT_PREC, UPCAST_DOT)
+    if INTERIOR:
+        for start_m in range(mid_lo, mid_hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, n_ok, d_ok, q_base, do_base, s_qm,
+                                s_dm, lse_ptr, delta_ptr, row_base, bias_base, s_bm, s_bn, kpm_base, s_pn, Nq, Nk,
+                                qk_scale, seed, offset, drop_thresh, drop_scale, start_n, BLOCK_N,
+                                HEAD_DIM == BLOCK_D, HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, False, DOT_PREC, UPCAST_DOT)
 
     dk = dk * scale
     out_rows = (bh.to(tl.int64) * Nk + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
@@ -633,11 +638,12 @@ def _attn_bwd_dq_kernel(
     mid = 0                                             # INTERIOR False: every block masked
     if INTERIOR:
         mid = _interior_keys(start_m, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
-    for start_n in range(0, mid, BLOCK_N):              # interior blocks: no bound / causal masks
-        dq = _dq_step(dq, q, do, lse2, delta, row_ok, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base,
-                      v_base, s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, g_base, s_gm, s_gn, Nq, Nk,
-                      qk_scale, seed, drop_rows, drop_thresh, drop_scale, BLOCK_M, BLOCK_N, HEAD_DIM == BLOCK_D,
-                      HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, DBIAS, REDUCE_M, REDUCE_N, False, DOT_PREC, UPCAST_DOT)
+    if INTERIOR:
+        for start_n in range(0, mid, BLOCK_N):              # interior blocks: no bound / causal masks
+            dq = _dq_step(dq, q, do, lse2, delta, row_ok, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base,
+                          v_base, s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, g_base, s_gm, s_gn, Nq, Nk,
+                          qk_scale, seed, drop_rows, drop_thresh, drop_scale, BLOCK_M, BLOCK_N, HEAD_DIM == BLOCK_D,
+                          HAS_BIAS, HAS_KPM, CAUSAL, DROPOUT, DBIAS, REDUCE_M, REDUCE_N, False, DOT_PREC, UPCAST_DOT)
     for start_n in range(mid, hi, BLOCK_N):             # the causal diagonal and the last partial block
         dq = _dq_step(dq, q, do, lse2, delta, row_ok, start_n, offs_m, offs_n0, offs_d, m_ok, d_ok, k_base,
                       v_base, s_kn, s_vn, bias_base, s_bm, s_bn, kpm_base, s_pn, g_base, s_gm, s_gn, Nq, Nk,
@@ -672,12 +678,7 @@ def interior_split() -> bool:
     the CI tier (D = 40, 64, 80, 128 with dropout, bias, padding or causal).  Off until a GPU times it;
     ``make gpu-check`` can run the attention benchmarks with it on and off.
     """
-    raw = os.environ.get(INTERIOR_ENV, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{INTERIOR_ENV} must be 1 or 0 (true/false, yes/no, on/off), got {os.environ[INTERIOR_ENV]!r}")
+    return env_flag(INTERIOR_ENV)
 
 
 def _dkdv_interior(D: int, block_d: int, has_bias: bool) -> bool:
@@ -707,7 +708,8 @@ def _pitched_bias(bias):
     elements (broadcast dims stay stride 0) with the row pitch rounded up to ``BIAS_PITCH``: one
     ``(B or 1, H or 1, Nq, ceil16(Nk))`` copy per launch (for a ViT-B relative-position bias
     12 x 197 x 208 elements).  A bias broadcast over its queries or keys (stride 0) is used as is:
-    its loads are broadcast.
+    its loads are broadcast.  The forward and dQ kernels read this; the dK/dV kernel, which reads
+    the bias transposed, the caller's layout.
     """
     st = bias.stride()
     if st[2] == 0 or st[3] == 0:
@@ -722,9 +724,10 @@ def _pitched_bias(bias):
     return buf.expand(bias.shape)
 
 
-def _common_args(q, key_padding_mask, bias):
+def _common_args(q, key_padding_mask, bias, pitch: bool = True):
     if bias is not None:
-        bias = _pitched_bias(bias)
+        if pitch:
+            bias = _pitched_bias(bias)
         bias_arg, bias_strides = bias, bias.stride()
     else:
         bias_arg, bias_strides = q, (0, 0, 0, 0)
@@ -951,9 +954,12 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
     # dk, dv
     bm, bn, warps, stages = _config("bwd_kv", D, q.dtype)
     num_n = triton.cdiv(Nk, bn)
+    # the caller's bias layout: this kernel reads the bias tile transposed (keys down its rows), where an
+    # aligned row pitch vectorizes nothing and, under triton 3.6, cost 20 B of spill at D = 72
+    kv_bias, kv_bs, _, _ = _common_args(q, None, bias, pitch=False)
     _attn_bwd_dkdv_kernel[(num_n * B * H,)](
-        q, k, v, bias_arg, kpm_arg, do, lse, delta, dk, dv,
-        *qkv_strides, *bs, *ps, do.stride(0), do.stride(1), do.stride(2),
+        q, k, v, kv_bias, kpm_arg, do, lse, delta, dk, dv,
+        *qkv_strides, *kv_bs, *ps, do.stride(0), do.stride(1), do.stride(2),
         H, Nq, Nk, num_n, scale * LOG2E, scale, *rng,
         BLOCK_M=bm, BLOCK_N=bn, INTERIOR=interior_split() and _dkdv_interior(D, block_d, bias is not None),
         num_warps=warps, num_stages=stages, **common)
