@@ -65,15 +65,13 @@ Tiles: the table ``TILES`` below (``vlfast info`` prints it; the interpreter's t
 ``_common.INTERPRETER_TILES``; tests force tiles with ``_common.override_tiles``).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from vlfast import _validation as check
 
-from ._common import LN2_C, LOG2E, LOG2E_C, TileTable, dot_precision, mma, round_to, upcast_dot
+from ._common import LN2_C, LOG2E, LOG2E_C, TileTable, dot_precision, env_flag, mma, round_to, upcast_dot
 
 # ----------------------------------------------------------------------------- tiles
 TILES = TileTable(
