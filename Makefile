@@ -77,7 +77,7 @@ gate: install
 
 $(GATE36_STAMP): Makefile
 	test -x $(GATE36_VENV)/bin/python || $(PYTHON) -m venv $(GATE36_VENV)
-	$(GATE36_VENV)/bin/python -m pip install $(PIP_FLAGS) torch==2.13.0 triton==3.6.0 numpy
+	$(GATE36_VENV)/bin/python -m pip install $(PIP_FLAGS) torch==2.13.0 triton==3.6.0 "numpy>=1.22"
 	touch $@
 
 gate-triton36: install $(GATE36_STAMP)
