@@ -7,7 +7,8 @@
   base-2 exponentials: ``exp(x) = exp2(x * LOG2E)``, ``log(x) = log2(x) * LN2``.
 * dtypes: ``TL_DTYPES`` (torch -> tl), ``compute_type`` (fp32 math unless a side is fp64),
   ``dtype_class`` (the ``dtype`` column of the tile tables), and the two constexprs of ``mma``:
-  ``dot_precision`` (``DOT_PREC``) and ``upcast_dot`` (``UPCAST``).
+  ``dot_precision`` (``DOT_PREC``: IEEE for fp32 inputs, TF32 when torch's fp32 matmul precision is
+  "high" / "medium", see ``fp32_matmul_uses_tf32``) and ``upcast_dot`` (``UPCAST``).
 * Device helpers: ``mma`` (``tl.dot`` with fp32 accumulation) and ``round_to`` (output rounding).
 * Tiles: ``TileTable`` (one per kernel module, registered by name), ``INTERPRETER_TILES`` (the
   interpreter's tiles of every table, chosen here and nowhere else) and ``override_tiles``
@@ -109,9 +110,48 @@ def dtype_class(dtype: torch.dtype) -> str:
     raise TypeError(f"no tile class for dtype {dtype}")
 
 
+def fp32_matmul_uses_tf32() -> bool:
+    """True when torch lets fp32 matmuls use TF32 tensor cores: ``torch.set_float32_matmul_precision``
+    is ``"high"`` or ``"medium"`` (or, equivalently, ``torch.backends.cuda.matmul.allow_tf32 = True``).
+
+    Read where cuBLAS reads it: torch >= 2.9 keeps the setting as
+    ``torch.backends.cuda.matmul.fp32_precision`` (``"tf32"`` or ``"ieee"``), which the legacy
+    setters write too, and which does not raise when a program mixes the legacy and the new API
+    (``torch.get_float32_matmul_precision()`` then does); older torch: the legacy getter.
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return torch.get_float32_matmul_precision() in ("high", "medium")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """``DOT_PREC`` of ``mma``: IEEE fp32 dots for fp32 inputs (no TF32); fp16/bf16 use tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``DOT_PREC`` of ``mma`` for inputs of ``dtype``, read at every launch.
+
+    fp32 inputs: IEEE fp32 dots (FMA, no tensor cores) by default; TF32 tensor-core dots (inputs
+    rounded to a 10-bit mantissa, fp32 accumulation) when the program opted in to TF32 for its own
+    fp32 matmuls, ``torch.set_float32_matmul_precision("high")`` or ``"medium"``
+    (``fp32_matmul_uses_tf32``); ``"highest"`` (torch's default) restores IEEE.  The value is a
+    ``tl.constexpr``: TF32 and IEEE are two compiled kernels, with tiles of their own (the tile
+    tables' ``"tf32"`` rows, else their ``"fp32"`` ones: ``tile_classes``).  fp16/bf16 inputs:
+    tensor cores whatever the setting (the value is then irrelevant to ``tl.dot``).  Triton's CPU
+    interpreter ignores the precision (numpy fp32 products): it does not emulate TF32's rounding,
+    so the interpreter's results are IEEE ones either way; the TF32 error is measured on a GPU
+    (``tests/kernels/test_tf32.py``).
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if fp32_matmul_uses_tf32() else "ieee"
+
+
+def tile_classes(dtype: torch.dtype) -> Tuple[str, ...]:
+    """The ``dtype`` cells of the tile tables that serve inputs of ``dtype``, in order of preference:
+    ``("tf32", "fp32")`` for fp32 inputs whose dots run in TF32 (``dot_precision`` is ``"tf32"``:
+    tensor-core tiles where a table has ``"tf32"`` rows for the kind, its fp32 rows otherwise),
+    else ``(dtype_class(dtype),)``."""
+    if dtype == torch.float32 and dot_precision(dtype) == "tf32":
+        return ("tf32", "fp32")
+    return (dtype_class(dtype),)
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
@@ -181,6 +221,8 @@ class TileTable:
 
     * ``kind``: which launch; ``kernels`` maps every kind to the ``@triton.jit`` kernels it sizes;
     * ``dtype``: ``dtype_class`` of the inputs (``"fp32"``, ``"fp16/bf16"``, ``"fp64"``) or ``"any"``;
+      ``"tf32"`` rows serve fp32 inputs with TF32 dots (``tile_classes``), which fall back to the
+      kind's ``"fp32"`` rows where it has no ``"tf32"`` row;
     * the table's own keys: a ``max_<NAME>`` cell matches a query ``NAME`` that is <= the cell, any
       other key cell a query equal to it; a ``None`` cell matches every query.
 
@@ -255,13 +297,12 @@ class TileTable:
         if unknown:
             raise TypeError(f"{self.name} tiles are looked up by kind, dtype and "
                             f"{', '.join(self.query_names()) or 'nothing else'}, not {', '.join(sorted(unknown))}")
-        dc = None if dtype is None else dtype_class(dtype)
-        for row in self.rows:
-            if self._matches(row, kind, dc, query):
-                out = dict(zip(self.values, row[len(self.keys):]))
-                break
-        else:
-            raise ValueError(f"tile table {self.name}: no row for kind={kind}, dtype={dc}, {query}")
+        classes = (None,) if dtype is None else tile_classes(dtype)
+        out = next((dict(zip(self.values, row[len(self.keys):])) for dc in classes for row in self.rows
+                    if self._matches(row, kind, dc, query)), None)
+        if out is None:
+            raise ValueError(f"tile table {self.name}: no row for kind={kind}, dtype={'/'.join(map(str, classes))}, "
+                             f"{query}")
         if interpret() and not gpu:
             out.update(self.interpreter.get(kind, {}))
         out.update(_OVERRIDES.get((self.name, kind), {}))
@@ -346,7 +387,7 @@ def tune_candidates(table: "TileTable", kind: str, base: Mapping[str, Optional[i
     ``num_stages`` in [1, 4]; ``prune(cand)`` False drops a candidate (a kernel's own rules, e.g.
     >= 64 rows per warpgroup for wgmma).  Columns ``base`` has as None stay None."""
     limits = dict(limits or {})
-    dc = None if dtype is None else dtype_class(dtype)
+    dcs = () if dtype is None else tile_classes(dtype)
     out: List[Tiles] = []
 
     def add(c):
@@ -365,7 +406,7 @@ def tune_candidates(table: "TileTable", kind: str, base: Mapping[str, Optional[i
 
     add(dict(base))
     for row in table.rows:
-        if row[0] == kind and row[1] in ("any", dc):
+        if row[0] == kind and row[1] in ("any", *dcs):
             add(dict(zip(table.values, row[len(table.keys):])))
     for col, v in base.items():
         if v is None:
@@ -404,7 +445,7 @@ def autotune(table: "TileTable", kind: str, dtype: torch.dtype, key: tuple, base
     """
     if not autotune_enabled() or _OVERRIDES.get((table.name, kind)):
         return dict(base)
-    ck = (table.name, kind, dtype_class(dtype), key)
+    ck = (table.name, kind, tile_classes(dtype)[0], key)   # TF32 tunes apart from IEEE fp32
     if ck in _TUNED:
         return dict(_TUNED[ck])
     from triton.runtime.errors import OutOfResources

@@ -59,7 +59,10 @@ mask from one device helper, ``_keep_mask``.  ``dropout_p == 0`` compiles withou
 
 Head dims that are not powers of two are padded to the next power of two (at least 16,
 the smallest ``tl.dot`` K) with masked loads; ``HEAD_DIM`` is a constexpr, so the mask
-folds away when ``D`` is a power of two.  fp32 inputs use IEEE fp32 dots (no TF32).
+folds away when ``D`` is a power of two.  fp32 inputs use IEEE fp32 dots by default, TF32
+tensor-core dots when the program opted in with ``torch.set_float32_matmul_precision("high")``
+(or ``"medium"``; read at each launch, ``_common.dot_precision``; the interpreter does not emulate
+TF32's rounding).
 Outputs are rounded with ``round_to`` (bf16 round-to-nearest-even also in the interpreter).
 Tiles: the table ``TILES`` below (``vlfast info`` prints it; the interpreter's tiles are in
 ``_common.INTERPRETER_TILES``; tests force tiles with ``_common.override_tiles``).
@@ -81,8 +84,13 @@ TILES = TileTable(
         "triton 3.8, no GPU): every dot is wgmma (>= 64 rows per warpgroup on the MMA's M side: fwd/bwd_q "
         "BLOCK_M, bwd_kv BLOCK_N), no register spill for D in {40, 64, 72, 80, 128, 256} with padding, bias, "
         "causal or dropout, shared memory <= 104 KB, 1-2 CTAs per SM; under triton 3.6 too.  fp32 rows (IEEE "
-        "FMA dots) still "
-        "spill (up to ~39 KB, the gate's fp32 budget).  Not yet timed on a GPU: retune there (wider tiles, "
+        "FMA dots, whose operand rows live in registers): small tiles (16-64 rows, mostly 8 warps) that spill at "
+        "most 32 B for those D and variants at N = 197 and 1024 under triton 3.8 and 3.6 (0 in most; up to "
+        "39 KB with the former 64-row tiles).  tf32 rows: fp32 inputs with TF32 dots "
+        "(torch.set_float32_matmul_precision('high'), _common.tile_classes): wgmma tiles (>= 64 rows on the "
+        "M side), no spill except the D = 256 backward (bwd_kv up to 152 B: its fp32 dk/dv accumulators take "
+        "half the registers) and, under triton 3.6, bwd_q D = 72 with a bias (16 B).  Not yet timed on a GPU: "
+        "retune there (wider tiles, "
         "TMA descriptors) before relying on them.  bwd_preprocess: "
         "BLOCK_M is then clamped to [16, 4096 // BLOCK_D]; dropout_mask: BLOCK_N to max(16, next_pow2(Nk)) "
         "(every BLOCK_N a multiple of 8: one Philox call per 8 keys).",
@@ -97,23 +105,32 @@ TILES = TileTable(
     values=("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
     rows=(
         # kind            dtype        max_BLOCK_D  BLOCK_M  BLOCK_N  num_warps  num_stages
-        ("fwd",           "fp32",       64,          64,      64,      4,         2),
+        ("fwd",           "fp32",       64,          32,      64,      8,         2),
+        ("fwd",           "tf32",       64,          128,     32,      8,         3),
         ("fwd",           "fp16/bf16",  64,          128,     32,      8,         3),
-        ("fwd",           "fp32",       128,         64,      32,      4,         2),
+        ("fwd",           "fp32",       128,         16,      16,      4,         3),
+        ("fwd",           "tf32",       128,         64,      16,      8,         2),
         ("fwd",           "fp16/bf16",  128,         64,      32,      8,         2),
-        ("fwd",           "fp32",       256,         64,      16,      4,         2),
+        ("fwd",           "fp32",       256,         16,      32,      8,         2),
+        ("fwd",           "tf32",       256,         64,      16,      8,         2),
         ("fwd",           "fp16/bf16",  256,         64,      32,      8,         2),
-        ("bwd_kv",        "fp32",       64,          32,      64,      4,         2),
+        ("bwd_kv",        "fp32",       64,          16,      64,      8,         2),
+        ("bwd_kv",        "tf32",       64,          32,      64,      8,         2),
         ("bwd_kv",        "fp16/bf16",  64,          32,      128,     8,         3),
-        ("bwd_kv",        "fp32",       128,         32,      64,      8,         2),
+        ("bwd_kv",        "fp32",       128,         16,      64,      8,         2),
+        ("bwd_kv",        "tf32",       128,         16,      64,      8,         2),
         ("bwd_kv",        "fp16/bf16",  128,         16,      64,      8,         2),
-        ("bwd_kv",        "fp32",       256,         16,      32,      8,         1),
+        ("bwd_kv",        "fp32",       256,         16,      32,      8,         2),
+        ("bwd_kv",        "tf32",       256,         16,      64,      8,         2),
         ("bwd_kv",        "fp16/bf16",  256,         16,      64,      8,         2),
-        ("bwd_q",         "fp32",       64,          64,      32,      4,         2),
+        ("bwd_q",         "fp32",       64,          64,      32,      8,         2),
+        ("bwd_q",         "tf32",       64,          64,      32,      8,         2),
         ("bwd_q",         "fp16/bf16",  64,          128,     32,      8,         3),
-        ("bwd_q",         "fp32",       128,         64,      32,      4,         2),
+        ("bwd_q",         "fp32",       128,         64,      16,      8,         2),
+        ("bwd_q",         "tf32",       128,         64,      16,      8,         2),
         ("bwd_q",         "fp16/bf16",  128,         128,     16,      8,         2),
-        ("bwd_q",         "fp32",       256,         32,      16,      8,         1),
+        ("bwd_q",         "fp32",       256,         32,      32,      8,         2),
+        ("bwd_q",         "tf32",       256,         64,      16,      8,         2),
         ("bwd_q",         "fp16/bf16",  256,         64,      16,      8,         2),
         ("bwd_preprocess", "any",       None,        16,      None,    None,      None),
         ("dropout_mask",  "any",        None,        16,      256,     None,      None),

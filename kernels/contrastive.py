@@ -2,10 +2,11 @@
 
 The ``Nq x Nk`` logits are never materialized in the forward: its kernels recompute score tiles
 ``x_ij = <q_i, k_j>`` (fp32 accumulation, ``tl.dot``; fp16/bf16 inputs use tensor cores,
-fp32 inputs IEEE fp32 dots, no TF32) from the features, looping over the feature dim in
-``BLOCK_D`` chunks, so any ``D`` (1..1024 and beyond) works and only ``O((Nq + Nk) D)``
-memory is touched.  The backward computes each score tile once per pass and keeps the
-gradient tile ``G`` in a bounded workspace (below).
+fp32 inputs IEEE fp32 dots, or TF32 ones under ``torch.set_float32_matmul_precision("high")`` /
+``"medium"``, as the torch GEMMs of the backward: ``_common.dot_precision``) from the features,
+looping over the feature dim in ``BLOCK_D`` chunks, so any ``D`` (1..1024 and beyond) works
+and only ``O((Nq + Nk) D)`` memory is touched.  The backward computes each score tile once per
+pass and keeps the gradient tile ``G`` in a bounded workspace (below).
 
 InfoNCE (``s_ij = scale * x_ij``, soft scores ``ŝ_ij = soft_scale * <sq_i, sk_j>``):
 

@@ -31,6 +31,15 @@ def _gate(tmp_path, *args, timeout=300):
     return r.returncode, r.stdout + r.stderr
 
 
+def _python(tmp_path, code, timeout=300):
+    """stdout of ``python -c code`` outside the interpreter (the gate's own cache under tmp_path);
+    fails the test on a non-zero exit."""
+    r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
 def _launch(dtype="bf16"):
     return gate.Launch("_k", None, {}, ["case"], dtype, dtype in ("bf16", "fp16"))
 
@@ -111,9 +120,8 @@ def test_capture_reaches_every_kernel(tmp_path):
         "assert want <= names, want - names\n"
         "assert all(l.compile['num_warps'] for l in launches)\n"
         "print(len(launches), n)\n")
-    r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    distinct, calls = map(int, r.stdout.split())
+    stdout = _python(tmp_path, code)
+    distinct, calls = map(int, stdout.split())
     assert 0 < distinct < calls
 
 
@@ -189,9 +197,8 @@ def test_default_atomics_fence_and_relaxed_ones_do_not(tmp_path):
     # fences, relaxed ones none (in a subprocess: the suite's TRITON_INTERPRET makes jit functions
     # interpreted)
     code = "import json; from vlfast.kernels import gate; print(json.dumps(gate.atomic_fence_counts()))"
-    r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    counts = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    stdout = _python(tmp_path, code)
+    counts = __import__("json").loads(stdout.strip().splitlines()[-1])
     assert counts["acq_rel"] > 0 and counts["relaxed"] == 0, counts
 
 
@@ -231,10 +238,8 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def dropout_sass(tmp_path_factory):
-    r = subprocess.run([sys.executable, "-c", _DROPOUT_SASS], env=_env(tmp_path_factory.mktemp("drop")),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return {(row["kernel"], row["dropout"]): row for row in __import__("json").loads(r.stdout.strip().splitlines()[-1])}
+    stdout = _python(tmp_path_factory.mktemp("drop"), _DROPOUT_SASS, timeout=600)
+    return {(row["kernel"], row["dropout"]): row for row in __import__("json").loads(stdout.strip().splitlines()[-1])}
 
 
 def test_dropout_forward_sass_at_most_1_6x_plain(dropout_sass):
@@ -258,3 +263,80 @@ def test_dropout_draws_one_philox_per_8_elements(dropout_sass, kernel):
     assert row["philox_hi"] > 0 and row["philox_hi"] % 10 == 0, row
     assert dropout_sass[("_attn_fwd_kernel", False)]["philox_hi"] == 0
 
+
+
+# ----------------------------------------------------------------------------- TF32 (fp32 opt-in)
+def _tf32_launch(**kw):
+    return gate.Launch("_k", None, {}, ["case tf32"], "fp32", False, tf32=True, **kw)
+
+
+def test_tf32_rules_are_the_half_ones():
+    # an fp32 launch with TF32 dots is a tensor-core dot: wgmma only, spills within the TF32 budget
+    assert gate.verdicts(_tf32_launch(), _result()) == []
+    budget = gate.TF32_SPILL_BUDGET
+    assert gate.verdicts(_tf32_launch(), _result(spill_stores=budget, spill_loads=budget)) == []
+    (v,) = gate.verdicts(_tf32_launch(), _result(spill_stores=budget + 4, spill_loads=budget + 4))
+    assert v.startswith("tf32-spill") and "TF32" in v
+    (v,) = gate.verdicts(_tf32_launch(), _result(hgmma=0, hmma=24, dots=2, wgmma_dots=0))
+    assert v.startswith("tf32-wgmma") and "mma.sync" in v
+    (v,) = gate.verdicts(_tf32_launch(), _result(hgmma=0, dots=2, wgmma_dots=0))        # FMA: not TF32 at all
+    assert v.startswith("tf32-wgmma") and "fma" in v
+    # an IEEE fp32 launch: FMA or mma.sync dots are allowed, spills up to its own budget; a bf16 one
+    # may not spill at all
+    assert gate.verdicts(_launch("fp32"), _result(hgmma=0, hmma=24, dots=2, wgmma_dots=0)) == []
+    spill = gate.FP32_SPILL_BUDGET
+    assert gate.verdicts(_launch("fp32"), _result(hgmma=0, dots=2, wgmma_dots=0, spill_stores=spill)) == []
+    (v,) = gate.verdicts(_launch("bf16"), _result(spill_stores=4, spill_loads=4))
+    assert v.startswith("half-spill")
+
+
+def test_tf32_case_lists():
+    full, ci = gate.cases(True), gate.cases(False)
+    tf32_ci = sorted(c.label for c in ci if c.tf32)
+    want = sorted([f"attention fp32 N=197 D={D} H={gate.ATTN_HEADS[D]} {v} tf32" for D in gate.CI_ATTN_D
+                   for v in ("plain", "dropout")] + [f"contrastive fp32 N={gate.CON_N} D=768 hard tf32"])
+    assert tf32_ci == want
+    assert all(c.dtype == "fp32" and not c.half and c.label.endswith(" tf32") for c in full if c.tf32)
+    assert not any(c.label.endswith(" tf32") for c in full if not c.tf32)
+
+
+def test_tf32_cases_launch_tf32_dots(tmp_path):
+    # capture only (no compile): the tf32 cases' kernels with a dot get DOT_PREC="tf32" and are judged
+    # as TF32 launches; the same shapes without the switch are IEEE; the precision is restored after
+    code = (
+        "import torch\n"
+        "from vlfast.kernels import gate\n"
+        "sel = [c for c in gate.cases(False) if c.label.startswith(('attention fp32 N=197 D=64 H=12 plain',\n"
+        "                                                            'contrastive fp32 N=32768 D=768 hard'))]\n"
+        "launches, _ = gate.collect(sel)\n"
+        "assert torch.get_float32_matmul_precision() == 'highest'\n"
+        "for l in launches:\n"
+        "    prec = l.constexprs.get('DOT_PREC')\n"
+        "    tf32 = any(c.endswith(' tf32') for c in l.cases)\n"
+        "    print(l.kernel, prec, l.tf32, tf32)\n")
+    stdout = _python(tmp_path, code)
+    rows = [line.split() for line in stdout.splitlines()]
+    dots = [row for row in rows if row[1] != "None"]
+    assert {row[0] for row in dots} >= {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+                                        "_lse_fwd_kernel", "_grad_tile_kernel"}, rows
+    for kernel, prec, launch_tf32, from_tf32_case in dots:
+        assert prec == ("tf32" if from_tf32_case == "True" else "ieee"), (kernel, prec, from_tf32_case)
+        assert launch_tf32 == from_tf32_case, (kernel, launch_tf32)
+    assert all(row[2] == "False" for row in rows if row[1] == "None")     # no dot: not a TF32 launch
+
+
+def test_tf32_attention_compiles_to_wgmma_without_spill(tmp_path):
+    rc, out = _gate(tmp_path, "--only", "^attention fp32 N=197 D=64 H=12 (plain|dropout) tf32$")
+    assert rc == 0, out
+    rows = [line for line in out.splitlines() if line.startswith(("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"))]
+    assert len(rows) == 6 and all(" wgmma " in line and line.rstrip().endswith("ok") for line in rows), out
+
+
+def test_planted_32_row_tf32_tile_fails(tmp_path):
+    # TF32 is held to the half rules: a 32-row forward tile (mma.sync, not wgmma) fails the gate
+    rc, out = _gate(tmp_path, "--only", "^attention fp32 N=197 D=64 H=12 plain tf32$",
+                    "--tiles", "attention.fwd.BLOCK_M=32,BLOCK_N=32")
+    assert rc == 1, out
+    fails = [line for line in out.splitlines() if line.strip().startswith("FAIL ")]
+    assert fails and all("_attn_fwd_kernel" in f for f in fails), out
+    assert any("tf32-wgmma" in f for f in fails), fails
