@@ -68,13 +68,16 @@ Tiles: the table ``TILES`` below (``vlfast info`` prints it; the interpreter's t
 ``_common.INTERPRETER_TILES``; tests force tiles with ``_common.override_tiles``).
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from vlfast import _validation as check
 
-from ._common import LN2_C, LOG2E, LOG2E_C, TileTable, dot_precision, env_flag, mma, round_to, upcast_dot
+from ._common import (LN2_C, LOG2E, LOG2E_C, TileTable, autotune, dot_precision, env_flag, interpret, mma,
+                      round_to, upcast_dot)
 
 # ----------------------------------------------------------------------------- tiles
 TILES = TileTable(
@@ -209,6 +212,25 @@ def _visible_scores(s, offs_m, offs_n, m_ok, n_ok, live, bias_ptr, s_bm, s_bn, k
         else:
             s = tl.where(live[:, None], s, float("-inf"))
     return s
+
+
+@triton.jit
+def _aligned(s_b, s_h, s_r, VEC: tl.constexpr):
+    """The batch, head and row strides of one tensor, known to the compiler as multiples of ``VEC``
+    (the host's ``_stride_vec`` guarantees it on every dim of size > 1; on a dim of size 1 the
+    index is 0 and the stride's value does not matter).
+
+    ``(s // VEC) * VEC`` is the identity on those strides and gives Triton's axis analysis
+    divisibility ``VEC``, so the tile loads of D = 40 / 72 rows (strides multiples of 8, not of the
+    16 Triton specializes) become 128-bit loads and cp.async copies instead of one 16-bit load per
+    element.  ``tl.multiple_of`` cannot say it: on a scalar kernel argument (a block argument with no
+    defining op) triton 3.6 and 3.8 drop the hint (the gate's SASS shows scalar loads either way).
+    """
+    if VEC > 1:
+        s_b = (s_b // VEC) * VEC
+        s_h = (s_h // VEC) * VEC
+        s_r = (s_r // VEC) * VEC
+    return s_b, s_h, s_r
 
 
 @triton.jit
@@ -423,7 +445,11 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERIOR: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    s_qb, s_qh, s_qm = _aligned(s_qb, s_qh, s_qm, VEC)
+    s_kb, s_kh, s_kn = _aligned(s_kb, s_kh, s_kn, VEC)
+    s_vb, s_vh, s_vn = _aligned(s_vb, s_vh, s_vn, VEC)
     pid = tl.program_id(0)
     bh = pid // num_m
     blk = pid % num_m
@@ -487,8 +513,10 @@ def _attn_bwd_preprocess_kernel(
     s_ob, s_oh, s_om,
     s_db, s_dh, s_dm,
     H, Nq, num_m,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VEC: tl.constexpr,
 ):
+    s_ob, s_oh, s_om = _aligned(s_ob, s_oh, s_om, VEC)
+    s_db, s_dh, s_dm = _aligned(s_db, s_dh, s_dm, VEC)
     pid = tl.program_id(0)
     bh = pid // num_m
     start_m = (pid % num_m) * BLOCK_M
@@ -520,9 +548,14 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERIOR: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     # Tiles are laid out transposed, [keys, queries], so that dv += p^T do and dk += dS^T q
     # need no transposed accumulators.
+    s_qb, s_qh, s_qm = _aligned(s_qb, s_qh, s_qm, VEC)
+    s_kb, s_kh, s_kn = _aligned(s_kb, s_kh, s_kn, VEC)
+    s_vb, s_vh, s_vn = _aligned(s_vb, s_vh, s_vn, VEC)
+    s_db, s_dh, s_dm = _aligned(s_db, s_dh, s_dm, VEC)
     pid = tl.program_id(0)
     bh = pid // num_n
     start_n = (pid % num_n) * BLOCK_N
@@ -609,7 +642,12 @@ def _attn_bwd_dq_kernel(
     DBIAS: tl.constexpr,              # 0: none, 1: store dS, 2: atomic_add into a broadcast buffer
     REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr,   # (DBIAS == 2) sum the tile over queries / keys
     OUT_BF16: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, INTERIOR: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    s_qb, s_qh, s_qm = _aligned(s_qb, s_qh, s_qm, VEC)
+    s_kb, s_kh, s_kn = _aligned(s_kb, s_kh, s_kn, VEC)
+    s_vb, s_vh, s_vn = _aligned(s_vb, s_vh, s_vn, VEC)
+    s_db, s_dh, s_dm = _aligned(s_db, s_dh, s_dm, VEC)
     pid = tl.program_id(0)
     bh = pid // num_m
     blk = pid % num_m
@@ -704,9 +742,24 @@ def _dkdv_interior(D: int, block_d: int, has_bias: bool) -> bool:
     return block_d <= 64 or (block_d <= 128 and D % 16 == 0 and not has_bias)
 
 
-def _config(kind: str, D: int, dtype: torch.dtype):
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of kernel ``kind`` (fwd, bwd_kv, bwd_q), from ``TILES``."""
-    t = TILES.lookup(kind, dtype, BLOCK_D=_block_d(D))
+# the side of each kernel's MMAs that wgmma needs >= 64 rows on (bwd_kv's tiles are [keys, queries])
+_WGMMA_SIDE = {"fwd": "BLOCK_M", "bwd_kv": "BLOCK_N", "bwd_q": "BLOCK_M"}
+
+
+def _tuned(kind: str, D: int, dtype: torch.dtype, key: tuple, launch, device: torch.device):
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of kernel ``kind`` (fwd, bwd_kv, bwd_q): ``TILES``'s, or with
+    ``VLFAST_AUTOTUNE=1`` the fastest candidate around it (``_common.autotune`` over the table's rows
+    of ``kind`` and their one-step neighbours, once per ``key``; ``launch(tiles)`` is repeatable: it
+    overwrites its outputs, or zeroes what it accumulates first).  Tensor-core candidates (fp16 / bf16,
+    and fp32 with TF32 dots) keep >= 64 rows on the MMA's M side, wgmma's minimum (the gate's rule)."""
+    base = TILES.lookup(kind, dtype, BLOCK_D=_block_d(D))
+    side = _WGMMA_SIDE[kind]
+    prune = (lambda t: t[side] >= 64) if dot_precision(dtype) == "tf32" and not interpret() else None
+    t = autotune(TILES, kind, dtype, key, base, lambda t: launch(*_tile_args(t)), device, prune=prune)
+    return _tile_args(t)
+
+
+def _tile_args(t):
     return t["BLOCK_M"], t["BLOCK_N"], t["num_warps"], t["num_stages"]
 
 
@@ -737,6 +790,25 @@ def _pitched_bias(bias):
     buf = torch.empty(*distinct[:3], pitch, dtype=bias.dtype, device=bias.device)[..., :Nk]
     buf.copy_(bias.as_strided(distinct, st, bias.storage_offset()))
     return buf.expand(bias.shape)
+
+
+def _stride_vec(*tensors) -> int:
+    """``VEC`` of the kernels (``_aligned``): the largest of 8, 4, 2, 1 that divides every stride
+    but the last (which is 1) of each tensor, on its dims of size > 1.  Row strides of 40 / 72
+    elements give 8: with the 16-byte aligned base pointers Triton specializes on, 128-bit loads."""
+    vec = 8
+    for t in tensors:
+        for n, st in zip(t.shape[:-1], t.stride()[:-1]):
+            if n > 1:
+                vec = math.gcd(vec, st)
+    return vec
+
+
+def _tune_key(BH: int, Nq: int, Nk: int, D: int, flags: dict) -> tuple:
+    """The autotune key of a launch: D, the power-of-two buckets of B * H, Nq and Nk, and the
+    variant flags (bias, padding, causal, dropout) that change the compiled kernel."""
+    b = triton.next_power_of_2
+    return (D, b(BH), b(Nq), b(Nk), *(bool(flags[f]) for f in ("HAS_BIAS", "HAS_KPM", "CAUSAL", "DROPOUT")))
 
 
 def _common_args(q, key_padding_mask, bias, pitch: bool = True):
@@ -871,23 +943,27 @@ def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False
     if B * H * Nq == 0 or D == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     bias_arg, bs, kpm_arg, ps = _common_args(q, key_padding_mask, bias)
-    bm, bn, warps, stages = _config("fwd", D, q.dtype)
-    num_m = triton.cdiv(Nq, bm)
-    grid = (num_m * B * H,)
-    _attn_fwd_kernel[grid](
-        q, k, v, bias_arg, kpm_arg, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *bs, *ps,
-        H, Nq, Nk, num_m,
-        scale * LOG2E,
-        *_drop_args(dropout_p, seed, offset),
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn,
-        HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
-        DROPOUT=dropout_p > 0, OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=dot_precision(q.dtype),
-        UPCAST_DOT=upcast_dot(q.dtype), INTERIOR=interior_split(), num_warps=warps, num_stages=stages,
-    )
+    flags = dict(HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
+                 DROPOUT=dropout_p > 0)
+
+    def launch(bm, bn, warps, stages):
+        num_m = triton.cdiv(Nq, bm)
+        _attn_fwd_kernel[(num_m * B * H,)](
+            q, k, v, bias_arg, kpm_arg, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            *bs, *ps,
+            H, Nq, Nk, num_m,
+            scale * LOG2E,
+            *_drop_args(dropout_p, seed, offset),
+            HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn, **flags,
+            OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=dot_precision(q.dtype),
+            UPCAST_DOT=upcast_dot(q.dtype), INTERIOR=interior_split(), VEC=_stride_vec(q, k, v),
+            num_warps=warps, num_stages=stages,
+        )
+
+    launch(*_tuned("fwd", D, q.dtype, _tune_key(B * H, Nq, Nk, D, flags), launch, q.device))
     return out, lse
 
 
@@ -951,7 +1027,7 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_BIAS=bias is not None,
                   HAS_KPM=key_padding_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
                   OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=dot_precision(q.dtype),
-                  UPCAST_DOT=upcast_dot(q.dtype))
+                  UPCAST_DOT=upcast_dot(q.dtype), VEC=_stride_vec(q, k, v, do))
     rng = _drop_args(dropout_p, seed, offset)
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2))
@@ -964,20 +1040,24 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
     _attn_bwd_preprocess_kernel[(num_pm * B * H,)](
         out, do, delta, out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), H, Nq, num_pm,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pm)
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pm, VEC=_stride_vec(out, do))
 
     # dk, dv
-    bm, bn, warps, stages = _config("bwd_kv", D, q.dtype)
-    num_n = triton.cdiv(Nk, bn)
     # the caller's bias layout: this kernel reads the bias tile transposed (keys down its rows), where an
     # aligned row pitch vectorizes nothing and, under triton 3.6, cost 20 B of spill at D = 72
     kv_bias, kv_bs, _, _ = _common_args(q, None, bias, pitch=False)
-    _attn_bwd_dkdv_kernel[(num_n * B * H,)](
-        q, k, v, kv_bias, kpm_arg, do, lse, delta, dk, dv,
-        *qkv_strides, *kv_bs, *ps, do.stride(0), do.stride(1), do.stride(2),
-        H, Nq, Nk, num_n, scale * LOG2E, scale, *rng,
-        BLOCK_M=bm, BLOCK_N=bn, INTERIOR=interior_split() and _dkdv_interior(D, block_d, bias is not None),
-        num_warps=warps, num_stages=stages, **common)
+
+    def launch_kv(bm, bn, warps, stages):
+        num_n = triton.cdiv(Nk, bn)
+        _attn_bwd_dkdv_kernel[(num_n * B * H,)](
+            q, k, v, kv_bias, kpm_arg, do, lse, delta, dk, dv,
+            *qkv_strides, *kv_bs, *ps, do.stride(0), do.stride(1), do.stride(2),
+            H, Nq, Nk, num_n, scale * LOG2E, scale, *rng,
+            BLOCK_M=bm, BLOCK_N=bn, INTERIOR=interior_split() and _dkdv_interior(D, block_d, bias is not None),
+            num_warps=warps, num_stages=stages, **common)
+
+    tune_key = _tune_key(B * H, Nq, Nk, D, common)
+    launch_kv(*_tuned("bwd_kv", D, q.dtype, tune_key, launch_kv, q.device))
 
     # dq (+ dbias)
     mode, reduce_m, reduce_n = 0, False, False
@@ -994,14 +1074,19 @@ def attention_backward(do, q, k, v, out, lse, *, key_padding_mask=None, bias=Non
                              for g, f, s in zip(bias_grad_shape, full, gbuf.stride()))
             reduce_m = bias_grad_shape[2] == 1 and Nq != 1
             reduce_n = bias_grad_shape[3] == 1 and Nk != 1
-    bm, bn, warps, stages = _config("bwd_q", D, q.dtype)
-    num_m = triton.cdiv(Nq, bm)
-    _attn_bwd_dq_kernel[(num_m * B * H,)](
-        q, k, v, bias_arg, kpm_arg, do, lse, delta, dq, gbuf,
-        *qkv_strides, *bs, *ps, do.stride(0), do.stride(1), do.stride(2), *gstrides,
-        H, Nq, Nk, num_m, scale * LOG2E, scale, *rng,
-        BLOCK_M=bm, BLOCK_N=bn, DBIAS=mode, REDUCE_M=reduce_m, REDUCE_N=reduce_n, INTERIOR=interior_split(),
-        num_warps=warps, num_stages=stages, **common)
+
+    def launch_q(bm, bn, warps, stages):
+        if mode == 2:
+            gbuf.zero_()                                # atomics accumulate: a tuning run starts from 0
+        num_m = triton.cdiv(Nq, bm)
+        _attn_bwd_dq_kernel[(num_m * B * H,)](
+            q, k, v, bias_arg, kpm_arg, do, lse, delta, dq, gbuf,
+            *qkv_strides, *bs, *ps, do.stride(0), do.stride(1), do.stride(2), *gstrides,
+            H, Nq, Nk, num_m, scale * LOG2E, scale, *rng,
+            BLOCK_M=bm, BLOCK_N=bn, DBIAS=mode, REDUCE_M=reduce_m, REDUCE_N=reduce_n, INTERIOR=interior_split(),
+            num_warps=warps, num_stages=stages, **common)
+
+    launch_q(*_tuned("bwd_q", D, q.dtype, tune_key + (mode, reduce_m, reduce_n), launch_q, q.device))
     if mode == 1:
         dims = [i for i in range(4) if bias_grad_shape[i] == 1 and full[i] != 1]
         dbias = gbuf.sum(dim=dims, keepdim=True) if dims else gbuf

@@ -27,7 +27,10 @@ What is read, per compiled configuration:
   ``-`` (no dot);
 * CTAs per SM: the occupancy limit of an sm_90 SM (``ctas_per_sm``) from the threads, the
   registers and the shared memory;
-* SASS: the number of SASS instructions of the kernel.
+* SASS: the number of SASS instructions of the kernel;
+* ld<32b: global loads narrower than 32 bits (``LDG`` of ``U8`` / ``S8`` / ``U16`` / ``S16``): what a
+  tile load becomes when the compiler cannot prove its rows 16-byte aligned (one 2-byte load per
+  element instead of 128-bit loads / cp.async copies; ``attention._aligned``).
 
 Rules (a configuration FAILs on any of them; the gate exits 1 when one does):
 
@@ -99,7 +102,7 @@ FP32_SPILL_BUDGET = 64
 # up to 112 B (3.8) / 128 B (3.6) with dropout in the CI tier, 152 B with a bias (3.6, --full); bwd_q
 # up to 44 B with a bias (3.6).  The budget is just above the worst.
 TF32_SPILL_BUDGET = 192
-RESULT_VERSION = 3                          # bump when the measured fields change
+RESULT_VERSION = 4                          # bump when the measured fields change
 
 # ----------------------------------------------------------------------------- shapes
 # The documented list of realistic shapes (issue 13).  Attention: B = 256, self-attention on the
@@ -496,6 +499,9 @@ def _sass(cubin: bytes) -> str:
         os.unlink(f.name)
 
 
+_NARROW_LOAD = re.compile(r"LDG(\.\w+)*\.[US](8|16)$")     # LDG.E.U16, LDG.E.EL.S8, ...
+
+
 def measure(launch: Launch) -> dict:
     """Compile ``launch`` for ``TARGET`` and read registers, spills, shared memory, MMA kind and SASS."""
     from triton.compiler import ASTSource
@@ -530,6 +536,7 @@ def measure(launch: Launch) -> dict:
         hgmma=sum(1 for i in instrs if _opcode(i).startswith("HGMMA")),
         hmma=sum(1 for i in instrs if _opcode(i).startswith("HMMA")),
         membar=sum(1 for i in instrs if _is_gpu_fence(_opcode(i))),
+        narrow_loads=sum(1 for i in instrs if _NARROW_LOAD.match(_opcode(i))),
         dots=len(re.findall(r"\btt\.dot\b", ttgir)),
         wgmma_dots=len(re.findall(r"\bttng\.warp_group_dot\b", ttgir)),
         seconds=time.time() - t0,
@@ -669,12 +676,13 @@ class Report:
         for l, r in zip(self.launches, self.results):
             first = l.cases[0] + (f" (+{len(l.cases) - 1})" if len(l.cases) > 1 else "")
             if "error" in r:
-                rows.append([l.kernel, l.config(), first, "-", "-", "-", "-", "-", "-", "FAIL compile"])
+                rows.append([l.kernel, l.config(), first, "-", "-", "-", "-", "-", "-", "-", "FAIL compile"])
                 continue
             bad = verdicts(l, r)
             rows.append([l.kernel, l.config(), first, str(r["regs"]),
                          str(max(r["spill_stores"], r["spill_loads"])), f"{r['shared'] / 1024:.1f}K", mma_kind(r),
                          str(ctas_per_sm(r["regs"], r["num_warps"], r["shared"])), str(r["sass"]),
+                         str(r["narrow_loads"]),
                          "FAIL " + ",".join(v.split(":")[0] for v in bad) if bad else "ok"])
         return rows
 
@@ -699,7 +707,7 @@ class Report:
 
     def format(self) -> List[str]:
         head = ["kernel", "configuration", "first case (+ more with the same configuration)", "regs", "spill B",
-                "smem", "mma", "CTAs/SM", "SASS", "gate"]
+                "smem", "mma", "CTAs/SM", "SASS", "ld<32b", "gate"]
         rows = [head] + self.rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = [f"vlfast sm_90a compile gate: triton {triton.__version__}, target {TARGET.backend} "

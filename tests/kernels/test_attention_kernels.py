@@ -6,6 +6,7 @@ fp16/bf16 kernel error vs the fp64 reference <= 2x (forward) / 3x (gradients) th
 eager PyTorch math in the same dtype, plus 1e-5; fp32: error / max|ref| < 1e-3.
 """
 
+import math
 import os
 
 import numpy as np
@@ -468,6 +469,48 @@ def test_non_contiguous_grad_output_and_kpm():
     for a, b in zip(grads[:3], g):
         assert _err(a, b) < 1e-4
     assert grads[3] is None
+
+
+# ----------------------------------------------------------------------------- stride alignment (VEC)
+def _strided(B, H, N, D, row, dtype, batch=None):
+    """(B, H, N, D) random values whose rows are ``row >= D`` elements apart (a slice of wider
+    storage); ``batch``: the batch stride (any value when B == 1)."""
+    t = torch.randn(B, H, N, row, device=DEVICE).to(dtype)[..., :D]
+    if batch is not None:
+        t = t.as_strided(t.shape, (batch, *t.stride()[1:]))
+    return t
+
+
+@pytest.mark.parametrize("row,vec", [(72, 8), (73, 1), (74, 2), (76, 4), (80, 8)])
+def test_stride_vec(row, vec):
+    # VEC: the largest of 8, 4, 2, 1 dividing every stride but the last, on dims of size > 1
+    t = _strided(2, 3, 5, 72, row, torch.float32)
+    assert A._stride_vec(t) == vec
+    assert A._stride_vec(t, _strided(2, 3, 5, 72, 72, torch.float32)) == vec      # the least of all tensors
+    assert A._stride_vec(_strided(1, 1, 5, 72, 72, torch.float32, batch=12345)) == 8   # size-1 batch: any stride
+    assert A._stride_vec(_strided(1, 1, 1, 72, row, torch.float32)) == 8       # one row: no stride counts
+
+
+@pytest.mark.parametrize("row,dtype", [(72, torch.bfloat16), (73, torch.float32), (74, torch.bfloat16),
+                                       (76, torch.float16), (72, torch.float32)])
+def test_vec_strides_forward_backward(row, dtype):
+    # the kernels' _aligned gives the compiler divisibility VEC (s // VEC * VEC): the identity on the
+    # strides _stride_vec vouches for (here 1, 2, 4 and 8), and on a size-1 batch dim with an odd stride
+    # (index 0); forward and every gradient against float64
+    B, H, N, D = 1, 2, 19, 72
+    q, k, v, do = (_strided(B, H, N, D, row, dtype, batch=12345) for _ in range(4))
+    assert A._stride_vec(q, k, v, do) == math.gcd(8, row)
+    scale = D ** -0.5
+    out, lse = A.attention_forward(q, k, v, scale=scale)
+    grads = A.attention_backward(do, q, k, v, out, lse, scale=scale)[:3]
+    ins64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    insd = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    ref64, _ = reference(*ins64, scale=scale)
+    eager, _ = reference(*insd, scale=scale)
+    _assert_close("out", out, ref64, eager, dtype, 2)
+    for name, got, r, e in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref64, ins64, do.double()),
+                               torch.autograd.grad(eager, insd, do)):
+        _assert_close(name, got, r, e, dtype, 3)
 
 
 # ----------------------------------------------------------------------------- bias row pitch

@@ -128,3 +128,52 @@ def test_out_of_resources_is_skipped_and_recorded():
 
         with pytest.raises(OutOfResources):
             _common.autotune(C.TILES, "fwd", torch.float32, ("other",), base, base_fails, torch.device("cpu"))
+
+
+def _attention(q, k, v, do, bias):
+    out, lse = A.attention_forward(q, k, v, bias=bias, scale=0.3)
+    # a bias broadcast over the batch: its gradient is accumulated with atomics (DBIAS == 2), which a
+    # tuning run must not add to the result
+    return (out, lse) + A.attention_backward(do, q, k, v, out, lse, bias=bias, scale=0.3,
+                                             bias_grad_shape=(1,) + tuple(bias.shape[1:]))
+
+
+def test_attention_tunes_each_kernel_once_with_the_same_results(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(2, 2, 19, 24) for _ in range(4))
+    bias = torch.randn(1, 2, 19, 19).expand(2, 2, 19, 19)
+    plain = _attention(q, k, v, do, bias)
+    monkeypatch.setenv("VLFAST_AUTOTUNE", "1")
+    calls = _count_timings(monkeypatch)
+    tuned = _attention(q, k, v, do, bias)
+    choices = _common.tuned_tiles()
+    assert sorted(key[1] for key in choices) == ["bwd_kv", "bwd_q", "fwd"]
+    assert all(key[0] == "attention" for key in choices)
+    for entry in choices.values():
+        assert len(entry["timings"]) > 1 and entry["tiles"] in [c for c, _ in entry["timings"]]
+    first = len(calls)
+    assert first == sum(len(e["timings"]) for e in choices.values())
+    again = _attention(q, k, v, do, bias)               # cached: no timing, bit-identical
+    assert len(calls) == first
+    for a, b, c in zip(plain, tuned, again):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5) and torch.equal(b, c)
+    # the variant flags are part of the key: causal tunes its own kernels
+    A.attention_forward(q, k, v, causal=True, scale=0.3)
+    assert len(calls) > first and len(_common.tuned_tiles()) == 4
+
+
+def test_attention_tensor_core_candidates_keep_wgmma_rows(monkeypatch):
+    # off the interpreter, bf16 (and TF32) candidates keep >= 64 rows on each kernel's MMA M side
+    monkeypatch.setattr(A, "interpret", lambda: False)
+    seen = {}
+
+    def fake_autotune(table, kind, dtype, key, base, run, device, prune=None):
+        seen[kind] = [c for c in _common.tune_candidates(table, kind, base, dtype) if prune is None or prune(c)]
+        return dict(base)
+
+    monkeypatch.setattr(A, "autotune", fake_autotune)
+    for kind, side in A._WGMMA_SIDE.items():
+        A._tuned(kind, 64, torch.bfloat16, ("k",), lambda *t: None, torch.device("cpu"))
+        assert seen[kind] and all(c[side] >= 64 for c in seen[kind]), (kind, seen[kind])
+        A._tuned(kind, 64, torch.float32, ("k",), lambda *t: None, torch.device("cpu"))   # IEEE fp32: no rule
+        assert any(c[side] < 64 for c in seen[kind]), kind

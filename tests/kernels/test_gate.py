@@ -340,3 +340,15 @@ def test_planted_32_row_tf32_tile_fails(tmp_path):
     fails = [line for line in out.splitlines() if line.strip().startswith("FAIL ")]
     assert fails and all("_attn_fwd_kernel" in f for f in fails), out
     assert any("tf32-wgmma" in f for f in fails), fails
+
+
+# ----------------------------------------------------------------------------- stride alignment
+def test_head_dims_40_72_load_rows_128_bits_wide(tmp_path):
+    # rows of 40 / 72 elements (strides multiples of 8, not 16): attention._aligned lets the compiler
+    # vectorize the q / k / v / do tile loads; before it, every one was a 16-bit LDG per element
+    # (_attn_fwd_kernel bf16 D=72: 64 LDG.E.U16, no cp.async; _attn_bwd_dq_kernel: 144)
+    rc, out = _gate(tmp_path, "--only", "^attention (bf16|fp32) N=197 D=(40|72) H=16 plain$")
+    assert rc == 0, out
+    rows = [line.split() for line in out.splitlines() if line.startswith("_attn_")]
+    assert len(rows) >= 12, out
+    assert all(row[-2] == "0" for row in rows), [(row[0], row[-2]) for row in rows]
