@@ -61,10 +61,10 @@ Head dims that are not powers of two are padded to the next power of two (at lea
 the smallest ``tl.dot`` K) with masked loads; ``HEAD_DIM`` is a constexpr, so the mask
 folds away when ``D`` is a power of two.  Row strides that are multiples of 8 but not 16
 (D = 40, 72 rows) are handed to the compiler as multiples of ``VEC`` (``_stride_vec`` on the
-host, ``_aligned`` in the kernels), so their tiles load 128 bits at a time.  fp32 inputs use IEEE fp32 dots by default, TF32
-tensor-core dots when the program opted in with ``torch.set_float32_matmul_precision("high")``
-(or ``"medium"``; read at each launch, ``_common.dot_precision``; the interpreter does not emulate
-TF32's rounding).
+host, ``_aligned`` in the kernels), so their tiles load 128 bits at a time.  fp32 inputs use
+IEEE fp32 dots by default, TF32 tensor-core dots when the program opted in with
+``torch.set_float32_matmul_precision("high")`` (or ``"medium"``; read at each launch,
+``_common.dot_precision``; the interpreter does not emulate TF32's rounding).
 Outputs are rounded with ``round_to`` (bf16 round-to-nearest-even also in the interpreter).
 Tiles: the table ``TILES`` below (``vlfast info`` prints it; the interpreter's tiles are in
 ``_common.INTERPRETER_TILES``; tests force tiles with ``_common.override_tiles``;

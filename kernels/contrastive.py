@@ -450,6 +450,39 @@ def _check_soft(q, k, sq, sk):
     return sq, sk
 
 
+FEATURE_PITCH = 16             # elements: the row pitch and feature-dim multiple the kernels read (_kernel_pair)
+
+
+def _kernel_pair(a, b):
+    """``(a', b', D')``: the two (N, D) feature tensors as the kernels read them.
+
+    Triton specializes integer arguments divisible by 16 (and 16-byte aligned pointers), so rows
+    whose pitch and length are multiples of ``FEATURE_PITCH`` elements load 128 bits at a time;
+    any other D (257, 40) or row stride gets one 16-bit load per element and, at D = 257, 222
+    instead of 61 registers (the gate, bf16 forward).  Such features become zero-padded copies
+    of shape (N, ceil16(D)): the padded columns add exact zeros to every dot product, so the
+    scores, and everything computed from them, are unchanged.  Aligned features are used as is.
+    The backward's GEMMs read the caller's tensors (any stride); the copies cost one pass over
+    the features, against the ``Nq * Nk * D`` of the score tiles."""
+    D = a.shape[1]
+    if D % FEATURE_PITCH == 0 and all(_pitched(t) for t in (a, b)):
+        return a, b, D
+    Dp = -(-max(D, 1) // FEATURE_PITCH) * FEATURE_PITCH
+    out = []
+    for t in (a, b):
+        buf = t.new_zeros(t.shape[0], Dp)
+        buf[:, :D] = t
+        out.append(buf)
+    return out[0], out[1], Dp
+
+
+def _pitched(t) -> bool:
+    """Rows at a pitch of ``FEATURE_PITCH`` elements from a 16-byte aligned start (a single row's
+    pitch does not matter)."""
+    return ((t.shape[0] <= 1 or t.stride(0) % FEATURE_PITCH == 0)
+            and (t.device.type == "meta" or t.data_ptr() % 16 == 0))
+
+
 def _vec(name, v, n, device):
     """A per-row vector of n values as fp32 (n,) on ``device``; None gives zeros."""
     if v is None:
@@ -506,6 +539,9 @@ def contrastive_loss_lse_forward(q, k, scale: float, sq=None, sk=None, soft_scal
             sdot.zero_(), slse.fill_(float("-inf"))
         return lse, sdot, slse
     extra = dict(EXCLUDE_DIAG=True) if exclude_diagonal else {}  # flag off: the launch of before, unchanged
+    q, k, D = _kernel_pair(q, k)
+    if soft:
+        sq, sk, DS = _kernel_pair(sq, sk)
 
     def launch(tiles):
         cfg = _config("fwd", q.dtype, D, DS, tiles)
@@ -545,9 +581,12 @@ def _backward(q, k, sq, sk, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0.0
     dummy = lse if lse is not None else g
     extra = dict(EXCLUDE_DIAG=True) if exclude_diagonal else {}  # flag off: the launch of before, unchanged
     ws = _workspace(workspace_bytes)
+    qt, kt, Dt = _kernel_pair(q, k)                     # what the score tiles read; the GEMMs read q, k
+    if soft:
+        sq, sk, DS = _kernel_pair(sq, sk)
 
     def launch(tiles):
-        cfg = _config("bwd", q.dtype, D, DS, tiles)
+        cfg = _config("bwd", q.dtype, Dt, DS, tiles)
         plan = grad_plan(Nq, Nk, q.element_size(), cfg["bm"], cfg["bn"], ws)
         work = torch.empty(max(mq * mk for _, mq, _, mk, _ in plan), dtype=q.dtype, device=dev)
         return [grad_rect(rect, work, cfg) for rect in plan]
@@ -561,13 +600,13 @@ def _backward(q, k, sq, sk, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0.0
         part = torch.empty(2, n_prog, dtype=torch.float32, device=dev) if partials else g
         G = work[:mq * mk].view(mq, mk)
         _grad_tile_kernel[(n_prog,)](
-            q, k, sq if soft else q, sk if soft else k,
+            qt, kt, sq if soft else qt, sk if soft else kt,
             dummy, g, slse if soft else dummy, gs if soft else dummy,
             G, part,
-            q.stride(0), k.stride(0), sq.stride(0) if soft else 0, sk.stride(0) if soft else 0, mk,
+            qt.stride(0), kt.stride(0), sq.stride(0) if soft else 0, sk.stride(0) if soft else 0, mk,
             q0, k0, mq, mk, n_n,
             scale * LOG2E, soft_scale * LOG2E, scale, bias, pos_offset,
-            D=D, DS=DS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["bd"], BLOCK_DS=cfg["bds"],
+            D=Dt, DS=DS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["bd"], BLOCK_DS=cfg["bds"],
             SIGLIP=siglip, SOFT=soft, PARTIALS=partials, G_BF16=q.dtype == torch.bfloat16,
             DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
@@ -579,7 +618,7 @@ def _backward(q, k, sq, sk, lse, g, slse, gs, *, scale, soft_scale=1.0, bias=0.0
             return part.sum(1)
         return None
 
-    key = (D, DS, siglip, exclude_diagonal, _pow2(Nq), _pow2(Nk), ws)
+    key = (Dt, DS, siglip, exclude_diagonal, _pow2(Nq), _pow2(Nk), ws)
     sums = launch(_tuned("bwd", q.dtype, DS, key, launch, dev))
     return dq, dk, torch.stack([s for s in sums if s is not None]).sum(0)
 
@@ -652,6 +691,8 @@ def siglip_rows_forward(x, y, scale: float, bias: float, pos_offset: int = 0, ke
         check.integer("key_splits", key_splits, 1)
     if Nx == 0 or Ny == 0:
         return torch.zeros(Nx, dtype=torch.float32, device=x.device)
+    x, y, D = _kernel_pair(x, y)
+
     def launch(tiles):
         cfg = _config("fwd", x.dtype, D, 0, tiles)
         n_m = triton.cdiv(Nx, cfg["bm"])

@@ -115,9 +115,11 @@ ATTN_HEADS = {40: 16, 64: 12, 72: 16, 80: 16, 96: 8, 128: 16, 256: 8}   # head d
 ATTN_VARIANTS = ("plain", "padding", "bias", "causal", "dropout")
 ATTN_DTYPES = ("fp32", "bf16", "fp16")
 # Contrastive: one rank's InfoNCE / SigLIP over N = 32k features, hard targets, soft targets
-# (teacher features of the same width) and SigLIP, forward and both backward launches.
+# (teacher features of the same width) and SigLIP, forward and both backward launches; D = 257
+# (rows neither 16-element aligned nor a multiple of 16 long: the kernels read zero-padded copies,
+# contrastive._kernel_pair).
 CON_N = 32768
-CON_D = (256, 512, 768)
+CON_D = (256, 257, 512, 768)
 CON_VARIANTS = ("hard", "soft", "siglip")
 CON_DTYPES = ("fp32", "bf16", "fp16")
 # MAE masking: B = 256, L patches (196: ViT/16 at 224, 256: ViT/14 at 224), 75% masked, encoder
@@ -143,6 +145,7 @@ CI_ATTN_N = {"bf16": (197, 1024), "fp16": (197,), "fp32": (197,)}
 CI_ATTN_VARIANTS = {"bf16": ATTN_VARIANTS, "fp16": ("plain",), "fp32": ("plain", "dropout")}
 CI_CON_D = (256, 768)                       # 512 compiles like 256 with a longer (constexpr) D loop
 CI_CON_VARIANTS = {"bf16": CON_VARIANTS, "fp16": ("hard",), "fp32": CON_VARIANTS}
+CI_CON_EXTRA = (("bf16", 257, "hard"),)        # plus: the padded-feature path
 # TF32 (fp32 inputs under torch.set_float32_matmul_precision("high"): the labels end in " tf32"):
 # tensor-core dots at the tables' "tf32" tiles (else their fp32 ones), held to wgmma and
 # TF32_SPILL_BUDGET.  CI: attention plain and dropout at N = 197 for each CI head dim, contrastive hard
@@ -253,7 +256,7 @@ def _contrastive_case(dtype: str, D: int, variant: str, tf32: bool = False) -> C
     if tf32:
         ci = D in CI_TF32_CON_D and variant in CI_TF32_CON_VARIANTS
         return Case("contrastive", label + " tf32", dtype, _with_tf32(run), ci, tf32=True)
-    ci = D in CI_CON_D and variant in CI_CON_VARIANTS[dtype]
+    ci = (D in CI_CON_D and variant in CI_CON_VARIANTS[dtype]) or (dtype, D, variant) in CI_CON_EXTRA
     return Case("contrastive", label, dtype, run, ci)
 
 

@@ -367,3 +367,58 @@ def test_siglip_splits_and_workspace_chunks(monkeypatch, dtype):
     assert [r[4] for r in seen[-1]].count("dq") == 2
     for name, v, rf, e in zip(("dx", "dy", "dscale", "dbias"), got, ref[1:], eager[1:]):
         _assert_close(name, v, rf, e, dtype, 3, rtol=2e-4)
+
+
+# ----------------------------------------------------------------------------- feature row alignment
+def test_kernel_pair_layouts():
+    # aligned features are read as they are; any other D or row pitch becomes a zero-padded
+    # (N, ceil16(D)) copy with the same values (the padded columns add exact zeros to the dots)
+    P = C.FEATURE_PITCH
+    a, b = torch.randn(5, 64, device=DEVICE), torch.randn(7, 64, device=DEVICE)
+    a2, b2, D = C._kernel_pair(a, b)
+    assert a2 is a and b2 is b and D == 64
+    wide = torch.randn(7, 72, device=DEVICE)
+    cases = {"D=257": (torch.randn(5, 257, device=DEVICE), torch.randn(7, 257, device=DEVICE)),
+             "D=40": (torch.randn(5, 40, device=DEVICE), torch.randn(7, 40, device=DEVICE)),
+             "pitch 72": (a, wide[:, :64])}
+    for name, (x, y) in cases.items():
+        x2, y2, D = C._kernel_pair(x, y)
+        d = x.shape[1]
+        assert D == -(-d // P) * P and x2.shape == (x.shape[0], D) and y2.shape == (y.shape[0], D), name
+        for got, src in ((x2, x), (y2, y)):
+            assert got.stride(0) % P == 0 and torch.equal(got[:, :d], src), name
+            assert not got[:, d:].any(), name
+    one = torch.randn(1, 80, device=DEVICE)[:, :64]                  # a single row: its pitch does not count
+    assert C._kernel_pair(one, b)[0] is one
+
+
+class _DSpy:
+    """Stands in for a ``@triton.jit`` kernel: records each launch's feature dims, then launches."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            self.seen.append((kwargs["D"], kwargs.get("DS")))
+            return launch(*args, **kwargs)
+
+        return call
+
+
+def test_padded_feature_dims_reach_the_kernels(monkeypatch):
+    seen = {n: [] for n in ("_lse_fwd_kernel", "_grad_tile_kernel", "_siglip_fwd_kernel")}
+    for name in seen:
+        monkeypatch.setattr(C, name, _DSpy(getattr(C, name), seen[name]))
+    q, k = torch.randn(9, 40, device=DEVICE), torch.randn(11, 40, device=DEVICE)
+    sq, sk = torch.randn(9, 24, device=DEVICE), torch.randn(11, 24, device=DEVICE)
+    g = torch.randn(9, device=DEVICE)
+    lse, _, slse = C.contrastive_loss_lse_forward(q, k, 2.0, sq, sk, 3.0)
+    C.contrastive_loss_lse_backward(q, k, 2.0, lse, g, sq, sk, 3.0, slse, g)
+    C.siglip_rows_forward(q, k, 2.0, -1.0)
+    C.siglip_rows_backward(q, k, 2.0, -1.0, g)
+    assert set(seen["_lse_fwd_kernel"]) == {(48, 32)} and set(seen["_grad_tile_kernel"]) == {(48, 32), (48, 0)}
+    assert set(seen["_siglip_fwd_kernel"]) == {(48, None)}
+    monkeypatch.undo()

@@ -352,3 +352,13 @@ def test_head_dims_40_72_load_rows_128_bits_wide(tmp_path):
     rows = [line.split() for line in out.splitlines() if line.startswith("_attn_")]
     assert len(rows) >= 12, out
     assert all(row[-2] == "0" for row in rows), [(row[0], row[-2]) for row in rows]
+
+
+def test_contrastive_d257_reads_aligned_rows(tmp_path):
+    # D = 257 features reach the kernels as zero-padded rows of 272 (contrastive._kernel_pair): no
+    # 16-bit loads (before: _lse_fwd_kernel 24 and 222 registers, _grad_tile_kernel 64)
+    rc, out = _gate(tmp_path, "--only", "^contrastive bf16 N=32768 D=257 hard$")
+    assert rc == 0, out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("_lse_fwd", "_grad_tile"))]
+    assert len(rows) >= 2 and all(row[-2] == "0" for row in rows), out
+    assert all("D=272" in " ".join(row) for row in rows), out
