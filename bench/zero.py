@@ -619,4 +619,12 @@ if __name__ == "__main__":
     if "--worker" not in sys.argv[1:]:
         sys.exit("this module is a benchmark of `vlfast bench` (--filter zero); run as a script it is only the "
                  "momentum-update worker (--worker ...), started by measure_momentum_update")
-    sys.exit(_worker_main(sys.argv[1:]))
+    code = _worker_main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without the interpreter's teardown: the process group is destroyed and the result is
+    # flushed, but a C++ thread of the CPU collectives (gloo / DeepSpeed's shm comm op) can still be
+    # joinable when the static destructors run, and std::terminate then aborts a rank that finished
+    # (SIGABRT, "terminate called without an active exception", seen under a loaded CI machine).
+    # The harness removes the ranks' /dev/shm segments itself (remove_cpu_shm_segments).
+    os._exit(code)

