@@ -948,6 +948,7 @@ def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False
     bias_arg, bs, kpm_arg, ps = _common_args(q, key_padding_mask, bias)
     flags = dict(HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
                  DROPOUT=dropout_p > 0)
+    vec = _stride_vec(q, k, v)
 
     def launch(bm, bn, warps, stages):
         num_m = triton.cdiv(Nq, bm)
@@ -962,7 +963,7 @@ def attention_forward(q, k, v, *, key_padding_mask=None, bias=None, causal=False
             *_drop_args(dropout_p, seed, offset),
             HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn, **flags,
             OUT_BF16=q.dtype == torch.bfloat16, DOT_PREC=dot_precision(q.dtype),
-            UPCAST_DOT=upcast_dot(q.dtype), INTERIOR=interior_split(), VEC=_stride_vec(q, k, v),
+            UPCAST_DOT=upcast_dot(q.dtype), INTERIOR=interior_split(), VEC=vec,
             num_warps=warps, num_stages=stages,
         )
 

@@ -67,6 +67,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -467,13 +468,8 @@ def _kernel_pair(a, b):
     D = a.shape[1]
     if D % FEATURE_PITCH == 0 and all(_pitched(t) for t in (a, b)):
         return a, b, D
-    Dp = -(-max(D, 1) // FEATURE_PITCH) * FEATURE_PITCH
-    out = []
-    for t in (a, b):
-        buf = t.new_zeros(t.shape[0], Dp)
-        buf[:, :D] = t
-        out.append(buf)
-    return out[0], out[1], Dp
+    Dp = triton.cdiv(max(D, 1), FEATURE_PITCH) * FEATURE_PITCH
+    return F.pad(a, (0, Dp - D)), F.pad(b, (0, Dp - D)), Dp
 
 
 def _pitched(t) -> bool:

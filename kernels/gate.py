@@ -399,12 +399,6 @@ def capture(sink: List[Tuple[object, dict]]):
         _triton_driver._active = saved_driver
 
 
-def _dot_prec(fn, req: dict) -> Optional[str]:
-    """The ``DOT_PREC`` constexpr of a captured launch (None: the kernel has none)."""
-    names = fn.arg_names
-    return next((v for k, v in req["constants"].items() if len(k) == 1 and names[k[0]] == "DOT_PREC"), None)
-
-
 def collect(case_list: Sequence[Case]) -> Tuple[List[Launch], int]:
     """Run every case's launchers under ``capture`` and merge identical compile requests:
     ``(distinct launches, number of launches captured)``."""
@@ -424,8 +418,8 @@ def collect(case_list: Sequence[Case]) -> Tuple[List[Launch], int]:
                 if case.label not in launches[key].cases:
                     launches[key].cases.append(case.label)
             else:
-                launches[key] = Launch(name, fn, req, [case.label], case.dtype, case.half,
-                                       tf32=not case.half and _dot_prec(fn, req) == "tf32")
+                launch = launches[key] = Launch(name, fn, req, [case.label], case.dtype, case.half)
+                launch.tf32 = not case.half and launch.constexprs.get("DOT_PREC") == "tf32"
     return list(launches.values()), n_calls
 
 
@@ -579,7 +573,7 @@ def verdicts(launch: Launch, r: dict) -> List[str]:
     if r["shared"] > SMEM_LIMIT:
         out.append(f"smem: {r['shared']} bytes of shared memory > {SMEM_LIMIT}")
     # tensor-core configurations (bf16 / fp16, and fp32 with TF32 dots): no spill, wgmma only
-    tc = "half" if launch.half else "tf32" if getattr(launch, "tf32", False) else None
+    tc = "half" if launch.half else "tf32" if launch.tf32 else None
     what = f"{launch.dtype} kernel" + (" with TF32 dots" if tc == "tf32" else "")
     if tc and spill > (TF32_SPILL_BUDGET if tc == "tf32" else 0):
         out.append(f"{tc}-spill: {what} spills {r['spill_stores']} bytes (stores), {r['spill_loads']} (loads)"
